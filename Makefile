@@ -1,0 +1,38 @@
+# bso: binary spiking networks trained online with BSO / T-BSO.  `make help` lists the targets.
+PYTHON ?= python3
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev train test test-slow lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+.make-install.stamp: pyproject.toml
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e .
+	@touch $@
+
+.make-dev.stamp: pyproject.toml .make-install.stamp
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e ".[dev]"
+	@touch $@
+
+install: .make-install.stamp  ## install the package and its dependencies (once; again when pyproject.toml changes)
+
+install-dev: .make-dev.stamp  ## install with the dev extras (pytest, ruff)
+
+train: install  ## train T-BSO on the embedded digits dataset (CPU, no download); extra Hydra overrides in ARGS="..."
+	$(PYTHON) train.py $(ARGS)
+
+test: install-dev  ## run the test suite (CPU, no network; `slow` checks deselected); fails if no test runs
+	@$(PYTHON) -m pytest -m "not slow" $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-slow: install-dev  ## run only the slow checks
+	$(PYTHON) -m pytest -m slow $(ARGS)
+
+lint: install-dev  ## ruff
+	$(PYTHON) -m ruff check bso tests scripts train.py
+
+clean:  ## remove install stamps and caches (keeps outputs/)
+	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info

@@ -1,0 +1,54 @@
+"""What both engines share: the instantaneous loss, the per-step input, the readout and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bso.neurons import reset_neurons
+
+
+def instantaneous_loss(output: torch.Tensor, target: torch.Tensor, mse_weight: float, T: int):
+    """L[t] = ((1 - l) * CE(o[t], y) + l * MSE(o[t], onehot(y))) / T   (released code: l = 0.05)."""
+    loss = F.cross_entropy(output, target)
+    if mse_weight:
+        onehot = F.one_hot(target, output.shape[-1]).to(output.dtype)
+        loss = (1.0 - mse_weight) * loss + mse_weight * F.mse_loss(output, onehot)
+    return loss / T
+
+
+def input_at(x: torch.Tensor, t: int) -> torch.Tensor:
+    """Direct encoding: a static batch [B, C, H, W] is the input at every step; an event batch
+    [B, T, C, H, W] gives frame t at step t."""
+    return x[:, t] if x.dim() == 5 else x
+
+
+def topk_correct(scores: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    ks = [k for k in ks if k <= scores.shape[-1]]
+    top = scores.topk(max(ks), dim=-1).indices
+    hit = top == target.unsqueeze(-1)
+    return {k: int(hit[:, :k].any(dim=-1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) -> dict:
+    """Prediction = argmax of the sum over time steps of the output layer (spec section 1).
+    Reports the loss (summed over steps, as in training), top-1, and top-5 when classes > 10."""
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, {1: 0, 5: 0}
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        reset_neurons(model)
+        summed = 0.0
+        for t in range(T):
+            out = model(input_at(x, t))
+            loss_sum += float(instantaneous_loss(out, y, mse_weight, T)) * len(y)
+            summed = summed + out
+        for k, c in topk_correct(summed, y).items():
+            correct[k] += c
+        total += len(y)
+    metrics = {"loss": loss_sum / total, "acc1": correct[1] / total}
+    if summed.shape[-1] > 10:
+        metrics["acc5"] = correct[5] / total
+    return metrics

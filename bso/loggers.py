@@ -1,0 +1,56 @@
+"""External loggers. Every run also writes ``metrics.jsonl`` in its run directory (bso.run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class NullLogger:
+    """``logger=none``: log nowhere but the run directory."""
+
+    def __init__(self, run_dir: str | Path | None = None, run_config: dict | None = None):
+        pass
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """Weights & Biases, offline by default (``logger.mode=online`` to stream; needs network)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        run_config: dict | None = None,
+        project: str = "bso",
+        mode: str = "offline",
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+    ):
+        if mode not in WANDB_MODES:
+            raise ValueError(f"unknown logger.mode={mode!r}; choose one of {WANDB_MODES}")
+        import wandb
+
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            tags=list(tags),
+            mode=mode,
+            dir=str(run_dir),
+            config=run_config,
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()

@@ -1,0 +1,99 @@
+"""Memory measurements shared by training and the benchmarks.
+
+* :class:`SavedTensorMeter`: the peak bytes held by autograd's saved tensors (activation memory),
+  through saved-tensor hooks, counting each storage once. Works on CPU and GPU.
+* :func:`peak_rss_bytes`: the process's peak resident memory (CPU).
+* :func:`cuda_peak_bytes`: peak allocated / reserved CUDA memory since the last reset.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+class _Packed:
+    """What autograd keeps instead of a saved tensor; releases its bytes when autograd drops it."""
+
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor, key, meter):
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class SavedTensorMeter:
+    """Context manager: ``peak_bytes`` is the most memory autograd's saved tensors held at once.
+
+    Each underlying storage counts once however many saved tensors view it; a storage stops counting
+    when the last saved reference to it is freed (after backward, or when the graph is dropped).
+    Parameters saved for backward are counted too unless ``include_parameters=False``.
+    """
+
+    def __init__(self, include_parameters: bool = True):
+        self.include_parameters = include_parameters
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._refs: dict = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._parameter_ptrs: set = set()
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr(), storage.nbytes())
+        if not self.include_parameters and key[1] in self._parameter_ptrs:
+            return tensor
+        count = self._refs.get(key, 0)
+        if count == 0:
+            self.current_bytes += key[2]
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        self._refs[key] = count + 1
+        return _Packed(tensor, key, self)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
+
+    def _release(self, key) -> None:
+        count = self._refs.get(key, 0)
+        if count <= 1:
+            self._refs.pop(key, None)
+            if count == 1:
+                self.current_bytes -= key[2]
+        else:
+            self._refs[key] = count - 1
+
+    def watch_parameters_of(self, model: torch.nn.Module) -> SavedTensorMeter:
+        self._parameter_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return self
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def cuda_peak_bytes(device: torch.device) -> dict[str, int]:
+    torch.cuda.synchronize(device)
+    return {
+        "allocated": torch.cuda.max_memory_allocated(device),
+        "reserved": torch.cuda.max_memory_reserved(device),
+    }
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,115 @@
+"""Leaky integrate-and-fire neuron of the paper (spec section 1), on spikingjelly's LIF.
+
+    u[t] = lambda * (u[t-1] - V_th * s[t-1]) + I[t],   s[t] = H(u[t] - V_th)
+
+with lambda = 1 - 1/tau, soft reset (subtract V_th) and an undecayed input. spikingjelly stores the
+post-reset potential ``v[t] = u[t] - V_th * s[t]``, so one of its steps is exactly this update.
+
+For online training the neuron adds two things, both switched on by the online engine
+(:func:`configure_neurons`):
+
+* ``detach_state``: the potential carried from t-1 is detached, so no graph spans time steps;
+* ``trace_rule``: a presynaptic trace ``a_hat[t] = mu[t] * a_hat[t-1] + s[t]``, kept without gradient,
+  that the next synaptic layer uses for its weight gradient (see :mod:`bso.layers`):
+
+  - ``"ottt"``: ``mu[t] = lambda`` (constant);
+  - ``"ndot"``: ``mu[t] = (u[t] - V_th s[t]) / (u[t-1] - V_th s[t-1])`` clamped to ``[-lambda, lambda]``,
+    and ``lambda`` where the denominator is 0 (the released code).
+"""
+
+from __future__ import annotations
+
+import torch
+from spikingjelly.activation_based import functional as sj_functional
+from spikingjelly.activation_based import neuron as sj_neuron
+from spikingjelly.activation_based import surrogate
+from torch import nn
+
+TRACE_RULES = ("ottt", "ndot")
+
+
+class LIFNode(sj_neuron.LIFNode):
+    """Single-step LIF neuron (tau 2, V_th 1, soft reset, sigmoid surrogate alpha 4) with an
+    optional presynaptic trace for online training."""
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate_alpha: float = 4.0,
+        detach_reset: bool = False,
+    ):
+        super().__init__(
+            tau=float(tau),
+            decay_input=False,
+            v_threshold=float(v_threshold),
+            v_reset=None,  # soft reset: subtract V_th
+            surrogate_function=surrogate.Sigmoid(alpha=float(surrogate_alpha)),
+            detach_reset=detach_reset,
+            step_mode="s",
+        )
+        self.detach_state = False
+        self.trace_rule: str | None = None
+        self.register_memory("trace", None)
+
+    @property
+    def decay(self) -> float:
+        """lambda = 1 - 1/tau."""
+        return 1.0 - 1.0 / self.tau
+
+    def single_step_functional_forward(self, inputs, states, **kwargs):
+        x = inputs[0]
+        v_prev, trace = states[0], states[1]  # v_prev = u[t-1] - V_th s[t-1]
+        if self.detach_state:
+            v_prev = v_prev.detach()
+        spike, v = sj_functional.lif_step(
+            x,
+            v_prev,
+            self.tau,
+            self.decay_input,
+            self.v_threshold,
+            self.v_reset,
+            self.surrogate_function,
+            self.detach_reset,
+        )
+        if self.trace_rule is not None and torch.is_grad_enabled():
+            trace = self.presynaptic_trace(spike, trace, v, v_prev)
+        return (spike,), (v, trace)
+
+    @torch.no_grad()
+    def presynaptic_trace(self, spike, trace, v, v_prev):
+        """a_hat[t] = mu[t] * a_hat[t-1] + s[t] (spec section 2, step 3)."""
+        if trace is None:
+            trace = torch.zeros_like(spike)
+        if self.trace_rule == "ottt":
+            mu = self.decay
+        else:  # ndot
+            nonzero = v_prev != 0
+            ratio = v.detach() / torch.where(nonzero, v_prev, torch.ones_like(v_prev))
+            mu = torch.where(nonzero, ratio, torch.full_like(ratio, self.decay))
+            mu = mu.clamp_(-self.decay, self.decay)
+        return mu * trace + spike.detach()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", detach_state={self.detach_state}, trace={self.trace_rule}"
+
+
+def configure_neurons(model: nn.Module, detach_state: bool, trace_rule: str | None) -> None:
+    """Set how every LIF neuron of ``model`` treats time: detached state and which trace.
+
+    Online training: ``detach_state=True, trace_rule="ndot"|"ottt"``.
+    BPTT: ``detach_state=False, trace_rule=None``.
+    """
+    if trace_rule is not None and trace_rule not in TRACE_RULES:
+        raise ValueError(f"unknown trace rule {trace_rule!r}; choose one of {TRACE_RULES}")
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
+    if not neurons:
+        raise ValueError(f"{type(model).__name__} has no bso.neurons.LIFNode to configure")
+    for neuron in neurons:
+        neuron.detach_state = detach_state
+        neuron.trace_rule = trace_rule
+
+
+def reset_neurons(model: nn.Module) -> None:
+    """Clear membrane potentials and traces before a new sample (spikingjelly's reset_net)."""
+    sj_functional.reset_net(model)

@@ -1,0 +1,149 @@
+"""One training run from a composed config: build, train epoch by epoch, log, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from tqdm.auto import tqdm
+
+from bso.data import build_dataloaders
+from bso.engine import evaluate
+from bso.metrics.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak
+from bso.models import model_size
+from bso.optim import build_router
+from bso.run import MetricsFile, write_run_info
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("cosine", "constant")
+MB = 1e6
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer`` and ``cfg.engine``.
+    Returns the last epoch's metrics record."""
+    if cfg.optimizer.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"unknown optimizer.lr_schedule={cfg.optimizer.lr_schedule!r}; choose {LR_SCHEDULES}"
+        )
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.paths.output_dir)
+    epochs = int(cfg.dataset.epochs)
+
+    # Build everything that can reject the config before any data is read.
+    model = instantiate(cfg.model).to(device)
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    optimizer = build_router(
+        model,
+        binary=instantiate(cfg.optimizer.binary),
+        other=instantiate(cfg.optimizer.other),
+        name=f"optimizer={cfg.optimizer.name}",
+    )
+    lr_schedule = (
+        CosineAnnealingLR(optimizer.other, T_max=epochs)
+        if cfg.optimizer.lr_schedule == "cosine" and optimizer.other is not None
+        else None
+    )
+    decay = cfg.optimizer.hparam_decay
+    train_loader, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
+
+    size = model_size(model)
+    binary_numel = torch.tensor([p.numel() for p in optimizer.binary.binary_weights()])
+    write_run_info(run_dir, cfg, device, {"model_size": size.as_dict()})
+    metrics_file = MetricsFile(run_dir)
+    make_logger = instantiate(cfg.logger, _partial_=True)
+    logger = make_logger(run_dir=run_dir, run_config=OmegaConf.to_container(cfg, resolve=True))
+    log.info(
+        f"{type(model).__name__} ({cfg.model.weights} weights): {size}\n"
+        f"{cfg.optimizer.name} | {type(engine).__name__} T={engine.T} | {cfg.dataset.name}: "
+        f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test | {device} | "
+        f"run dir {run_dir}"
+    )
+
+    record: dict = {}
+    try:
+        for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=None, dynamic_ncols=True):
+            reset_cuda_peak(device)
+            lr, gamma = optimizer.lr, optimizer.gamma  # the values this epoch trains with
+            train_m = engine.train_epoch(model, optimizer, train_loader, device)
+            test_m = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
+
+            flip_rate = train_m["flips"].double() / binary_numel  # flips per weight this epoch
+            record = {
+                "epoch": epoch,
+                "train/loss": train_m["loss"],
+                "train/acc1": train_m["acc1"],
+                **{f"test/{k}": v for k, v in test_m.items()},
+                "lr": lr,
+                "gamma": gamma,
+                "flip_rate/all": float(train_m["flips"].sum() / binary_numel.sum()),
+                **{
+                    f"flip_rate/{name}": float(rate)
+                    for name, rate in zip(optimizer.binary_names, flip_rate, strict=True)
+                },
+                "memory/peak_rss_mb": peak_rss_bytes() / MB,
+                "memory/activation_peak_mb": train_m["activation_peak_bytes"] / MB,
+                "throughput/train_samples_per_s": train_m["samples_per_s"],
+                "time/epoch_s": train_m["seconds"],
+            }
+            if device.type == "cuda":
+                peak = cuda_peak_bytes(device)
+                record["memory/cuda_peak_allocated_mb"] = peak["allocated"] / MB
+                record["memory/cuda_peak_reserved_mb"] = peak["reserved"] / MB
+            metrics_file.write(record)
+            logger.log(record, step=epoch)
+            log.info(
+                f"epoch {epoch:3d}/{epochs} | train loss {record['train/loss']:.4f} "
+                f"acc {100 * record['train/acc1']:.2f}% | test loss {record['test/loss']:.4f} "
+                f"acc {100 * record['test/acc1']:.2f}% | flips/weight {record['flip_rate/all']:.4f} "
+                f"| {record['throughput/train_samples_per_s']:.0f} samples/s "
+                f"| peak RSS {record['memory/peak_rss_mb']:.0f} MB"
+            )
+
+            if lr_schedule is not None:
+                lr_schedule.step()
+            if decay.every_epochs and epoch % decay.every_epochs == 0:
+                optimizer.binary.decay_hyperparameters(decay.factor)
+
+        if cfg.save_checkpoint:
+            torch.save(
+                {
+                    "epoch": epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "binary_weights": optimizer.binary_names,
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                },
+                run_dir / "checkpoint.pt",
+            )
+    finally:
+        logger.finish()
+    log.info(
+        f"final test accuracy {100 * record.get('test/acc1', float('nan')):.2f}% "
+        f"after {epochs} epochs; run dir {run_dir}"
+    )
+    return record
