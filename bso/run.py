@@ -1,7 +1,7 @@
 """The run directory: everything needed to trust and repeat a run.
 
-  config.yaml      the resolved config            run_info.json  git commit, package versions, device
-  metrics.jsonl    one JSON record per epoch      checkpoint.pt  weights (binary ones as +-1) + optimizer
+config.yaml      the resolved config            run_info.json  git commit, package versions, device
+metrics.jsonl    one JSON record per epoch      checkpoint.pt  weights (binary ones as +-1) + optimizer
 """
 
 from __future__ import annotations
@@ -17,8 +17,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGES = (
-    "bso", "torch", "torchvision", "spikingjelly", "hydra-core", "omegaconf", "wandb",
-    "numpy", "scikit-learn", "tqdm",
+    "bso",
+    "torch",
+    "torchvision",
+    "spikingjelly",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "numpy",
+    "scikit-learn",
+    "tqdm",
 )
 
 
@@ -52,7 +60,9 @@ def write_run_info(run_dir: Path, cfg: DictConfig, device: torch.device, extra: 
         "platform": platform.platform(),
         "packages": package_versions(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
         **extra,
     }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))

@@ -19,7 +19,11 @@ def _sigmoid_surrogate_grad(x, alpha=4.0):
 
 def test_lif_follows_the_paper_dynamics():
     neuron = LIFNode()
-    inputs = [torch.tensor([0.6, 1.5, -0.3]), torch.tensor([0.6, 0.2, 2.0]), torch.tensor([0.5, 0.0, 0.0])]
+    inputs = [
+        torch.tensor([0.6, 1.5, -0.3]),
+        torch.tensor([0.6, 0.2, 2.0]),
+        torch.tensor([0.5, 0.0, 0.0]),
+    ]
     u_prev, s_prev = torch.zeros(3), torch.zeros(3)
     for x in inputs:
         u = LAMBDA * (u_prev - 1.0 * s_prev) + x  # u[t] = lambda (u[t-1] - V_th s[t-1]) + I[t]
@@ -143,7 +147,9 @@ def test_online_gradient_at_T1_equals_plain_backprop(trace):
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     grads = {}
     for mode in ("online", "plain"):
-        configure_neurons(model, detach_state=mode == "online", trace_rule=trace if mode == "online" else None)
+        configure_neurons(
+            model, detach_state=mode == "online", trace_rule=trace if mode == "online" else None
+        )
         reset_neurons(model)
         model.zero_grad()
         instantaneous_loss(model(x), y, 0.05, T=1).backward()

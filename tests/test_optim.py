@@ -157,8 +157,10 @@ def test_bso_matches_reference_over_many_steps():
 @pytest.mark.parametrize("make", [lambda p: BSO(p, gamma=1e-3), lambda p: TBSO(p, num_steps=4)])
 def test_weights_stay_exactly_pm1_and_no_float_copy(make):
     g = torch.Generator().manual_seed(2)
-    weights = [nn.Parameter(torch.where(torch.randn(s, generator=g) >= 0, 1.0, -1.0))
-               for s in [(8, 4, 3, 3), (16,)]]
+    weights = [
+        nn.Parameter(torch.where(torch.randn(s, generator=g) >= 0, 1.0, -1.0))
+        for s in [(8, 4, 3, 3), (16,)]
+    ]
     opt = make(weights)
     for k in range(200):
         for w in weights:

@@ -60,7 +60,9 @@ class OnlineEngine:
         total, correct, loss_sum = 0, 0, 0.0
         activation_peak = 0
         start = time.perf_counter()
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)):
+        for i, (x, y) in enumerate(
+            tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        ):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             reset_neurons(model)
             meter = SavedTensorMeter() if i == 0 else None  # activation memory, first batch
@@ -95,4 +97,3 @@ class OnlineEngine:
             "flips": flips.cpu(),
             "activation_peak_bytes": activation_peak,
         }
-

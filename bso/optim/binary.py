@@ -124,7 +124,9 @@ class TBSO(BinaryOptimizer):
         reset_momentum: bool = False,
     ):
         if threshold not in self.THRESHOLDS:
-            raise ValueError(f"unknown T-BSO threshold form {threshold!r}; choose {self.THRESHOLDS}")
+            raise ValueError(
+                f"unknown T-BSO threshold form {threshold!r}; choose {self.THRESHOLDS}"
+            )
         if int(num_steps) < 1:
             raise ValueError(f"num_steps (T) must be >= 1, got {num_steps}")
         self.num_steps = int(num_steps)
