@@ -1,9 +1,15 @@
 """Synaptic layers: convolution and linear layers whose weights are binary or full precision, and
 whose weight gradient can come from the presynaptic trace instead of the spikes.
 
-Binary weights (``weights="binary"``) are stored as exactly -1/+1 in the parameter itself and used as
-stored: no sign() in the forward pass, no scaling factor, no latent copy. Only a binary optimizer
-(:class:`bso.optim.BSO`, :class:`bso.optim.TBSO`) may change them, by flipping signs.
+Weight modes:
+
+* ``binary``: stored as exactly -1/+1 in the parameter itself and used as stored: no sign() in the
+  forward pass, no scaling factor, no latent copy. Only a binary optimizer (:class:`bso.optim.BSO`,
+  :class:`bso.optim.TBSO`) may change them, by flipping signs.
+* ``latent``: the BPTT binary-SNN baseline. A real-valued latent weight ``w``; the forward pass uses
+  ``sign(w)`` (sign(0) = +1) and the backward pass the straight-through estimator
+  ``dL/dw = dL/dsign(w) * 1[|w| <= 1]`` (spec Eq. 4). Binary at inference (1 bit).
+* ``full``: a full-precision weight.
 
 Online training (spec section 2, step 3): the forward value uses the spikes ``s[t]``, the weight
 gradient uses the trace ``a_hat[t]``:  ``G[t] = delta[t] * a_hat[t]^T``. The input gradient is the
@@ -12,14 +18,12 @@ usual one (``W^T delta``), so errors still reach the neurons below.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-WEIGHT_MODES = ("binary", "full")
+WEIGHT_MODES = ("binary", "latent", "full")
 
 
 class _TracedConv2d(torch.autograd.Function):
@@ -61,6 +65,24 @@ class _TracedLinear(torch.autograd.Function):
         return grad_spikes, None, grad_weight
 
 
+class _SignSTE(torch.autograd.Function):
+    """sign(w) forward (sign(0) = +1); straight-through gradient where |w| <= 1 (Eq. 4)."""
+
+    @staticmethod
+    def forward(ctx, latent):
+        ctx.save_for_backward(latent)
+        return torch.where(latent >= 0, 1.0, -1.0).to(latent.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (latent,) = ctx.saved_tensors
+        return grad * (latent.abs() <= 1).to(grad.dtype)
+
+
+def sign_ste(latent: torch.Tensor) -> torch.Tensor:
+    return _SignSTE.apply(latent)
+
+
 def _check_mode(weights: str) -> str:
     if weights not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {weights!r}; choose one of {WEIGHT_MODES}")
@@ -73,73 +95,86 @@ def binarize_(weight: torch.Tensor) -> torch.Tensor:
     return weight.copy_(torch.where(weight >= 0, 1.0, -1.0))
 
 
-class SynapticConv2d(nn.Conv2d):
-    """Conv2d with a weight mode (``binary`` = stored +-1, or ``full``) and an optional trace input."""
+class _WeightMode:
+    """What the two synaptic layers share: the weight mode, its init and the forward weight."""
 
-    def __init__(self, *args, weights: str = "binary", **kwargs):
-        self.weights = _check_mode(weights)
-        super().__init__(*args, **kwargs)
-        if self.weights == "binary" and self.bias is not None:
-            raise ValueError("binary convolutions have no bias (the following BatchNorm has one)")
+    weights: str
+    weight: nn.Parameter
 
     @property
     def is_binary(self) -> bool:
+        """Stored +-1 weights, for BSO / T-BSO."""
         return self.weights == "binary"
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
+    @property
+    def is_binary_at_inference(self) -> bool:
+        """1 bit per weight once trained (binary or latent)."""
+        return self.weights != "full"
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses: sign(latent) with STE in latent mode."""
+        return sign_ste(self.weight) if self.weights == "latent" else self.weight
+
+    def _init_weight_mode(self) -> None:
         if self.is_binary:  # sign of a Kaiming-normal init
             nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
             binarize_(self.weight)
-
-    def forward(self, x: torch.Tensor, trace: torch.Tensor | None = None) -> torch.Tensor:
-        if trace is None:
-            return super().forward(x)
-        out = _TracedConv2d.apply(
-            x, trace, self.weight, self.stride, self.padding, self.dilation, self.groups
-        )
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", weights={self.weights}"
 
 
-class SynapticLinear(nn.Linear):
+class SynapticConv2d(_WeightMode, nn.Conv2d):
+    """Conv2d with a weight mode and an optional trace input for the weight gradient."""
+
+    def __init__(self, *args, weights: str = "binary", **kwargs):
+        self.weights = _check_mode(weights)
+        super().__init__(*args, **kwargs)
+        if self.weights != "full" and self.bias is not None:
+            raise ValueError("binary convolutions have no bias (the following BatchNorm has one)")
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._init_weight_mode()
+
+    def forward(self, x: torch.Tensor, trace: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.effective_weight()
+        if trace is None:
+            return self._conv_forward(x, weight, self.bias)
+        out = _TracedConv2d.apply(
+            x, trace, weight, self.stride, self.padding, self.dilation, self.groups
+        )
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+class SynapticLinear(_WeightMode, nn.Linear):
     """Linear layer with a weight mode and an optional trace input (see :class:`SynapticConv2d`)."""
 
     def __init__(self, *args, weights: str = "full", **kwargs):
         self.weights = _check_mode(weights)
         super().__init__(*args, **kwargs)
 
-    @property
-    def is_binary(self) -> bool:
-        return self.weights == "binary"
-
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if self.is_binary:
-            nn.init.kaiming_normal_(self.weight, a=math.sqrt(5))
-            binarize_(self.weight)
+        self._init_weight_mode()
 
     def forward(self, x: torch.Tensor, trace: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.effective_weight()
         if trace is None:
-            return super().forward(x)
-        out = _TracedLinear.apply(x, trace, self.weight)
+            return F.linear(x, weight, self.bias)
+        out = _TracedLinear.apply(x, trace, weight)
         return out + self.bias if self.bias is not None else out
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", weights={self.weights}"
 
 
 SYNAPTIC_LAYERS = (SynapticConv2d, SynapticLinear)
 
 
-def named_binary_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The (name, weight) of every binary synaptic layer, in module order."""
+def named_binary_parameters(model: nn.Module, mode: str = "binary") -> list[tuple[str, nn.Parameter]]:
+    """The (name, weight) of every synaptic layer whose weight mode is ``mode``, in module order."""
     return [
         (f"{name}.weight" if name else "weight", module.weight)
         for name, module in model.named_modules()
-        if isinstance(module, SYNAPTIC_LAYERS) and module.is_binary
+        if isinstance(module, SYNAPTIC_LAYERS) and module.weights == mode
     ]

@@ -17,7 +17,7 @@ from bso.data import build_dataloaders
 from bso.engine import evaluate
 from bso.metrics.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak
 from bso.models import model_size
-from bso.optim import build_router
+from bso.optim import build_optimizer
 from bso.run import MetricsFile, write_run_info
 
 log = logging.getLogger(__name__)
@@ -57,22 +57,17 @@ def train(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model).to(device)
     engine = instantiate(cfg.engine)
     engine.prepare(model)
-    optimizer = build_router(
-        model,
-        binary=instantiate(cfg.optimizer.binary),
-        other=instantiate(cfg.optimizer.other),
-        name=f"optimizer={cfg.optimizer.name}",
-    )
+    optimizer = build_optimizer(model, cfg.optimizer)
     lr_schedule = (
         CosineAnnealingLR(optimizer.other, T_max=epochs)
         if cfg.optimizer.lr_schedule == "cosine" and optimizer.other is not None
         else None
     )
-    decay = cfg.optimizer.hparam_decay
+    decay = cfg.optimizer.get("hparam_decay") or {"every_epochs": 0}
     train_loader, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
 
     size = model_size(model)
-    binary_numel = torch.tensor([p.numel() for p in optimizer.binary.binary_weights()])
+    flip_numel = optimizer.flip_numel()
     write_run_info(run_dir, cfg, device, {"model_size": size.as_dict()})
     metrics_file = MetricsFile(run_dir)
     make_logger = instantiate(cfg.logger, _partial_=True)
@@ -92,24 +87,24 @@ def train(cfg: DictConfig) -> dict:
             train_m = engine.train_epoch(model, optimizer, train_loader, device)
             test_m = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
 
-            flip_rate = train_m["flips"].double() / binary_numel  # flips per weight this epoch
             record = {
                 "epoch": epoch,
                 "train/loss": train_m["loss"],
                 "train/acc1": train_m["acc1"],
                 **{f"test/{k}": v for k, v in test_m.items()},
                 "lr": lr,
-                "gamma": gamma,
-                "flip_rate/all": float(train_m["flips"].sum() / binary_numel.sum()),
-                **{
-                    f"flip_rate/{name}": float(rate)
-                    for name, rate in zip(optimizer.binary_names, flip_rate, strict=True)
-                },
                 "memory/peak_rss_mb": peak_rss_bytes() / MB,
                 "memory/activation_peak_mb": train_m["activation_peak_bytes"] / MB,
                 "throughput/train_samples_per_s": train_m["samples_per_s"],
                 "time/epoch_s": train_m["seconds"],
             }
+            if gamma is not None:
+                record["gamma"] = gamma
+            if len(flip_numel):  # sign flips per weight this epoch (binary or latent weights)
+                flips = train_m["flips"].double()
+                record["flip_rate/all"] = float(flips.sum() / flip_numel.sum())
+                for name, rate in zip(optimizer.binary_names, flips / flip_numel, strict=True):
+                    record[f"flip_rate/{name}"] = float(rate)
             if device.type == "cuda":
                 peak = cuda_peak_bytes(device)
                 record["memory/cuda_peak_allocated_mb"] = peak["allocated"] / MB
@@ -119,15 +114,17 @@ def train(cfg: DictConfig) -> dict:
             log.info(
                 f"epoch {epoch:3d}/{epochs} | train loss {record['train/loss']:.4f} "
                 f"acc {100 * record['train/acc1']:.2f}% | test loss {record['test/loss']:.4f} "
-                f"acc {100 * record['test/acc1']:.2f}% | flips/weight {record['flip_rate/all']:.4f} "
+                f"acc {100 * record['test/acc1']:.2f}% "
+                f"| flips/weight {record.get('flip_rate/all', float('nan')):.4f} "
                 f"| {record['throughput/train_samples_per_s']:.0f} samples/s "
                 f"| peak RSS {record['memory/peak_rss_mb']:.0f} MB"
             )
 
             if lr_schedule is not None:
                 lr_schedule.step()
-            if decay.every_epochs and epoch % decay.every_epochs == 0:
-                optimizer.binary.decay_hyperparameters(decay.factor)
+            decay_now = decay["every_epochs"] and epoch % decay["every_epochs"] == 0
+            if optimizer.binary is not None and decay_now:
+                optimizer.binary.decay_hyperparameters(decay["factor"])
 
         if cfg.save_checkpoint:
             torch.save(

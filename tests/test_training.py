@@ -38,15 +38,13 @@ def test_weights_stay_pm1_throughout_training(tmp_path):
     from hydra.utils import instantiate
 
     from bso.data import build_dataloaders
-    from bso.optim import build_router
+    from bso.optim import build_optimizer
 
     cfg = compose_config("engine.T=3", output_dir=tmp_path)
     model = instantiate(cfg.model)
     engine = instantiate(cfg.engine)
     engine.prepare(model)
-    router = build_router(
-        model, instantiate(cfg.optimizer.binary), instantiate(cfg.optimizer.other)
-    )
+    router = build_optimizer(model, cfg.optimizer)
     train_loader, _ = build_dataloaders(cfg.dataset)
     real_step = router.step
     checked = []

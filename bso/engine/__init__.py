@@ -1,4 +1,5 @@
-from bso.engine.common import evaluate, input_at, instantaneous_loss
+from bso.engine.bptt import BPTTEngine
+from bso.engine.common import Engine, evaluate, input_at, instantaneous_loss
 from bso.engine.online import OnlineEngine
 
-__all__ = ["OnlineEngine", "evaluate", "input_at", "instantaneous_loss"]
+__all__ = ["BPTTEngine", "Engine", "OnlineEngine", "evaluate", "input_at", "instantaneous_loss"]

@@ -1,11 +1,17 @@
-"""What both engines share: the instantaneous loss, the per-step input, the readout and evaluation."""
+"""What both engines share: the instantaneous loss, the per-step input, the readout, the epoch's
+bookkeeping and evaluation. The engines themselves (online.py, bptt.py) only say how one batch is
+trained: when the graph is cut, when ``backward`` and ``step`` happen."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from bso.metrics.memory import SavedTensorMeter
 from bso.neurons import reset_neurons
 
 
@@ -52,3 +58,47 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
     if summed.shape[-1] > 10:
         metrics["acc5"] = correct[5] / total
     return metrics
+
+
+class Engine:
+    """Base of the engines: ``train_batch`` is theirs, the epoch loop around it is shared."""
+
+    T: int
+    mse_weight: float
+
+    def prepare(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def train_batch(self, model, optimizer, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (summed output over T, summed loss, flips per binary weight)."""
+        raise NotImplementedError
+
+    def train_epoch(self, model: nn.Module, optimizer, loader, device, desc: str = "train") -> dict:
+        model.train()
+        flips = torch.zeros(len(optimizer.binary_names), dtype=torch.long, device=device)
+        total, correct, loss_sum, activation_peak = 0, 0, 0.0, 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if i == 0:  # activation memory: peak bytes of saved tensors over the first batch
+                with SavedTensorMeter() as meter:
+                    summed, loss, batch_flips = self.train_batch(model, optimizer, x, y)
+                activation_peak = meter.peak_bytes
+            else:
+                summed, loss, batch_flips = self.train_batch(model, optimizer, x, y)
+            flips += batch_flips.to(device)
+            loss_sum += loss * len(y)
+            correct += topk_correct(summed, y, ks=(1,))[1]
+            total += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return {
+            "loss": float(loss_sum) / max(total, 1),
+            "acc1": correct / max(total, 1),
+            "samples_per_s": total / seconds,
+            "seconds": seconds,
+            "flips": flips.cpu(),
+            "activation_peak_bytes": activation_peak,
+        }

@@ -11,29 +11,14 @@ For each batch and t = 0..T-1 (the paper's t = 1..T):
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
-
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
-from bso.engine.common import input_at, instantaneous_loss, topk_correct
-from bso.metrics.memory import SavedTensorMeter
+from bso.engine.common import Engine, input_at, instantaneous_loss
 from bso.neurons import TRACE_RULES, configure_neurons, reset_neurons
-from bso.optim.router import OptimizerRouter
 
 UPDATES = ("per_step", "accumulate")
 
 
-class OnlineEngine:
-    def __init__(
-        self,
-        T: int,
-        trace: str = "ndot",
-        update: str = "per_step",
-        mse_weight: float = 0.05,
-    ):
+class OnlineEngine(Engine):
+    def __init__(self, T: int, trace: str = "ndot", update: str = "per_step", mse_weight=0.05):
         if int(T) < 1:
             raise ValueError(f"engine.T must be >= 1, got {T}")
         if trace not in TRACE_RULES:
@@ -42,58 +27,26 @@ class OnlineEngine:
             raise ValueError(f"unknown engine.update={update!r}; choose one of {UPDATES}")
         self.T, self.trace, self.update, self.mse_weight = int(T), trace, update, mse_weight
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model):
         """Online mode: detached membrane state and the chosen presynaptic trace."""
         configure_neurons(model, detach_state=True, trace_rule=self.trace)
 
-    def train_epoch(
-        self,
-        model: nn.Module,
-        optimizer: OptimizerRouter,
-        loader,
-        device: torch.device,
-        desc: str = "train",
-    ) -> dict:
-        model.train()
-        T, per_step = self.T, self.update == "per_step"
-        flips = torch.zeros(len(optimizer.binary_names), dtype=torch.long, device=device)
-        total, correct, loss_sum = 0, 0, 0.0
-        activation_peak = 0
-        start = time.perf_counter()
-        for i, (x, y) in enumerate(
-            tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-        ):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            reset_neurons(model)
-            meter = SavedTensorMeter() if i == 0 else None  # activation memory, first batch
-            summed = 0.0
-            if not per_step:
+    def train_batch(self, model, optimizer, x, y):
+        per_step = self.update == "per_step"
+        reset_neurons(model)
+        summed, loss_sum, flips = 0.0, 0.0, 0
+        if not per_step:
+            optimizer.zero_grad()
+        for t in range(self.T):
+            out = model(input_at(x, t))  # graph of this time step only
+            loss = instantaneous_loss(out, y, self.mse_weight, self.T)
+            if per_step:
                 optimizer.zero_grad()
-            for t in range(T):
-                with meter if meter is not None else nullcontext():
-                    out = model(input_at(x, t))  # graph of this time step only
-                    loss = instantaneous_loss(out, y, self.mse_weight, T)
-                if per_step:
-                    optimizer.zero_grad()
-                loss.backward()
-                if per_step:
-                    flips += optimizer.step(t)
-                summed = summed + out.detach()
-                loss_sum += loss.detach() * len(y)
-            if not per_step:
-                flips += optimizer.step()
-            if meter is not None:
-                activation_peak = meter.peak_bytes
-            correct += topk_correct(summed, y, ks=(1,))[1]
-            total += len(y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        return {
-            "loss": float(loss_sum) / max(total, 1),
-            "acc1": correct / max(total, 1),
-            "samples_per_s": total / seconds,
-            "seconds": seconds,
-            "flips": flips.cpu(),
-            "activation_peak_bytes": activation_peak,
-        }
+            loss.backward()  # frees step t's graph
+            if per_step:
+                flips = flips + optimizer.step(t)
+            summed = summed + out.detach()
+            loss_sum = loss_sum + loss.detach()
+        if not per_step:
+            flips = optimizer.step()  # the T gradients, summed
+        return summed, loss_sum, flips

@@ -1,6 +1,7 @@
 """Model size as the paper counts it (spec section 1): binary weights 1 bit, every other parameter
-(first conv, FC, BatchNorm weight and bias) 32 bits; MB = 10^6 bytes. Buffers (BN running
-statistics) are not counted."""
+(first conv, FC, BatchNorm weight and bias) 32 bits; MB = 10^6 bytes. Latent-weight models are
+binary at inference, so their latent weights count 1 bit too. Buffers (BN running statistics) are not
+counted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from bso.layers import named_binary_parameters
+from bso.layers import SYNAPTIC_LAYERS
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,11 @@ class ModelSize:
 
 
 def model_size(model: nn.Module) -> ModelSize:
-    binary_ids = {id(p) for _, p in named_binary_parameters(model)}
+    binary_ids = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, SYNAPTIC_LAYERS) and m.is_binary_at_inference
+    }
     n_binary = sum(p.numel() for p in model.parameters() if id(p) in binary_ids)
     n_full = sum(p.numel() for p in model.parameters() if id(p) not in binary_ids)
     return ModelSize(

@@ -4,7 +4,8 @@
 Each ``<n>C<k>`` is conv(k x k, n channels, stride 1, 'same' padding) -> BatchNorm -> LIF; ``AP<k>`` /
 ``MP<k>`` is average / max pooling applied to the spikes (and to their trace). The first conv and the
 final linear layer are full precision (the first conv has a bias, as in the released code); every
-other conv uses ``weights`` (binary: stored +-1, no bias). BatchNorm runs per time step.
+other conv uses ``weights`` (binary: stored +-1; latent: sign of a latent weight; full). BatchNorm runs
+per time step. ``agmm=True`` adds AGMM's gate (bso.models.agmm) after each of those convs' BatchNorm.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from bso.layers import SynapticConv2d, SynapticLinear
+from bso.models.agmm import AGMMGate
 from bso.neurons import LIFNode
 
 VGG11 = "64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3"
@@ -45,17 +47,18 @@ def parse_layers(layers: str | Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 class SpikingConvBlock(nn.Module):
-    """conv -> BatchNorm -> LIF [-> pool]; passes the spikes and their presynaptic trace on."""
+    """conv -> BatchNorm [-> AGMM gate] -> LIF [-> pool]; passes the spikes and their trace on."""
 
-    def __init__(self, conv: SynapticConv2d, neuron: LIFNode):
+    def __init__(self, conv: SynapticConv2d, neuron: LIFNode, gate: nn.Module | None = None):
         super().__init__()
         self.conv = conv
         self.bn = nn.BatchNorm2d(conv.out_channels)
+        self.gate = gate if gate is not None else nn.Identity()
         self.neuron = neuron
         self.pool = nn.Identity()
 
     def forward(self, x, trace=None):
-        spikes = self.neuron(self.bn(self.conv(x, trace)))
+        spikes = self.neuron(self.gate(self.bn(self.conv(x, trace))))
         trace = self.neuron.trace
         if trace is not None and torch.is_grad_enabled():
             return self.pool(spikes), self.pool(trace)
@@ -72,6 +75,10 @@ class SpikingVGG(nn.Module):
         num_classes: int = 10,
         weights: str = "binary",
         neuron: dict | None = None,
+        agmm: bool = False,
+        agmm_num_steps: int = 1,
+        agmm_statistic: str = "spatial_mean",
+        agmm_learnable_alpha: bool = True,
     ):
         super().__init__()
         neuron_kwargs = dict(neuron or {})
@@ -88,7 +95,12 @@ class SpikingVGG(nn.Module):
                     bias=first,
                     weights="full" if first else weights,
                 )
-                blocks.append(SpikingConvBlock(conv, LIFNode(**neuron_kwargs)))
+                gate = (
+                    AGMMGate(agmm_num_steps, agmm_statistic, agmm_learnable_alpha)
+                    if agmm and not first
+                    else None
+                )
+                blocks.append(SpikingConvBlock(conv, LIFNode(**neuron_kwargs), gate))
                 channels = size
             else:
                 pool = nn.AvgPool2d(kernel) if kind == "AP" else nn.MaxPool2d(kernel)

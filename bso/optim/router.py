@@ -1,5 +1,13 @@
-"""Route binary weights to a binary optimizer and every other parameter to an ordinary one
-(in the spirit of larq's CaseOptimizer)."""
+"""The optimizer objects the engines step.
+
+* :class:`OptimizerRouter`: binary weights to a binary optimizer (BSO / T-BSO), every other parameter
+  to an ordinary one (in the spirit of larq's CaseOptimizer).
+* :class:`PlainOptimizer`: one ordinary optimizer (SGD, Adam) for every parameter of a latent-weight or
+  full-precision model; counts the sign flips of the latent weights.
+
+Both expose ``zero_grad()``, ``step(t) -> flips per binary weight``, ``binary_names``,
+``state_dict()`` / ``load_state_dict()``, ``binary`` (the flip optimizer or None) and ``other``.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +73,9 @@ class OptimizerRouter:
     def gamma(self) -> float:
         return self.binary.param_groups[0]["gamma"]
 
+    def flip_numel(self) -> torch.Tensor:
+        return torch.tensor([p.numel() for p in self.binary.binary_weights()])
+
     @property
     def lr(self) -> float | None:
         return None if self.other is None else self.other.param_groups[0]["lr"]
@@ -83,10 +94,77 @@ def build_router(
     named = named_binary_parameters(model)
     if not named:
         raise ValueError(
-            f"{name} flips binary weights, but {type(model).__name__} has none. Use a model with "
-            "model.weights=binary (BSO/T-BSO cannot train a full-precision model)."
+            f"{name} flips stored +-1 weights, but {type(model).__name__} has none (its weights are "
+            "latent or full precision). Use model.weights=binary with BSO/T-BSO, or a plain "
+            "optimizer (optimizer=sgd|adam) for latent or full-precision weights."
         )
     binary_ids = {id(p) for _, p in named}
     rest = [p for p in model.parameters() if id(p) not in binary_ids and p.requires_grad]
     other_opt = other(rest) if (other is not None and rest) else None
     return OptimizerRouter(binary([p for _, p in named]), other_opt, [n for n, _ in named])
+
+
+class PlainOptimizer:
+    """One ordinary optimizer for all parameters (latent-weight or full-precision models).
+
+    ``step()`` returns how many latent weights changed sign, per layer (the sign-flip ratio that AGMM
+    studies); ``clip_latent=True`` clips latent weights to [-1, 1] after each step.
+    """
+
+    binary = None
+
+    def __init__(self, optimizer: Optimizer, latent: list[tuple[str, torch.Tensor]], clip_latent=False):
+        self.other = optimizer
+        self.latent = [w for _, w in latent]
+        self.binary_names = [n for n, _ in latent]
+        self.clip_latent = clip_latent
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.other.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, t: int | None = None) -> torch.Tensor:
+        before = [w >= 0 for w in self.latent]
+        self.other.step()
+        if self.clip_latent:
+            torch._foreach_clamp_min_(self.latent, -1.0)
+            torch._foreach_clamp_max_(self.latent, 1.0)
+        if not self.latent:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.stack([((w >= 0) != b).sum() for w, b in zip(self.latent, before, strict=True)])
+
+    def state_dict(self) -> dict:
+        return {"binary": None, "other": self.other.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.other.load_state_dict(state["other"])
+
+    @property
+    def gamma(self) -> None:
+        return None
+
+    @property
+    def lr(self) -> float:
+        return self.other.param_groups[0]["lr"]
+
+    def flip_numel(self) -> torch.Tensor:
+        return torch.tensor([w.numel() for w in self.latent], dtype=torch.long)
+
+
+def build_optimizer(model: nn.Module, cfg) -> OptimizerRouter | PlainOptimizer:
+    """From an ``optimizer`` config: ``binary`` (a flip optimizer, or null) and ``other``."""
+    from hydra.utils import instantiate
+
+    other = instantiate(cfg.other) if cfg.get("other") is not None else None
+    if cfg.get("binary") is not None:
+        return build_router(model, instantiate(cfg.binary), other, name=f"optimizer={cfg.name}")
+    if named_binary_parameters(model, "binary"):
+        raise ValueError(
+            f"optimizer={cfg.name} would take gradient steps on stored +-1 weights and break them. "
+            "Use optimizer=bso|tbso for model.weights=binary, or model.weights=latent|full."
+        )
+    if other is None:
+        raise ValueError(f"optimizer={cfg.name} defines neither `binary` nor `other`")
+    params = [p for p in model.parameters() if p.requires_grad]
+    latent = named_binary_parameters(model, "latent")
+    return PlainOptimizer(other(params), latent, clip_latent=cfg.get("clip_latent", False))

@@ -1,0 +1,38 @@
+"""Backpropagation through time (the baselines): the network is unrolled over T steps with the graph
+kept through time (membrane potential not detached), one backward and one optimizer step per batch.
+Same loss and readout as the online engine, so methods differ only where the method differs.
+Memory grows linearly with T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bso.engine.common import Engine, input_at, instantaneous_loss
+from bso.neurons import configure_neurons, reset_neurons
+
+
+class BPTTEngine(Engine):
+    def __init__(self, T: int, update: str = "accumulate", mse_weight: float = 0.05):
+        if int(T) < 1:
+            raise ValueError(f"engine.T must be >= 1, got {T}")
+        if update != "accumulate":
+            raise ValueError(
+                f"engine=bptt computes one gradient per batch through all T steps, so it cannot "
+                f"update per time step (got engine.update={update!r}); use engine=online for "
+                "per-step updates, or engine.update=accumulate"
+            )
+        self.T, self.update, self.mse_weight = int(T), update, mse_weight
+
+    def prepare(self, model):
+        """BPTT mode: the membrane state stays in the graph; no traces."""
+        configure_neurons(model, detach_state=False, trace_rule=None)
+
+    def train_batch(self, model, optimizer, x, y):
+        reset_neurons(model)
+        optimizer.zero_grad()
+        outputs = [model(input_at(x, t)) for t in range(self.T)]  # one graph through all T steps
+        loss = sum(instantaneous_loss(out, y, self.mse_weight, self.T) for out in outputs)
+        loss.backward()
+        flips = optimizer.step()
+        return torch.stack(outputs).sum(0).detach(), loss.detach(), flips
