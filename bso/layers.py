@@ -171,7 +171,9 @@ class SynapticLinear(_WeightMode, nn.Linear):
 SYNAPTIC_LAYERS = (SynapticConv2d, SynapticLinear)
 
 
-def named_binary_parameters(model: nn.Module, mode: str = "binary") -> list[tuple[str, nn.Parameter]]:
+def named_binary_parameters(
+    model: nn.Module, mode: str = "binary"
+) -> list[tuple[str, nn.Parameter]]:
     """The (name, weight) of every synaptic layer whose weight mode is ``mode``, in module order."""
     return [
         (f"{name}.weight" if name else "weight", module.weight)

@@ -10,8 +10,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 class NullLogger:
     """``logger=none``: log nowhere but the run directory."""
 
-    def __init__(self, run_dir: str | Path | None = None, run_config: dict | None = None):
-        pass
+    def __init__(self, run_dir: str | Path | None = None, run_config: dict | None = None, **_):
+        pass  # accepts (and ignores) wandb's options such as tags, so experiments compose with it
 
     def log(self, metrics: dict, step: int) -> None:
         pass

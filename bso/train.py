@@ -15,7 +15,12 @@ from tqdm.auto import tqdm
 
 from bso.data import build_dataloaders
 from bso.engine import evaluate
-from bso.metrics.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak
+from bso.metrics.memory import (
+    cuda_peak_bytes,
+    peak_rss_bytes,
+    persistent_state_bytes,
+    reset_cuda_peak,
+)
 from bso.models import model_size
 from bso.optim import build_optimizer
 from bso.run import MetricsFile, write_run_info
@@ -98,6 +103,15 @@ def train(cfg: DictConfig) -> dict:
                 "throughput/train_samples_per_s": train_m["samples_per_s"],
                 "time/epoch_s": train_m["seconds"],
             }
+            persistent = persistent_state_bytes(model, optimizer)
+            for role in (
+                "binary_weights",
+                "latent_weights",
+                "full_precision_weights",
+                "gradients",
+                "optimizer_state",
+            ):
+                record[f"memory/persistent/{role}_mb"] = persistent[role] / MB
             if gamma is not None:
                 record["gamma"] = gamma
             if len(flip_numel):  # sign flips per weight this epoch (binary or latent weights)

@@ -87,3 +87,86 @@ def test_online_activation_memory_does_not_grow_with_T_but_bptt_does():
     assert peaks[("online", 1)] > 0
     assert peaks[("online", 8)] == peaks[("online", 1)]
     assert peaks[("bptt", 8)] > 6 * peaks[("bptt", 1)]
+
+
+def test_persistent_state_by_role_for_bso_and_latent_adam():
+    from functools import partial
+
+    from bso.layers import named_binary_parameters
+    from bso.metrics.memory import persistent_state_bytes
+    from bso.optim import BSO, TBSO, PlainOptimizer, build_router
+
+    model = _tiny_model()  # binary convs: 16*8*9 + 16*16*9 = 3,456 weights
+    router = build_router(model, partial(TBSO, num_steps=4), partial(torch.optim.SGD, lr=0.1))
+    x, y = next(iter(_loader()))
+    engine = OnlineEngine(T=4)
+    engine.prepare(model)
+    engine.train_batch(model, router, x, y)
+    state = persistent_state_bytes(model, router)
+    assert state["binary_weight_count"] == 3456
+    assert state["binary_weights"] == 3456 * 4 and state["binary_weights_1bit"] == 3456 / 8
+    per = state["per_binary_weight"]
+    # stored weight + one momentum, plus T=4 scalars of v per layer (2 layers)
+    assert per["weights"] == 4.0
+    assert per["optimizer_state"] == (3456 * 4 + 2 * 4 * 4) / 3456
+    assert state["latent_weights"] == 0
+
+    bso_model = _tiny_model()
+    bso = build_router(bso_model, BSO, partial(torch.optim.SGD, lr=0.1))
+    engine = OnlineEngine(T=2)
+    engine.prepare(bso_model)
+    engine.train_batch(bso_model, bso, x, y)
+    assert persistent_state_bytes(bso_model, bso)["per_binary_weight"]["optimizer_state"] == 4.0
+
+    torch.manual_seed(0)
+    latent = SpikingVGG("8C3-16C3-AP2-16C3", in_channels=1, num_classes=10, weights="latent")
+    adam = PlainOptimizer(
+        torch.optim.Adam(latent.parameters()), named_binary_parameters(latent, "latent")
+    )
+    from bso.engine import BPTTEngine
+
+    engine = BPTTEngine(T=2)
+    engine.prepare(latent)
+    engine.train_batch(latent, adam, x, y)
+    state = persistent_state_bytes(latent, adam)
+    assert state["latent_weights"] == 3456 * 4 and state["binary_weights"] == 0
+    # Adam: exp_avg + exp_avg_sq per latent weight (+ a step counter per tensor)
+    assert 8.0 <= state["per_binary_weight"]["optimizer_state"] < 8.01
+
+
+def test_memory_benchmark_script_tiny(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "fig4"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench/memory_vs_T.py",
+            "--T",
+            "1",
+            "3",
+            "--batch",
+            "2",
+            "--layers",
+            "4C3-AP2-8C3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for suffix in (".json", ".csv", ".png"):
+        assert out.with_suffix(suffix).is_file(), suffix
+    points = json.loads(out.with_suffix(".json").read_text())["points"]
+    act = {(p["method"], p["T"]): p["activation_peak_bytes"] for p in points}
+    assert act[("bso", 3)] == act[("bso", 1)] and act[("tbso", 3)] == act[("tbso", 1)]
+    assert act[("bptt_latent", 3)] > 2 * act[("bptt_latent", 1)]

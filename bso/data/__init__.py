@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from bso.data.cifar import cifar_datasets
 from bso.data.digits import digits_datasets
 
 
@@ -19,8 +20,20 @@ def _digits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     return digits_datasets(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
 
 
+def _cifar(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    return cifar_datasets(
+        cfg.name,
+        cfg.root,
+        download=cfg.download,
+        autoaugment=cfg.autoaugment,
+        cutout_length=cfg.cutout_length,
+    )
+
+
 DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
     "digits": _digits,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
 }
 
 

@@ -69,7 +69,9 @@ class Engine:
     def prepare(self, model: nn.Module) -> None:
         raise NotImplementedError
 
-    def train_batch(self, model, optimizer, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def train_batch(
+        self, model, optimizer, x, y
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (summed output over T, summed loss, flips per binary weight)."""
         raise NotImplementedError
 

@@ -2,7 +2,7 @@
 
 * :class:`SavedTensorMeter`: the peak bytes held by autograd's saved tensors (activation memory),
   through saved-tensor hooks, counting each storage once. Works on CPU and GPU.
-* :func:`peak_rss_bytes`: the process's peak resident memory (CPU).
+* :func:`peak_rss_bytes` / :func:`current_rss_bytes`: the process's peak / current resident memory.
 * :func:`cuda_peak_bytes`: peak allocated / reserved CUDA memory since the last reset.
 """
 
@@ -85,6 +85,15 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
 def cuda_peak_bytes(device: torch.device) -> dict[str, int]:
     torch.cuda.synchronize(device)
     return {
@@ -97,3 +106,61 @@ def reset_cuda_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float]:
+    """Bytes held between training steps, by role, and per binary(-at-inference) weight.
+
+    Roles: ``binary_weights`` (stored +-1, as stored), ``binary_weights_1bit`` (the paper's storage),
+    ``latent_weights``, ``full_precision_weights``, ``gradients`` (those currently allocated),
+    ``optimizer_state`` (momentum, v[t], Adam moments, ...), ``buffers`` (BN running statistics).
+    ``per_binary_weight`` splits weights, gradients and optimizer state of the binary (or latent)
+    weights by their count, so the gap to 1 bit per weight is visible.
+    """
+    from bso.layers import SYNAPTIC_LAYERS
+
+    roles = dict.fromkeys(
+        (
+            "binary_weights",
+            "binary_weights_1bit",
+            "latent_weights",
+            "full_precision_weights",
+            "gradients",
+            "optimizer_state",
+            "buffers",
+        ),
+        0,
+    )
+    kind = {}
+    for m in model.modules():
+        if isinstance(m, SYNAPTIC_LAYERS) and m.weights != "full":
+            kind[id(m.weight)] = "binary_weights" if m.weights == "binary" else "latent_weights"
+    n_binary = 0
+    per = {"weights": 0, "gradients": 0, "optimizer_state": 0}
+    for p in model.parameters():
+        role = kind.get(id(p), "full_precision_weights")
+        roles[role] += _nbytes(p)
+        if role != "full_precision_weights":
+            n_binary += p.numel()
+            per["weights"] += _nbytes(p)
+            roles["binary_weights_1bit"] += p.numel() / 8
+        if p.grad is not None:
+            roles["gradients"] += _nbytes(p.grad)
+            if role != "full_precision_weights":
+                per["gradients"] += _nbytes(p.grad)
+    roles["buffers"] = sum(_nbytes(b) for b in model.buffers())
+    for opt in (optimizer.binary, optimizer.other):
+        if opt is None:
+            continue
+        for p, state in opt.state.items():
+            size = sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+            roles["optimizer_state"] += size
+            if id(p) in kind:
+                per["optimizer_state"] += size
+    roles["binary_weight_count"] = n_binary
+    roles["per_binary_weight"] = {k: (v / n_binary if n_binary else 0.0) for k, v in per.items()}
+    return roles

@@ -113,7 +113,9 @@ class PlainOptimizer:
 
     binary = None
 
-    def __init__(self, optimizer: Optimizer, latent: list[tuple[str, torch.Tensor]], clip_latent=False):
+    def __init__(
+        self, optimizer: Optimizer, latent: list[tuple[str, torch.Tensor]], clip_latent=False
+    ):
         self.other = optimizer
         self.latent = [w for _, w in latent]
         self.binary_names = [n for n, _ in latent]
@@ -131,7 +133,9 @@ class PlainOptimizer:
             torch._foreach_clamp_max_(self.latent, 1.0)
         if not self.latent:
             return torch.zeros(0, dtype=torch.long)
-        return torch.stack([((w >= 0) != b).sum() for w, b in zip(self.latent, before, strict=True)])
+        return torch.stack(
+            [((w >= 0) != b).sum() for w, b in zip(self.latent, before, strict=True)]
+        )
 
     def state_dict(self) -> dict:
         return {"binary": None, "other": self.other.state_dict()}

@@ -1,0 +1,237 @@
+"""Training memory against the number of time steps (the paper's Figure 4): BPTT with latent weights
+against online BSO and T-BSO, VGG-11 on CIFAR-shaped input. Synthetic tensors: data do not change
+memory. Each (method, T) point runs in a fresh process.
+
+    python scripts/bench/memory_vs_T.py                          # T = 1 2 4 8 16 35
+    python scripts/bench/memory_vs_T.py --T 1 2 --layers 8C3-AP2-16C3 --batch 4 --out /tmp/fig4
+
+Per point: peak bytes of autograd's saved tensors (activation memory, CPU and GPU alike), persistent
+state by role (bso.metrics.memory.persistent_state_bytes), and peak process RSS (CPU) or peak
+CUDA allocated/reserved bytes after a warm-up batch. Writes <out>.json, <out>.csv and <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("bptt_latent", "bso", "tbso")
+PAPER_GB = {"bptt_latent": {1: 2.86, 35: 58.18}, "bso": {"all": 2.9}, "tbso": {"all": 3.1}}
+
+
+def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> dict:
+    """One point, in this process."""
+    import torch
+
+    from bso.engine import BPTTEngine, OnlineEngine
+    from bso.layers import named_binary_parameters
+    from bso.metrics.memory import (
+        SavedTensorMeter,
+        cuda_peak_bytes,
+        current_rss_bytes,
+        peak_rss_bytes,
+        persistent_state_bytes,
+        reset_cuda_peak,
+    )
+    from bso.models import SpikingVGG
+    from bso.optim import BSO, TBSO, PlainOptimizer, build_router
+
+    device = torch.device(device_name)
+    rss_before = current_rss_bytes()  # the interpreter and libraries, before any model or data
+    torch.manual_seed(0)
+    weights = "latent" if method == "bptt_latent" else "binary"
+    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
+    if method == "bptt_latent":
+        engine = BPTTEngine(T=T)
+        optimizer = PlainOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
+        )
+    else:
+        engine = OnlineEngine(T=T, trace="ndot", update="per_step")
+        binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
+        optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
+    engine.prepare(model)
+    model.train()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    engine.train_batch(model, optimizer, x, y)  # warm-up: optimizer state, allocator caches
+    reset_cuda_peak(device)
+    with SavedTensorMeter() as meter:
+        engine.train_batch(model, optimizer, x, y)
+    point = {
+        "method": method,
+        "T": T,
+        "batch": batch,
+        "device": str(device),
+        "activation_peak_bytes": meter.peak_bytes,
+        "persistent": persistent_state_bytes(model, optimizer),
+    }
+    if device.type == "cuda":
+        peak = cuda_peak_bytes(device)
+        point["cuda_peak_allocated_bytes"] = peak["allocated"]
+        point["cuda_peak_reserved_bytes"] = peak["reserved"]
+    else:
+        point["peak_rss_bytes"] = peak_rss_bytes()
+        point["training_rss_bytes"] = point["peak_rss_bytes"] - rss_before
+    return point
+
+
+def total_bytes(p: dict) -> float:
+    if "cuda_peak_allocated_bytes" in p:
+        return p["cuda_peak_allocated_bytes"]
+    return p["training_rss_bytes"]
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = {"bptt_latent": "BPTT (latent weights)", "bso": "BSO", "tbso": "T-BSO"}
+    for method in METHODS:
+        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["T"])
+        if not pts:
+            continue
+        Ts = [p["T"] for p in pts]
+        axes[0].plot(Ts, [total_bytes(p) / 1e9 for p in pts], "o-", label=labels[method])
+        axes[1].plot(
+            Ts, [p["activation_peak_bytes"] / 1e9 for p in pts], "o-", label=labels[method]
+        )
+    kind = (
+        "peak CUDA allocated"
+        if "cuda_peak_allocated_bytes" in points[0]
+        else "peak RSS above the interpreter's"
+    )
+    axes[0].set_title(f"Training memory ({kind})")
+    axes[1].set_title("Activation memory (autograd saved tensors)")
+    for ax in axes:
+        ax.set_xlabel("time steps T")
+        ax.set_ylabel("GB")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"VGG-11, CIFAR-shaped input, batch {points[0]['batch']}, {points[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8, 16, 35])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 16 on CPU")
+    parser.add_argument(
+        "--layers", default="64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/memory_vs_T")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = args.batch or (128 if args.device.startswith("cuda") else 16)
+    if args.single:  # child process: one point, JSON on stdout
+        print(json.dumps(measure(args.methods[0], args.T[0], batch, args.layers, args.device)))
+        return
+
+    points = []
+    for method in args.methods:
+        for T in args.T:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--single",
+                "--methods",
+                method,
+                "--T",
+                str(T),
+                "--batch",
+                str(batch),
+                "--layers",
+                args.layers,
+                "--device",
+                args.device,
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{method} T={T} failed:\n{proc.stderr[-3000:]}")
+            point = json.loads(proc.stdout.strip().splitlines()[-1])
+            points.append(point)
+            print(
+                f"{method:12s} T={T:3d}  activation {point['activation_peak_bytes'] / 1e6:9.1f} MB  "
+                f"total {total_bytes(point) / 1e6:9.1f} MB",
+                flush=True,
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": args.device,
+        "device_name": _device_name(args.device),
+        "batch": batch,
+        "layers": args.layers,
+        "paper_gb": PAPER_GB,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": points}, indent=2))
+    with args.out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "method",
+                "T",
+                "batch",
+                "activation_peak_mb",
+                "total_peak_mb",
+                "weights_b_per_binary_weight",
+                "grads_b_per_binary_weight",
+                "optimizer_state_b_per_binary_weight",
+            ]
+        )
+        for p in points:
+            per = p["persistent"]["per_binary_weight"]
+            w.writerow(
+                [
+                    p["method"],
+                    p["T"],
+                    p["batch"],
+                    round(p["activation_peak_bytes"] / 1e6, 3),
+                    round(total_bytes(p) / 1e6, 1),
+                    per["weights"],
+                    per["gradients"],
+                    per["optimizer_state"],
+                ]
+            )
+    plot(points, args.out.with_suffix(".png"))
+    for method in args.methods:
+        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["T"])
+        if len(pts) > 1:
+            a = pts[-1]["activation_peak_bytes"] / max(pts[0]["activation_peak_bytes"], 1)
+            t = total_bytes(pts[-1]) / total_bytes(pts[0])
+            print(
+                f"{method}: T={pts[-1]['T']} / T={pts[0]['T']}: activation x{a:.2f}, total x{t:.2f}"
+            )
+    print(f"wrote {args.out}.json / .csv / .png")
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()
