@@ -4,10 +4,10 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean
+.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
 
 .make-install.stamp: pyproject.toml
 	$(PYTHON) -m pip install $(PIP_FLAGS) -e .
@@ -30,6 +30,15 @@ test: install-dev  ## run the test suite (CPU, no network; `slow` checks deselec
 
 test-slow: install-dev  ## run only the slow checks
 	$(PYTHON) -m pytest -m slow $(ARGS)
+
+fig4: install  ## memory vs T for BPTT-latent / BSO / T-BSO (paper Fig. 4) -> benchmarks/results/memory_vs_T.*
+	$(PYTHON) scripts/bench/memory_vs_T.py $(ARGS)
+
+bench-throughput: install  ## samples/s, ms per time step, flip-rule cost -> benchmarks/results/throughput.*
+	$(PYTHON) scripts/bench/throughput.py $(ARGS)
+
+bench-methods: install  ## every Table 2 method on the digits at T=2 and 8 -> benchmarks/results/methods_digits.*
+	$(PYTHON) scripts/bench/methods_digits.py $(ARGS)
 
 lint: install-dev  ## ruff
 	$(PYTHON) -m ruff check bso tests scripts train.py

@@ -100,6 +100,7 @@ class _WeightMode:
 
     weights: str
     weight: nn.Parameter
+    weight_standardization: bool = False
 
     @property
     def is_binary(self) -> bool:
@@ -112,8 +113,16 @@ class _WeightMode:
         return self.weights != "full"
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses: sign(latent) with STE in latent mode."""
-        return sign_ste(self.weight) if self.weights == "latent" else self.weight
+        """The weight the forward pass uses: sign(latent) with STE in latent mode, then (optionally)
+        OTTT's scaled weight standardisation ``gain * (w - mean) / sqrt(var * fan_in + eps)`` per
+        output channel."""
+        w = sign_ste(self.weight) if self.weights == "latent" else self.weight
+        if self.weight_standardization:
+            fan_in = w[0].numel()
+            mean = w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
+            var = w.var(dim=tuple(range(1, w.dim())), keepdim=True, unbiased=False)
+            w = self.gain * (w - mean) / torch.sqrt(var * fan_in + 1e-4)
+        return w
 
     def _init_weight_mode(self) -> None:
         if self.is_binary:  # sign of a Kaiming-normal init
@@ -121,17 +130,21 @@ class _WeightMode:
             binarize_(self.weight)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", weights={self.weights}"
+        ws = ", weight_standardization=True" if self.weight_standardization else ""
+        return super().extra_repr() + f", weights={self.weights}{ws}"
 
 
 class SynapticConv2d(_WeightMode, nn.Conv2d):
     """Conv2d with a weight mode and an optional trace input for the weight gradient."""
 
-    def __init__(self, *args, weights: str = "binary", **kwargs):
+    def __init__(self, *args, weights: str = "binary", weight_standardization=False, **kwargs):
         self.weights = _check_mode(weights)
         super().__init__(*args, **kwargs)
         if self.weights != "full" and self.bias is not None:
             raise ValueError("binary convolutions have no bias (the following BatchNorm has one)")
+        self.weight_standardization = bool(weight_standardization)
+        if self.weight_standardization:
+            self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
+from bso.checkpoint import export_1bit, load_checkpoint
 from bso.data import build_dataloaders
 from bso.engine import evaluate
 from bso.metrics.memory import (
@@ -62,6 +63,8 @@ def train(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model).to(device)
     engine = instantiate(cfg.engine)
     engine.prepare(model)
+    if engine.eval_only:
+        return evaluate_checkpoint(cfg, model, engine, device, run_dir)
     optimizer = build_optimizer(model, cfg.optimizer)
     lr_schedule = (
         CosineAnnealingLR(optimizer.other, T_max=epochs)
@@ -76,7 +79,8 @@ def train(cfg: DictConfig) -> dict:
     write_run_info(run_dir, cfg, device, {"model_size": size.as_dict()})
     metrics_file = MetricsFile(run_dir)
     make_logger = instantiate(cfg.logger, _partial_=True)
-    logger = make_logger(run_dir=run_dir, run_config=OmegaConf.to_container(cfg, resolve=True))
+    run_config = {**OmegaConf.to_container(cfg, resolve=True), "model_size": size.as_dict()}
+    logger = make_logger(run_dir=run_dir, run_config=run_config)
     log.info(
         f"{type(model).__name__} ({cfg.model.weights} weights): {size}\n"
         f"{cfg.optimizer.name} | {type(engine).__name__} T={engine.T} | {cfg.dataset.name}: "
@@ -151,10 +155,30 @@ def train(cfg: DictConfig) -> dict:
                 },
                 run_dir / "checkpoint.pt",
             )
+            export_1bit(model, run_dir / "model_1bit.pt", model_config=run_config["model"])
     finally:
         logger.finish()
     log.info(
         f"final test accuracy {100 * record.get('test/acc1', float('nan')):.2f}% "
         f"after {epochs} epochs; run dir {run_dir}"
+    )
+    return record
+
+
+def evaluate_checkpoint(cfg: DictConfig, model, engine, device, run_dir: Path) -> dict:
+    """``engine.eval_only=true checkpoint=...``: test-set metrics of a saved model, no training."""
+    if not cfg.get("checkpoint"):
+        raise ValueError(
+            "engine.eval_only=true needs checkpoint=<path to a checkpoint.pt or model_1bit.pt>"
+        )
+    load_checkpoint(model, cfg.checkpoint)
+    _, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
+    write_run_info(run_dir, cfg, device, {"model_size": model_size(model).as_dict()})
+    metrics = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
+    record = {"checkpoint": str(cfg.checkpoint), **{f"test/{k}": v for k, v in metrics.items()}}
+    MetricsFile(run_dir).write(record)
+    log.info(
+        f"{cfg.checkpoint}: test loss {record['test/loss']:.4f} "
+        f"acc {100 * record['test/acc1']:.2f}% (T={engine.T}, {len(test_loader.dataset)} samples)"
     )
     return record

@@ -16,7 +16,7 @@ GROUPS = ("dataset", "model", "optimizer", "engine", "logger")
 
 
 def _options(group):
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def test_every_group_has_options():

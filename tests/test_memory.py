@@ -170,3 +170,40 @@ def test_memory_benchmark_script_tiny(tmp_path):
     act = {(p["method"], p["T"]): p["activation_peak_bytes"] for p in points}
     assert act[("bso", 3)] == act[("bso", 1)] and act[("tbso", 3)] == act[("tbso", 1)]
     assert act[("bptt_latent", 3)] > 2 * act[("bptt_latent", 1)]
+
+
+def test_throughput_script_tiny(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "tp"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench/throughput.py",
+            "--T",
+            "2",
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--layers",
+            "4C3-AP2-8C3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"bptt_latent", "bso", "tbso"}
+    assert all(r["samples_per_s"] > 0 for r in rows)
+    assert out.with_suffix(".md").is_file()

@@ -13,7 +13,9 @@ from bso.neurons import configure_neurons, reset_neurons
 
 
 class BPTTEngine(Engine):
-    def __init__(self, T: int, update: str = "accumulate", mse_weight: float = 0.05):
+    def __init__(
+        self, T: int, update: str = "accumulate", mse_weight: float = 0.05, eval_only: bool = False
+    ):
         if int(T) < 1:
             raise ValueError(f"engine.T must be >= 1, got {T}")
         if update != "accumulate":
@@ -23,6 +25,7 @@ class BPTTEngine(Engine):
                 "per-step updates, or engine.update=accumulate"
             )
         self.T, self.update, self.mse_weight = int(T), update, mse_weight
+        self.eval_only = eval_only
 
     def prepare(self, model):
         """BPTT mode: the membrane state stays in the graph; no traces."""

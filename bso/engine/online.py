@@ -18,7 +18,14 @@ UPDATES = ("per_step", "accumulate")
 
 
 class OnlineEngine(Engine):
-    def __init__(self, T: int, trace: str = "ndot", update: str = "per_step", mse_weight=0.05):
+    def __init__(
+        self,
+        T: int,
+        trace: str = "ndot",
+        update: str = "per_step",
+        mse_weight: float = 0.05,
+        eval_only: bool = False,
+    ):
         if int(T) < 1:
             raise ValueError(f"engine.T must be >= 1, got {T}")
         if trace not in TRACE_RULES:
@@ -26,6 +33,7 @@ class OnlineEngine(Engine):
         if update not in UPDATES:
             raise ValueError(f"unknown engine.update={update!r}; choose one of {UPDATES}")
         self.T, self.trace, self.update, self.mse_weight = int(T), trace, update, mse_weight
+        self.eval_only = eval_only
 
     def prepare(self, model):
         """Online mode: detached membrane state and the chosen presynaptic trace."""

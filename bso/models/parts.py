@@ -1,0 +1,80 @@
+"""Building blocks shared by the spiking models: how a model's options turn into layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bso.layers import SynapticConv2d
+from bso.models.agmm import AGMMGate
+from bso.neurons import LIFNode
+
+NORMS = ("bn", "none")
+
+
+@dataclass
+class ModelOptions:
+    """The options every model takes (see configs/model/*.yaml)."""
+
+    weights: str = "binary"  # binary | latent | full, for the binary-able convs
+    neuron: dict = field(default_factory=dict)  # LIFNode kwargs
+    norm: str = "bn"  # bn: BatchNorm after each conv | none (with weight standardisation)
+    weight_standardization: bool = False
+    agmm: bool = False
+    agmm_num_steps: int = 1
+    agmm_statistic: str = "spatial_mean"
+    agmm_learnable_alpha: bool = True
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown model.norm={self.norm!r}; choose one of {NORMS}")
+        self.neuron = dict(self.neuron or {})
+
+    def lif(self) -> LIFNode:
+        return LIFNode(**self.neuron)
+
+    def conv(self, cin, cout, kernel, stride=1, binary=True, bias=False) -> SynapticConv2d:
+        """A conv with the model's weight mode (``binary=True``) or full precision."""
+        return SynapticConv2d(
+            cin,
+            cout,
+            kernel,
+            stride=stride,
+            padding=kernel // 2,
+            bias=bias and not binary,
+            weights=self.weights if binary else "full",
+            weight_standardization=self.weight_standardization,
+        )
+
+    def norm_layer(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels) if self.norm == "bn" else nn.Identity()
+
+    def gate(self, binary: bool = True) -> nn.Module:
+        """AGMM's gate after a binary conv + BN when ``agmm`` is on; identity otherwise."""
+        if self.agmm and binary:
+            return AGMMGate(self.agmm_num_steps, self.agmm_statistic, self.agmm_learnable_alpha)
+        return nn.Identity()
+
+
+def trace_of(neuron: LIFNode) -> torch.Tensor | None:
+    """The neuron's presynaptic trace while training online; None otherwise."""
+    return neuron.trace if torch.is_grad_enabled() else None
+
+
+class SpikingConvBlock(nn.Module):
+    """conv -> norm [-> AGMM gate] -> LIF [-> pool]; passes the spikes and their trace on."""
+
+    def __init__(self, conv: SynapticConv2d, options: ModelOptions, binary: bool):
+        super().__init__()
+        self.conv = conv
+        self.bn = options.norm_layer(conv.out_channels)
+        self.gate = options.gate(binary)
+        self.neuron = options.lif()
+        self.pool = nn.Identity()
+
+    def forward(self, x, trace=None):
+        spikes = self.neuron(self.gate(self.bn(self.conv(x, trace))))
+        trace = trace_of(self.neuron)
+        return self.pool(spikes), (self.pool(trace) if trace is not None else None)
