@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods
+.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -39,6 +39,11 @@ bench-throughput: install  ## samples/s, ms per time step, flip-rule cost -> ben
 
 bench-methods: install  ## every Table 2 method on the digits at T=2 and 8 -> benchmarks/results/methods_digits.*
 	$(PYTHON) scripts/bench/methods_digits.py $(ARGS)
+
+bench-models: install  ## forward+backward ms per time step and size of every model -> benchmarks/results/models.*
+	$(PYTHON) scripts/bench/models.py $(ARGS)
+
+bench: fig4 bench-throughput bench-methods bench-models  ## every benchmark (CPU: about 30 min)
 
 lint: install-dev  ## ruff
 	$(PYTHON) -m ruff check bso tests scripts train.py
