@@ -65,6 +65,8 @@ def train(cfg: DictConfig) -> dict:
     engine.prepare(model)
     if engine.eval_only:
         return evaluate_checkpoint(cfg, model, engine, device, run_dir)
+    if cfg.get("init_from"):  # e.g. ImageNet fine-tuning at T=4 from the T=1 pre-training
+        load_checkpoint(model, cfg.init_from)
     optimizer = build_optimizer(model, cfg.optimizer)
     lr_schedule = (
         CosineAnnealingLR(optimizer.other, T_max=epochs)

@@ -33,3 +33,75 @@ def write_cifar(root: Path, name: str = "cifar10", per_file: int = 2, seed: int 
         with open(folder / fname, "wb") as f:
             pickle.dump(content, f)
     return root
+
+
+def write_imagenet(root: Path, classes: int = 2, per_class: int = 2, size: int = 40) -> Path:
+    """An ImageFolder of small JPEGs: <root>/{train,val}/<wnid>/<name>.JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(size, size + 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"n{c:08d}_{i}.JPEG", format="JPEG")
+    return root
+
+
+DVS_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+def write_cifar10_dvs(root: Path, per_class: int = 3, events: int = 400, seed: int = 0) -> Path:
+    """CIFAR10-DVS as spikingjelly stores converted events: events_np/<class>/cifar10_<class>_<i>.npz
+    with arrays t (sorted timestamps), x, y (0..127) and p (polarity 0/1)."""
+    rng = np.random.default_rng(seed)
+    for cls in DVS_CLASSES:
+        folder = root / "events_np" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            np.savez(
+                folder / f"cifar10_{cls}_{i}.npz",
+                t=np.sort(rng.integers(0, 10**6, size=events)).astype(np.int64),
+                x=rng.integers(0, 128, size=events).astype(np.int64),
+                y=rng.integers(0, 128, size=events).astype(np.int64),
+                p=rng.integers(0, 2, size=events).astype(np.int64),
+            )
+    return root
+
+
+def write_speech_commands(root: Path, words=("yes", "no", "up"), per_word: int = 4) -> Path:
+    """Speech Commands v0.02 layout: <root>/<word>/<speaker>_nohash_<n>.wav (16 kHz mono 16-bit)
+    plus validation_list.txt and testing_list.txt."""
+    import wave
+
+    rng = np.random.default_rng(0)
+    test, val = [], []
+    for word in words:
+        (root / word).mkdir(parents=True, exist_ok=True)
+        for i in range(per_word):
+            name = f"{word}/speaker{i:02d}_nohash_0.wav"
+            tone = np.sin(2 * np.pi * (200 + 100 * i) * np.arange(16000) / 16000)
+            clip = (0.3 * tone + 0.05 * rng.standard_normal(16000)) * 32767
+            with wave.open(str(root / name), "wb") as f:
+                f.setnchannels(1)
+                f.setsampwidth(2)
+                f.setframerate(16000)
+                f.writeframes(clip.astype("<i2").tobytes())
+            (test if i == 0 else val if i == 1 else []).append(name)
+    (root / "_background_noise_").mkdir(exist_ok=True)
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    return root

@@ -8,15 +8,30 @@ import torch
 
 from bso.train import train
 from conftest import CONFIG_DIR, compose_config
-from fixtures import write_cifar
+from fixtures import write_cifar, write_cifar10_dvs, write_imagenet, write_speech_commands
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-NARROW = [
-    "model.layers=8C3-AP2-16C3-AP2",
-    "engine.T=2",
-    "dataset.epochs=1",
-    "dataset.num_workers=0",
-]
+
+# Each dataset's tiny real-format fixture and the overrides that make a run two small batches.
+FIXTURES = {
+    "cifar10": (lambda root: write_cifar(root, "cifar10", per_file=2), ["dataset.batch_size=5"]),
+    "cifar100": (lambda root: write_cifar(root, "cifar100", per_file=2), ["dataset.batch_size=5"]),
+    "imagenet": (
+        write_imagenet,
+        ["dataset.batch_size=2", "dataset.image_size=32", "dataset.resize=36"],
+    ),
+    "dvs_cifar10": (write_cifar10_dvs, ["dataset.batch_size=10", "dataset.train_per_class=2"]),
+    "gsc": (write_speech_commands, ["dataset.batch_size=3"]),
+}
+NARROW = {  # per model family: a narrow network, T=2, one epoch, no workers
+    "bso.models.SpikingVGG": ["model.layers=8C3-AP2-16C3-AP2"],
+    "bso.models.BiRealResNet18": [
+        "model.widths=[8,16,16,16]",
+        "model.blocks_per_stage=1",
+        "model.stem_stride=1",
+    ],
+}
+COMMON = ["engine.T=2", "dataset.epochs=1", "dataset.num_workers=0"]
 
 
 def test_there_is_one_experiment_per_table2_method():
@@ -26,15 +41,18 @@ def test_there_is_one_experiment_per_table2_method():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_two_batches(experiment, tmp_path):
-    data = write_cifar(tmp_path / "data", "cifar10", per_file=2)  # 10 train / 2 test images
+    plain = compose_config(f"experiment={experiment}")
+    write, data_overrides = FIXTURES[plain.dataset.name]
+    data = write(tmp_path / "data")
     cfg = compose_config(
         f"experiment={experiment}",
         f"dataset.root={data}",
-        "dataset.batch_size=5",
-        *NARROW,
+        *data_overrides,
+        *NARROW[plain.model._target_],
+        *COMMON,
         output_dir=tmp_path / "run",
     )
-    assert cfg.engine.T == 2 and cfg.dataset.name == "cifar10"
+    assert cfg.engine.T == 2
     record = train(cfg)
     assert record["epoch"] == 1 and 0.0 <= record["test/acc1"] <= 1.0
     if cfg.model.weights != "full":

@@ -10,10 +10,13 @@ from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bso.data.cifar import cifar_datasets
 from bso.data.digits import digits_datasets
+from bso.data.dvs import dvs_cifar10_datasets
+from bso.data.imagenet import imagenet_datasets
+from bso.data.speech import speech_commands_datasets
 
 
 def _digits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
@@ -30,10 +33,35 @@ def _cifar(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     )
 
 
+def _imagenet(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    return imagenet_datasets(cfg.root, image_size=cfg.image_size, resize=cfg.resize)
+
+
+def _dvs_cifar10(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    return dvs_cifar10_datasets(
+        cfg.root,
+        T=cfg.frames,
+        split_by=cfg.split_by,
+        size=cfg.image_size,
+        train_per_class=cfg.train_per_class,
+        crop_padding=cfg.crop_padding,
+        flip=cfg.flip,
+        mean=cfg.mean,
+        std=cfg.std,
+    )
+
+
+def _gsc(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    return speech_commands_datasets(cfg.root, size=cfg.image_size)
+
+
 DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
     "digits": _digits,
     "cifar10": _cifar,
     "cifar100": _cifar,
+    "imagenet": _imagenet,
+    "dvs_cifar10": _dvs_cifar10,
+    "gsc": _gsc,
 }
 
 
@@ -48,11 +76,19 @@ def build_dataloaders(cfg: DictConfig, seed: int = 0) -> tuple[DataLoader, DataL
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=cfg.get("pin_memory", False) and torch.cuda.is_available(),
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=cfg.num_workers > 0 and cfg.get("persistent_workers", True),
     )
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = DistributedSampler(train_set, shuffle=True, seed=seed)  # one shard per rank
     train_loader = DataLoader(
-        train_set, shuffle=True, drop_last=False, generator=generator, **loader_kwargs
+        train_set,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=False,
+        generator=generator,
+        **loader_kwargs,
     )
     test_loader = DataLoader(test_set, shuffle=False, **loader_kwargs)
     return train_loader, test_loader
