@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench
+.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench-data bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -43,7 +43,10 @@ bench-methods: install  ## every Table 2 method on the digits at T=2 and 8 -> be
 bench-models: install  ## forward+backward ms per time step and size of every model -> benchmarks/results/models.*
 	$(PYTHON) scripts/bench/models.py $(ARGS)
 
-bench: fig4 bench-throughput bench-methods bench-models  ## every benchmark (CPU: about 30 min)
+bench-data: install  ## data-loading samples/s (CIFAR-10, DVS-CIFAR10 synthetic files) -> benchmarks/results/data_loading.*
+	$(PYTHON) scripts/bench/data_loading.py $(ARGS)
+
+bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)
 
 lint: install-dev  ## ruff
 	$(PYTHON) -m ruff check bso tests scripts train.py

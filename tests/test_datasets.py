@@ -1,15 +1,14 @@
 """The real dataset loaders on tiny files written in each dataset's on-disk format."""
 
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from bso.data import build_dataloaders
 from bso.data.dvs import ensure_fresh_frame_cache, index_split
+from bso.data.synthetic import write_cifar, write_cifar10_dvs, write_imagenet, write_speech_commands
 from bso.engine import input_at
 from conftest import compose_config
-from fixtures import write_cifar, write_cifar10_dvs, write_imagenet, write_speech_commands
 
 
 def _files(root):

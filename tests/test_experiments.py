@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from bso.data.synthetic import write_cifar, write_cifar10_dvs, write_imagenet, write_speech_commands
 from bso.train import train
 from conftest import CONFIG_DIR, compose_config
-from fixtures import write_cifar, write_cifar10_dvs, write_imagenet, write_speech_commands
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 

@@ -1,4 +1,6 @@
-"""Tiny datasets written in each dataset's real on-disk format, for testing the real loaders."""
+"""Tiny datasets written in each dataset's real on-disk format (random content), for testing the
+real loaders and benchmarking data loading. Nothing in the framework falls back to these: a missing
+dataset is always an error."""
 
 from __future__ import annotations
 
