@@ -82,3 +82,43 @@ def test_hyperparameter_decay_and_cosine_lr_are_applied_at_epoch_ends(tmp_path):
     lrs = [r["lr"] for r in records]
     assert lrs == pytest.approx([0.1, 0.075, 0.025])  # cosine over 3 epochs
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_report_script_tabulates_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for T in (1, 2):
+        train(
+            compose_config(
+                "dataset.epochs=1",
+                f"engine.T={T}",
+                "save_checkpoint=false",
+                output_dir=tmp_path / f"T{T}",
+            )
+        )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/report.py",
+            str(tmp_path),
+            "--by",
+            "engine.T",
+            "--figure",
+            str(tmp_path / "acc.png"),
+            "--out",
+            str(tmp_path / "table.md"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert (
+        len(lines) == 4 and "| digits | SpikingVGG | binary | tbso | online/ndot | 1 |" in lines[2]
+    )
+    assert (tmp_path / "acc.png").is_file()

@@ -121,10 +121,13 @@ def plot(points: list[dict], path: Path) -> None:
         if not pts:
             continue
         Ts = [p["T"] for p in pts]
-        axes[0].plot(Ts, [total_bytes(p) / 1e9 for p in pts], "o-", label=labels[method])
-        axes[1].plot(
-            Ts, [p["activation_peak_bytes"] / 1e9 for p in pts], "o-", label=labels[method]
+        series = (
+            [total_bytes(p) for p in pts],
+            [accounted_bytes(p) for p in pts],
+            [p["activation_peak_bytes"] for p in pts],
         )
+        for ax, values in zip(axes, series, strict=True):
+            ax.plot(Ts, [v / 1e9 for v in values], "o-", label=labels[method])
     kind = (
         "peak CUDA allocated"
         if "cuda_peak_allocated_bytes" in points[0]
