@@ -134,36 +134,36 @@ def test_persistent_state_by_role_for_bso_and_latent_adam():
     assert 8.0 <= state["per_binary_weight"]["optimizer_state"] < 8.01
 
 
-def test_memory_benchmark_script_tiny(tmp_path):
-    import json
+def _run_script(*args):
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    out = tmp_path / "fig4"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/bench/memory_vs_T.py",
-            "--T",
-            "1",
-            "3",
-            "--batch",
-            "2",
-            "--layers",
-            "4C3-AP2-8C3",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_memory_benchmark_script_tiny(tmp_path):
+    import json
+
+    out = tmp_path / "fig4"
+    _run_script(
+        "scripts/bench/memory_vs_T.py",
+        "--T",
+        "1",
+        "3",
+        "--batch",
+        "2",
+        "--layers",
+        "4C3-AP2-8C3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     for suffix in (".json", ".csv", ".png"):
         assert out.with_suffix(suffix).is_file(), suffix
     points = json.loads(out.with_suffix(".json").read_text())["points"]
@@ -174,35 +174,23 @@ def test_memory_benchmark_script_tiny(tmp_path):
 
 def test_throughput_script_tiny(tmp_path):
     import json
-    import subprocess
-    import sys
-
-    from conftest import ROOT
 
     out = tmp_path / "tp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/bench/throughput.py",
-            "--T",
-            "2",
-            "--batch",
-            "2",
-            "--iters",
-            "1",
-            "--layers",
-            "4C3-AP2-8C3",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _run_script(
+        "scripts/bench/throughput.py",
+        "--T",
+        "2",
+        "--batch",
+        "2",
+        "--iters",
+        "1",
+        "--layers",
+        "4C3-AP2-8C3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"bptt_latent", "bso", "tbso"}
     assert all(r["samples_per_s"] > 0 for r in rows)

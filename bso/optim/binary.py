@@ -43,6 +43,17 @@ class BinaryOptimizer(Optimizer):
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
 
+    def update_momentum(self, group: dict, beta: float):
+        """M <- beta * M + (1 - beta) * G for the group's weights that have a gradient.
+        Returns (weights, gradients, momenta), vectorised over the tensors with foreach ops."""
+        weights = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in weights]
+        moms = [self.momentum(p) for p in weights]
+        if weights:
+            torch._foreach_mul_(moms, beta)
+            torch._foreach_add_(moms, grads, alpha=1.0 - beta)
+        return weights, grads, moms
+
     @staticmethod
     def flip_(weight: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """W <- -W where ``flip``; returns the number of flips (0-d tensor)."""
@@ -81,13 +92,9 @@ class BSO(BinaryOptimizer):
         """One update; ``t`` (the time step) is accepted for API symmetry with T-BSO and unused."""
         counts = {}
         for group in self.param_groups:
-            weights = [p for p in group["params"] if p.grad is not None]
+            weights, _, moms = self.update_momentum(group, group["beta"])
             if not weights:
                 continue
-            grads = [p.grad for p in weights]
-            moms = [self.momentum(p) for p in weights]
-            torch._foreach_mul_(moms, group["beta"])
-            torch._foreach_add_(moms, grads, alpha=1.0 - group["beta"])
             for w, m, wm in zip(weights, moms, torch._foreach_mul(weights, moms), strict=True):
                 flip = wm > group["gamma"]
                 counts[id(w)] = self.flip_(w, flip)
@@ -154,14 +161,10 @@ class TBSO(BinaryOptimizer):
             raise IndexError(f"T-BSO was built for T={self.num_steps} time steps; got t={t}")
         counts = {}
         for group in self.param_groups:
-            weights = [p for p in group["params"] if p.grad is not None]
+            weights, grads, moms = self.update_momentum(group, group["beta1"])
             if not weights:
                 continue
-            grads = [p.grad for p in weights]
-            moms = [self.momentum(p) for p in weights]
-            beta1, beta2 = group["beta1"], group["beta2"]
-            torch._foreach_mul_(moms, beta1)
-            torch._foreach_add_(moms, grads, alpha=1.0 - beta1)
+            beta2 = group["beta2"]
             for w, m, wm, g in zip(
                 weights, moms, torch._foreach_mul(weights, moms), grads, strict=True
             ):

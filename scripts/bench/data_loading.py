@@ -16,12 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import ROOT, write_results
 from omegaconf import OmegaConf
 
 from bso.data import build_dataloaders
 from bso.data.synthetic import write_cifar, write_cifar10_dvs
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def dataset_cfg(name: str, root: Path, workers: int, **extra):
@@ -101,15 +100,12 @@ def main() -> None:
                     row["frame_cache_build_s"] = cache_s
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2))
     lines = ["| dataset | workers | batch | samples/s |", "|---|---|---|---|"]
     lines += [
         f"| {r['dataset']} | {r['workers']} | {r['batch']} | {r['samples_per_s']:.0f} |"
         for r in rows
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"device": "cpu", "workers": args.workers}, rows, lines)
 
 
 if __name__ == "__main__":

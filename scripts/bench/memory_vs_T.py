@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("bptt_latent", "bso", "tbso")
+from _common import METHODS, ROOT, build_method, device_meta, resolve_device
+
 PAPER_GB = {"bptt_latent": {1: 2.86, 35: 58.18}, "bso": {"all": 2.9}, "tbso": {"all": 3.1}}
 
 
@@ -30,8 +28,6 @@ def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> d
     """One point, in this process."""
     import torch
 
-    from bso.engine import BPTTEngine, OnlineEngine
-    from bso.layers import named_binary_parameters
     from bso.metrics.memory import (
         SavedTensorMeter,
         cuda_peak_bytes,
@@ -40,25 +36,10 @@ def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> d
         persistent_state_bytes,
         reset_cuda_peak,
     )
-    from bso.models import SpikingVGG
-    from bso.optim import BSO, TBSO, PlainOptimizer, build_router
 
     device = torch.device(device_name)
     rss_before = current_rss_bytes()  # the interpreter and libraries, before any model or data
-    torch.manual_seed(0)
-    weights = "latent" if method == "bptt_latent" else "binary"
-    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
-    if method == "bptt_latent":
-        engine = BPTTEngine(T=T)
-        optimizer = PlainOptimizer(
-            torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
-        )
-    else:
-        engine = OnlineEngine(T=T, trace="ndot", update="per_step")
-        binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
-        optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
-    engine.prepare(model)
-    model.train()
+    model, engine, optimizer = build_method(method, T, layers, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -166,10 +147,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(resolve_device(args.device))
     batch = args.batch or (128 if args.device.startswith("cuda") else 16)
     if args.single:  # child process: one point, JSON on stdout
         print(json.dumps(measure(args.methods[0], args.T[0], batch, args.layers, args.device)))
@@ -208,8 +186,7 @@ def main() -> None:
                 flush=True,
             )
     meta = {
-        "device": args.device,
-        "device_name": _device_name(args.device),
+        **device_meta(resolve_device(args.device)),
         "batch": batch,
         "layers": args.layers,
         "paper_gb": PAPER_GB,
@@ -262,14 +239,6 @@ def write_outputs(points: list[dict], meta: dict, out: Path) -> None:
                 f"accounted x{c:.2f}, measured total x{t:.2f}"
             )
     print(f"wrote {out}.json / .csv / .png")
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

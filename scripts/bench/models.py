@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from _common import ROOT, device_meta, resolve_device, write_results
 
 from bso.engine import instantaneous_loss
 from bso.models import VGG11, BiRealResNet18, SpikingResNet19, SpikingVGG, model_size
 from bso.neurons import configure_neurons, reset_neurons
 
-ROOT = Path(__file__).resolve().parents[2]
 MODELS = {  # name: (constructor, input shape (C, H, W), classes)
     "vgg11": (lambda c, k: SpikingVGG(VGG11, c, k), (3, 32, 32), 10),
     "vgg11_ws": (
@@ -66,9 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/models")
     args = parser.parse_args()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 8)
     rows = []
     for name in args.models:
@@ -90,14 +87,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    meta = {
-        "device": str(device),
-        "device_name": name or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = device_meta(device)
     lines = [
         "| model | input | binary weights | other params | size (MB) | FP32 size (MB) "
         f"| fwd+bwd ms / time step (batch {batch}, {device.type}) |",
@@ -109,8 +99,7 @@ def main() -> None:
         f"| {r['ms_per_time_step']:.1f} |"
         for r in rows
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, meta, rows, lines)
 
 
 if __name__ == "__main__":

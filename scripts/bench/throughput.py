@@ -11,38 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
+from _common import METHODS, ROOT, build_method, device_meta, resolve_device, write_results
 
-from bso.engine import BPTTEngine, OnlineEngine
 from bso.layers import named_binary_parameters
-from bso.models import VGG11, SpikingVGG
-from bso.optim import BSO, TBSO, PlainOptimizer, build_router
-
-ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("bptt_latent", "bso", "tbso")
-
-
-def build(method: str, T: int, layers: str, device):
-    torch.manual_seed(0)
-    weights = "latent" if method == "bptt_latent" else "binary"
-    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
-    if method == "bptt_latent":
-        engine = BPTTEngine(T=T)
-        opt = PlainOptimizer(
-            torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
-        )
-    else:
-        engine = OnlineEngine(T=T)
-        binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
-        opt = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
-    engine.prepare(model)
-    model.train()
-    return model, engine, opt
+from bso.models import VGG11
 
 
 def sync(device):
@@ -87,9 +63,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput")
     args = parser.parse_args()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 16)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -97,7 +71,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for T in args.T:
-            model, engine, opt = build(method, T, args.layers, device)
+            model, engine, opt = build_method(method, T, args.layers, device)
             seconds = time_batches(engine, model, opt, x, y, args.iters, device)
             row = {
                 "method": method,
@@ -111,15 +85,7 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    meta = {
-        "device": str(device),
-        "device_name": name or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "layers": args.layers,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = {**device_meta(device), "layers": args.layers}
     lines = [
         "| method | T | batch | samples/s | ms per time step | flip-rule step (ms) |",
         "|---|---|---|---|---|---|",
@@ -129,8 +95,7 @@ def main() -> None:
         f"| {r['ms_per_time_step']:.1f} | {r['binary_step_ms']:.2f} |"
         for r in rows
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, meta, rows, lines)
 
 
 if __name__ == "__main__":

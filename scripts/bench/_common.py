@@ -1,0 +1,60 @@
+"""What the benchmark scripts share: the three methods of Figure 4 and the result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bso.engine import BPTTEngine, OnlineEngine
+from bso.layers import named_binary_parameters
+from bso.models import SpikingVGG
+from bso.optim import BSO, TBSO, PlainOptimizer, build_router
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("bptt_latent", "bso", "tbso")
+
+
+def build_method(method: str, T: int, layers: str, device: torch.device):
+    """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method."""
+    torch.manual_seed(0)
+    weights = "latent" if method == "bptt_latent" else "binary"
+    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
+    if method == "bptt_latent":  # BPTT, latent weights, Adam
+        engine = BPTTEngine(T=T)
+        optimizer = PlainOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
+        )
+    else:  # online, stored +-1 weights, a flip per time step
+        engine = OnlineEngine(T=T, trace="ndot", update="per_step")
+        binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
+        optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
+    engine.prepare(model)
+    model.train()
+    return model, engine, optimizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_meta(device: torch.device) -> dict:
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine())
+    )
+    return {"device": str(device), "device_name": name, "threads": torch.get_num_threads()}
+
+
+def write_results(out: Path, meta: dict, rows: list[dict], markdown: list[str]) -> None:
+    """<out>.json (meta + rows) and <out>.md (the table); prints the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))
