@@ -14,6 +14,7 @@ the data is read once.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _INDEX = re.compile(r"(\d+)\.npz$")
@@ -165,6 +168,10 @@ def dvs_cifar10_datasets(
             total, sq, n = total + float(x.sum()), sq + float((x**2).sum()), n + x.numel()
         mean = total / n
         std = max((sq / n - mean**2) ** 0.5, 1e-8)
+        log.info(
+            f"CIFAR10-DVS training frames: mean {mean:.6g}, std {std:.6g} "
+            f"(pin them with dataset.mean={mean:.6g} dataset.std={std:.6g})"
+        )
     train = DVSFrames(base, train_idx, size, True, crop_padding, flip, mean, std)
     test = DVSFrames(base, test_idx, size, False, 0, False, mean, std)
     return train, test
