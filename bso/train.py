@@ -112,6 +112,7 @@ def train(cfg: DictConfig) -> dict:
             persistent = persistent_state_bytes(model, optimizer)
             for role in (
                 "binary_weights",
+                "binary_weights_1bit",
                 "latent_weights",
                 "full_precision_weights",
                 "gradients",

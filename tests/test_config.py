@@ -112,6 +112,8 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
         "flip_rate/all",
         "memory/peak_rss_mb",
         "memory/activation_peak_mb",
+        "memory/persistent/binary_weights_1bit_mb",
+        "memory/persistent/optimizer_state_mb",
         "throughput/train_samples_per_s",
         "lr",
         "gamma",
