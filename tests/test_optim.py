@@ -219,3 +219,38 @@ def test_router_state_dict_round_trip():
     w = model[0].weight
     assert torch.equal(other.binary.state[w]["v"], router.binary.state[w]["v"])
     assert router.binary_names == ["0.weight"]
+
+
+@pytest.mark.parametrize(
+    "make,beta_key",
+    [
+        (lambda p: BSO(p, gamma=1e-3), "beta"),
+        (lambda p: TBSO(p, num_steps=1, gamma=0.1, beta2=0.99), "beta1"),
+    ],
+)
+def test_average_regret_vanishes_on_an_online_linear_problem(make, beta_key):
+    """Spec section 3 (theory): online convex losses f_k(W) = <g_k, W> over W in {-1, +1}^n with
+    bounded noisy gradients g_k = mu + noise; the best fixed decision is W* = -sign(mu). With gamma
+    and (1 - beta) decaying like 1/sqrt(k), as the regret analysis assumes, R(K)/K shrinks."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    mu = torch.randn(n, generator=g) * 0.5
+    w = nn.Parameter(torch.ones(n))
+    opt = make([w])
+    gamma0 = opt.param_groups[0]["gamma"]
+    best = -torch.sign(mu)
+    regret, averages = 0.0, {}
+    for k in range(1, 3001):
+        opt.param_groups[0]["gamma"] = gamma0 / math.sqrt(k)
+        opt.param_groups[0][beta_key] = 1 - 1 / math.sqrt(k + 1)
+        grad = mu + torch.randn(n, generator=g)
+        regret += float(grad @ w.detach() - grad @ best)
+        w.grad = grad
+        opt.step(0)
+        if k in (100, 1000, 3000):
+            averages[k] = regret / k
+    assert averages[100] > averages[1000] > averages[3000]
+    assert averages[3000] < 0.35 * averages[100]
+    assert set(w.detach().unique().tolist()) <= {-1.0, 1.0}
