@@ -17,6 +17,7 @@ from bso.checkpoint import export_1bit, load_checkpoint
 from bso.data import build_dataloaders
 from bso.engine import evaluate
 from bso.metrics.memory import (
+    PERSISTENT_ROLES,
     cuda_peak_bytes,
     peak_rss_bytes,
     persistent_state_bytes,
@@ -110,14 +111,7 @@ def train(cfg: DictConfig) -> dict:
                 "time/epoch_s": train_m["seconds"],
             }
             persistent = persistent_state_bytes(model, optimizer)
-            for role in (
-                "binary_weights",
-                "binary_weights_1bit",
-                "latent_weights",
-                "full_precision_weights",
-                "gradients",
-                "optimizer_state",
-            ):
+            for role in PERSISTENT_ROLES:
                 record[f"memory/persistent/{role}_mb"] = persistent[role] / MB
             if gamma is not None:
                 record["gamma"] = gamma

@@ -108,6 +108,18 @@ def reset_cuda_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# The roles of persistent_state_bytes; every one but binary_weights_1bit is memory actually held.
+PERSISTENT_ROLES = (
+    "binary_weights",
+    "binary_weights_1bit",
+    "latent_weights",
+    "full_precision_weights",
+    "gradients",
+    "optimizer_state",
+    "buffers",
+)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -123,18 +135,7 @@ def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float
     """
     from bso.layers import SYNAPTIC_LAYERS
 
-    roles = dict.fromkeys(
-        (
-            "binary_weights",
-            "binary_weights_1bit",
-            "latent_weights",
-            "full_precision_weights",
-            "gradients",
-            "optimizer_state",
-            "buffers",
-        ),
-        0,
-    )
+    roles = dict.fromkeys(PERSISTENT_ROLES, 0)
     kind = {}
     for m in model.modules():
         if isinstance(m, SYNAPTIC_LAYERS) and m.weights != "full":

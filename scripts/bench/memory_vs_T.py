@@ -21,6 +21,8 @@ from pathlib import Path
 
 from _common import METHODS, ROOT, build_method, device_meta, resolve_device
 
+from bso.metrics.memory import PERSISTENT_ROLES
+
 PAPER_GB = {"bptt_latent": {1: 2.86, 35: 58.18}, "bso": {"all": 2.9}, "tbso": {"all": 3.1}}
 
 
@@ -68,18 +70,8 @@ def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> d
 def accounted_bytes(p: dict) -> float:
     """Tensor-level training memory: persistent state (weights, gradients, optimizer state,
     buffers) plus the activation peak. Deterministic on any device, unlike process RSS."""
-    roles = p["persistent"]
-    persistent = sum(
-        roles[k]
-        for k in (
-            "binary_weights",
-            "latent_weights",
-            "full_precision_weights",
-            "gradients",
-            "optimizer_state",
-            "buffers",
-        )
-    )
+    held = [r for r in PERSISTENT_ROLES if r != "binary_weights_1bit"]
+    persistent = sum(p["persistent"][r] for r in held)
     return persistent + p["activation_peak_bytes"]
 
 
