@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bso.layers import SYNAPTIC_LAYERS
+from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 
 FORMAT = "bso-1bit-v1"
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
@@ -32,17 +32,9 @@ def unpack_signs(packed: torch.Tensor, shape, dtype=torch.float32) -> torch.Tens
     return torch.where(bits.bool(), 1.0, -1.0).to(dtype).reshape(shape)
 
 
-def binary_weight_names(model: nn.Module) -> list[str]:
-    return [
-        f"{name}.weight"
-        for name, m in model.named_modules()
-        if isinstance(m, SYNAPTIC_LAYERS) and m.is_binary_at_inference
-    ]
-
-
 def export_1bit(model: nn.Module, path: str | Path, **extra) -> int:
     """Write the 1-bit export of ``model`` to ``path``; returns the file size in bytes."""
-    names = set(binary_weight_names(model))
+    names = {name for name, _ in named_binary_parameters(model, BINARY_AT_INFERENCE)}
     binary, tensors = {}, {}
     for key, value in model.state_dict().items():
         if key in names:

@@ -107,11 +107,6 @@ class _WeightMode:
         """Stored +-1 weights, for BSO / T-BSO."""
         return self.weights == "binary"
 
-    @property
-    def is_binary_at_inference(self) -> bool:
-        """1 bit per weight once trained (binary or latent)."""
-        return self.weights != "full"
-
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: sign(latent) with STE in latent mode, then (optionally)
         OTTT's scaled weight standardisation ``gain * (w - mean) / sqrt(var * fan_in + eps)`` per
@@ -182,14 +177,17 @@ class SynapticLinear(_WeightMode, nn.Linear):
 
 
 SYNAPTIC_LAYERS = (SynapticConv2d, SynapticLinear)
+BINARY_AT_INFERENCE = ("binary", "latent")  # the weight modes stored as 1 bit once trained
 
 
 def named_binary_parameters(
-    model: nn.Module, mode: str = "binary"
+    model: nn.Module, mode: str | tuple[str, ...] = "binary"
 ) -> list[tuple[str, nn.Parameter]]:
-    """The (name, weight) of every synaptic layer whose weight mode is ``mode``, in module order."""
+    """The (name, weight) of every synaptic layer whose weight mode is ``mode`` (or one of the
+    modes in a tuple, e.g. ``BINARY_AT_INFERENCE``), in module order."""
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
     return [
         (f"{name}.weight" if name else "weight", module.weight)
         for name, module in model.named_modules()
-        if isinstance(module, SYNAPTIC_LAYERS) and module.weights == mode
+        if isinstance(module, SYNAPTIC_LAYERS) and module.weights in modes
     ]

@@ -16,16 +16,13 @@ class BPTTEngine(Engine):
     def __init__(
         self, T: int, update: str = "accumulate", mse_weight: float = 0.05, eval_only: bool = False
     ):
-        if int(T) < 1:
-            raise ValueError(f"engine.T must be >= 1, got {T}")
         if update != "accumulate":
             raise ValueError(
                 f"engine=bptt computes one gradient per batch through all T steps, so it cannot "
                 f"update per time step (got engine.update={update!r}); use engine=online for "
                 "per-step updates, or engine.update=accumulate"
             )
-        self.T, self.update, self.mse_weight = int(T), update, mse_weight
-        self.eval_only = eval_only
+        super().__init__(T, update, mse_weight, eval_only)
 
     def prepare(self, model):
         """BPTT mode: the membrane state stays in the graph; no traces."""

@@ -49,12 +49,12 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
         summed = 0.0
         for t in range(T):
             out = model(input_at(x, t))
-            loss_sum += float(instantaneous_loss(out, y, mse_weight, T)) * len(y)
+            loss_sum += instantaneous_loss(out, y, mse_weight, T) * len(y)  # no sync per step
             summed = summed + out
         for k, c in topk_correct(summed, y).items():
             correct[k] += c
         total += len(y)
-    metrics = {"loss": loss_sum / total, "acc1": correct[1] / total}
+    metrics = {"loss": float(loss_sum) / total, "acc1": correct[1] / total}
     if summed.shape[-1] > 10:
         metrics["acc5"] = correct[5] / total
     return metrics
@@ -63,8 +63,10 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
 class Engine:
     """Base of the engines: ``train_batch`` is theirs, the epoch loop around it is shared."""
 
-    T: int
-    mse_weight: float
+    def __init__(self, T: int, update: str, mse_weight: float, eval_only: bool):
+        if int(T) < 1:
+            raise ValueError(f"engine.T must be >= 1, got {T}")
+        self.T, self.update, self.mse_weight, self.eval_only = int(T), update, mse_weight, eval_only
 
     def prepare(self, model: nn.Module) -> None:
         raise NotImplementedError

@@ -26,14 +26,12 @@ class OnlineEngine(Engine):
         mse_weight: float = 0.05,
         eval_only: bool = False,
     ):
-        if int(T) < 1:
-            raise ValueError(f"engine.T must be >= 1, got {T}")
         if trace not in TRACE_RULES:
             raise ValueError(f"unknown engine.trace={trace!r}; choose one of {TRACE_RULES}")
         if update not in UPDATES:
             raise ValueError(f"unknown engine.update={update!r}; choose one of {UPDATES}")
-        self.T, self.trace, self.update, self.mse_weight = int(T), trace, update, mse_weight
-        self.eval_only = eval_only
+        super().__init__(T, update, mse_weight, eval_only)
+        self.trace = trace
 
     def prepare(self, model):
         """Online mode: detached membrane state and the chosen presynaptic trace."""

@@ -133,13 +133,14 @@ def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float
     ``per_binary_weight`` splits weights, gradients and optimizer state of the binary (or latent)
     weights by their count, so the gap to 1 bit per weight is visible.
     """
-    from bso.layers import SYNAPTIC_LAYERS
+    from bso.layers import named_binary_parameters
 
     roles = dict.fromkeys(PERSISTENT_ROLES, 0)
-    kind = {}
-    for m in model.modules():
-        if isinstance(m, SYNAPTIC_LAYERS) and m.weights != "full":
-            kind[id(m.weight)] = "binary_weights" if m.weights == "binary" else "latent_weights"
+    kind = {
+        id(p): f"{mode}_weights"
+        for mode in ("binary", "latent")
+        for _, p in named_binary_parameters(model, mode)
+    }
     n_binary = 0
     per = {"weights": 0, "gradients": 0, "optimizer_state": 0}
     for p in model.parameters():

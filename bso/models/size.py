@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from bso.layers import SYNAPTIC_LAYERS
+from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,7 @@ class ModelSize:
 
 
 def model_size(model: nn.Module) -> ModelSize:
-    binary_ids = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, SYNAPTIC_LAYERS) and m.is_binary_at_inference
-    }
+    binary_ids = {id(p) for _, p in named_binary_parameters(model, BINARY_AT_INFERENCE)}
     n_binary = sum(p.numel() for p in model.parameters() if id(p) in binary_ids)
     n_full = sum(p.numel() for p in model.parameters() if id(p) not in binary_ids)
     return ModelSize(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from _common import METHODS, ROOT, build_method, device_meta, resolve_device, write_results
 
-from bso.layers import named_binary_parameters
+from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 from bso.models import VGG11
 
 
@@ -80,8 +80,9 @@ def main() -> None:
                 "samples_per_s": batch / seconds,
                 "ms_per_time_step": seconds / T * 1e3,
                 "binary_step_ms": time_binary_step(opt, device, max(args.iters, 5)),
-                "binary_weights": sum(p.numel() for _, p in named_binary_parameters(model))
-                or sum(p.numel() for _, p in named_binary_parameters(model, "latent")),
+                "binary_weights": sum(
+                    p.numel() for _, p in named_binary_parameters(model, BINARY_AT_INFERENCE)
+                ),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
