@@ -13,8 +13,14 @@ For online training the neuron adds two things, both switched on by the online e
   that the next synaptic layer uses for its weight gradient (see :mod:`bso.layers`):
 
   - ``"ottt"``: ``mu[t] = lambda`` (constant);
-  - ``"ndot"``: ``mu[t] = (u[t] - V_th s[t]) / (u[t-1] - V_th s[t-1])`` clamped to ``[-lambda, lambda]``,
-    and ``lambda`` where the denominator is 0 (the released code).
+  - ``"ndot"`` (the released code, which produced the paper's numbers): with ``v[t]`` the potential
+    after the soft reset, ``p[t] = v[t] - V_th s[t]`` (so ``V_th s`` is subtracted a second time) and
+    ``mu[t] = clamp(p[t] / p[t-1], -lambda, lambda)``, ``lambda`` where ``p[t-1] = 0`` or the ratio
+    is not finite;
+  - ``"ndot_paper"`` (the paper's formula): ``mu[t] = (u[t] - V_th s[t]) / (u[t-1] - V_th s[t-1])
+    = v[t] / v[t-1]`` clamped to ``[-lambda, lambda]``, ``lambda`` where the denominator is 0.
+
+Every rule starts with ``a_hat[1] = s[1]``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate
 from torch import nn
 
-TRACE_RULES = ("ottt", "ndot")
+TRACE_RULES = ("ndot", "ndot_paper", "ottt")
 
 
 class LIFNode(sj_neuron.LIFNode):
@@ -51,6 +57,7 @@ class LIFNode(sj_neuron.LIFNode):
         self.detach_state = False
         self.trace_rule: str | None = None
         self.register_memory("trace", None)
+        self.register_memory("trace_potential", None)  # p[t-1] of the released NDOT rule
 
     @property
     def decay(self) -> float:
@@ -59,7 +66,7 @@ class LIFNode(sj_neuron.LIFNode):
 
     def single_step_functional_forward(self, inputs, states, **kwargs):
         x = inputs[0]
-        v_prev, trace = states[0], states[1]  # v_prev = u[t-1] - V_th s[t-1]
+        v_prev, trace, p_prev = states  # v_prev = u[t-1] - V_th s[t-1]
         if self.detach_state:
             v_prev = v_prev.detach()
         spike, v = sj_functional.lif_step(
@@ -73,22 +80,29 @@ class LIFNode(sj_neuron.LIFNode):
             self.detach_reset,
         )
         if self.trace_rule is not None and torch.is_grad_enabled():
-            trace = self.presynaptic_trace(spike, trace, v, v_prev)
-        return (spike,), (v, trace)
+            trace, p_prev = self.presynaptic_trace(spike, trace, v, v_prev, p_prev)
+        return (spike,), (v, trace, p_prev)
 
     @torch.no_grad()
-    def presynaptic_trace(self, spike, trace, v, v_prev):
-        """a_hat[t] = mu[t] * a_hat[t-1] + s[t] (spec section 2, step 3)."""
+    def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
+        """a_hat[t] = mu[t] * a_hat[t-1] + s[t] (spec section 2, step 3); a_hat[1] = s[1].
+        Returns the trace and, for the released NDOT rule, p[t] for the next step."""
+        spike, v = spike.detach(), v.detach()
+        if self.trace_rule == "ndot":  # released code: p[t] = v[t] - V_th s[t]
+            p = v - self.v_threshold * spike
+            if trace is None:
+                return spike.clone(), p
+            return self.bounded_ratio(p, p_prev) * trace + spike, p
         if trace is None:
-            trace = torch.zeros_like(spike)
-        if self.trace_rule == "ottt":
-            mu = self.decay
-        else:  # ndot
-            nonzero = v_prev != 0
-            ratio = v.detach() / torch.where(nonzero, v_prev, torch.ones_like(v_prev))
-            mu = torch.where(nonzero, ratio, torch.full_like(ratio, self.decay))
-            mu = mu.clamp_(-self.decay, self.decay)
-        return mu * trace + spike.detach()
+            return spike.clone(), None
+        mu = self.decay if self.trace_rule == "ottt" else self.bounded_ratio(v, v_prev.detach())
+        return mu * trace + spike, None
+
+    def bounded_ratio(self, numerator, denominator):
+        """clamp(numerator / denominator, -lambda, lambda); lambda where the ratio is not finite."""
+        ratio = numerator / denominator
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, self.decay))
+        return ratio.clamp_(-self.decay, self.decay)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", detach_state={self.detach_state}, trace={self.trace_rule}"

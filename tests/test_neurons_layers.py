@@ -35,26 +35,49 @@ def test_lif_follows_the_paper_dynamics():
     assert neuron.v == 0.0 and neuron.trace is None
 
 
-@pytest.mark.parametrize("rule", ["ottt", "ndot"])
+@pytest.mark.parametrize("rule", ["ottt", "ndot", "ndot_paper"])
 def test_presynaptic_trace_rules(rule):
+    """a_hat[t] = mu[t] a_hat[t-1] + s[t], a_hat[1] = s[1], with mu[t] by rule (spec section 2):
+    ottt: lambda; ndot_paper: v[t] / v[t-1]; ndot (released code): p[t] / p[t-1] with
+    p = v - V_th s (V_th s subtracted a second time); clamped to [-lambda, lambda], lambda where the
+    ratio is not finite."""
     neuron = LIFNode()
     configure_neurons(neuron, detach_state=True, trace_rule=rule)
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(50, generator=g) * 2 - 0.3 for _ in range(5)]
-    trace = torch.zeros(50)
-    v_prev = torch.zeros(50)
+    xs[1][:5] = 0.0  # some potentials that stay 0: the ratio's denominator is 0 next step
+    trace, q_prev = None, None
     for x in xs:
         s = neuron(x)
-        v = neuron.v
-        if rule == "ottt":
-            mu = torch.full_like(v, LAMBDA)
+        v = neuron.v  # post-reset potential u - V_th s
+        q = {"ottt": v, "ndot_paper": v, "ndot": v - 1.0 * s}[rule]
+        if trace is None:
+            trace = s
         else:
-            mu = torch.where(v_prev != 0, v / torch.where(v_prev != 0, v_prev, 1.0), LAMBDA)
-            mu = mu.clamp(-LAMBDA, LAMBDA)
-        trace = mu * trace + s
+            if rule == "ottt":
+                mu = torch.full_like(v, LAMBDA)
+            else:
+                ratio = q / q_prev
+                mu = torch.where(torch.isfinite(ratio), ratio, LAMBDA).clamp(-LAMBDA, LAMBDA)
+            trace = mu * trace + s
         assert torch.allclose(neuron.trace, trace)
         assert not neuron.trace.requires_grad
-        v_prev = v.detach()
+        q_prev = q.detach()
+
+
+def test_release_and_paper_ndot_traces_differ():
+    """The released code's NDOT trace is not the paper's formula (they agree only at t = 1)."""
+    traces = {}
+    for rule in ("ndot", "ndot_paper"):
+        neuron = LIFNode()
+        configure_neurons(neuron, detach_state=True, trace_rule=rule)
+        g = torch.Generator().manual_seed(1)
+        traces[rule] = []
+        for _ in range(4):
+            neuron(torch.rand(200, generator=g) * 2)
+            traces[rule].append(neuron.trace.clone())
+    assert torch.equal(traces["ndot"][0], traces["ndot_paper"][0])
+    assert not torch.allclose(traces["ndot"][3], traces["ndot_paper"][3])
 
 
 def test_traced_layers_use_trace_for_weight_grad_and_spikes_for_values():

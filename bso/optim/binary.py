@@ -169,8 +169,7 @@ class TBSO(BinaryOptimizer):
                 weights, moms, torch._foreach_mul(weights, moms), grads, strict=True
             ):
                 v = self.second_moment(w)
-                flat = g.reshape(-1)
-                v[t] = beta2 * v[t] + (1.0 - beta2) * flat.dot(flat) / flat.numel()  # mean(G^2)
+                v[t] = beta2 * v[t] + (1.0 - beta2) * g.square().mean()  # mean(G^2)
                 if group["threshold"] == "code":
                     threshold = group["gamma"] * (v[t].sqrt() + group["eps"])
                 else:
