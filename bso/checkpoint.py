@@ -1,4 +1,8 @@
-"""Checkpoints: the full training checkpoint, and the 1-bit export.
+"""Checkpoints: the training checkpoint (``last.pt`` / ``best.pt``: everything a run needs to continue
+exactly), and the 1-bit export (``last_1bit.pt`` / ``best_1bit.pt``).
+
+Every file is written atomically (a temporary file, then a rename), so a crash never leaves a
+truncated checkpoint behind.
 
 The 1-bit export stores every binary (or latent) synaptic weight as its signs, bit-packed 8 per byte,
 and every other tensor of the state dict (first conv, FC, BatchNorm parameters and statistics) as
@@ -8,6 +12,9 @@ outputs are bit-identical (latent weights come back as +-1, which has the same s
 
 from __future__ import annotations
 
+import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,6 +23,40 @@ from torch import nn
 from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 
 FORMAT = "bso-1bit-v1"
+TRAIN_FORMAT = "bso-train-v1"
+
+
+def save_atomic(obj, path: str | Path) -> int:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Read a bso checkpoint (training or 1-bit) with errors that say what is wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; pass a run directory or its last.pt / best.pt / "
+            "last_1bit.pt / best_1bit.pt"
+        )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); it may be truncated "
+            "or not a checkpoint at all. Use the run's last.pt or best.pt (written atomically at each "
+            "epoch's end)."
+        ) from err
+    if not (isinstance(blob, dict) and (blob.get("format") in (FORMAT, TRAIN_FORMAT) or "model" in blob)):
+        raise ValueError(
+            f"{path} is a torch file but not a bso checkpoint (expected a dict with format "
+            f"{TRAIN_FORMAT!r} or {FORMAT!r})"
+        )
+    return blob
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
@@ -41,28 +82,21 @@ def export_1bit(model: nn.Module, path: str | Path, **extra) -> int:
             binary[key] = {"bits": pack_signs(value), "shape": list(value.shape)}
         else:
             tensors[key] = value.detach().cpu()
-    torch.save({"format": FORMAT, "binary": binary, "tensors": tensors, **extra}, path)
-    return Path(path).stat().st_size
+    return save_atomic({"format": FORMAT, "binary": binary, "tensors": tensors, **extra}, path)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load a 1-bit export or a training checkpoint (``checkpoint.pt``) into ``model``."""
+    """Load the weights of a 1-bit export or a training checkpoint into ``model``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} not found; pass checkpoint=<run dir>/checkpoint.pt or model_1bit.pt"
-        )
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+    blob = read_checkpoint(path)
+    if blob.get("format") == FORMAT:
         state = dict(blob["tensors"])
         reference = model.state_dict()
         for key, item in blob["binary"].items():
             dtype = reference[key].dtype if key in reference else torch.float32
             state[key] = unpack_signs(item["bits"], item["shape"], dtype)
-    elif isinstance(blob, dict) and "model" in blob:
-        state = blob["model"]
     else:
-        raise ValueError(f"{path} is neither a bso 1-bit export nor a bso training checkpoint")
+        state = blob["model"]
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -13,10 +13,12 @@ class NullLogger:
     def __init__(self, run_dir: str | Path | None = None, run_config: dict | None = None, **_):
         pass  # accepts (and ignores) wandb's options such as tags, so experiments compose with it
 
+    run_id = None
+
     def log(self, metrics: dict, step: int) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, status: str = "completed") -> None:
         pass
 
 
@@ -33,7 +35,9 @@ class WandbLogger:
         group: str | None = None,
         name: str | None = None,
         tags: list[str] | tuple[str, ...] = (),
+        run_id: str | None = None,
     ):
+        """``run_id``: the id of the wandb run to continue (a resumed bso run logs into the same one)."""
         if mode not in WANDB_MODES:
             raise ValueError(f"unknown logger.mode={mode!r}; choose one of {WANDB_MODES}")
         import wandb
@@ -47,10 +51,15 @@ class WandbLogger:
             mode=mode,
             dir=str(run_dir),
             config=run_config,
+            id=run_id,
+            resume="allow" if run_id else None,
         )
+        self.run_id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, status: str = "completed") -> None:
+        """Record the bso run status (completed / failed / interrupted) in the wandb summary."""
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=0 if status == "completed" else 1)

@@ -1,15 +1,24 @@
 """The run directory: everything needed to trust and repeat a run.
 
-config.yaml      the resolved config            run_info.json  git commit, package versions, device
-metrics.jsonl    one JSON record per epoch      checkpoint.pt  weights (binary ones as +-1) + optimizer
+config.yaml      the resolved config             run_info.json   git commit, package versions, device
+status.json      running / completed / failed / interrupted, last and best epoch
+metrics.jsonl    one JSON record per epoch       last.pt best.pt  training checkpoints (resume from them)
+train.log        the log                         last_1bit.pt best_1bit.pt  1-bit exports
+
+Run directories are ``<log_dir>/runs/<date>_<time>_<6 hex digits>``, so two runs started in the same
+second never share one. ``resume=<run dir | checkpoint | latest>`` continues a run inside its own
+directory (Hydra's files of the resuming command go to ``.hydra/resume_<date>_<time>``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import secrets
 import subprocess
 import sys
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -77,3 +86,102 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop the records of epochs after ``epoch`` (written after the checkpoint a run resumes
+        from), so that a resumed run never records an epoch twice."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+CHECKPOINT_NAMES = ("last.pt", "best.pt", "checkpoint.pt")  # checkpoint.pt: written before bso 0.2
+
+
+class RunStatus:
+    """``<run_dir>/status.json``: what became of the run, rewritten atomically at every change."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "status.json"
+
+    def read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def write(self, status: str, **fields) -> dict:
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r}; one of {STATUSES}")
+        record = {**self.read(), **fields, "status": status, "updated": _now()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".status.json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self.path)
+        return record
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def new_run_name() -> str:
+    """``<date>_<time>_<6 random hex digits>``: unique even for runs started in the same second."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+
+
+def find_resume_checkpoint(resume: str, log_dir: str | Path = "outputs") -> Path:
+    """The checkpoint that ``resume=`` names: a run directory (its ``last.pt``), a checkpoint file,
+    or ``latest`` (the newest run under ``<log_dir>`` that has a ``last.pt`` and did not complete)."""
+    if str(resume) == "latest":
+        candidates = [
+            path
+            for path in Path(log_dir).glob("**/last.pt")
+            if RunStatus(path.parent).read().get("status") != "completed"
+        ]
+        if not candidates:
+            raise FileNotFoundError(
+                f"resume=latest: no unfinished run with a last.pt under {log_dir}/ "
+                "(completed runs are not resumed; pass resume=<run dir> to extend one)"
+            )
+        return max(candidates, key=lambda path: path.stat().st_mtime)
+    path = Path(resume)
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(
+            f"resume={resume}: the run directory has no last.pt (the run stopped before finishing "
+            "its first epoch, or it is not a bso run directory)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume}: no such run directory or checkpoint file")
+    return path
+
+
+def run_dir_resolver(log_dir: str, resume: str | None) -> str:
+    """``hydra.run.dir``: a new unique run directory, or the directory of the run being resumed."""
+    if resume in (None, "", "auto"):
+        return f"{log_dir}/runs/{new_run_name()}"
+    return str(find_resume_checkpoint(resume, log_dir).parent)
+
+
+def hydra_subdir_resolver(resume: str | None) -> str:
+    """``hydra.output_subdir``: Hydra's own files; a resuming command keeps the original ones."""
+    if resume in (None, "", "auto"):
+        return ".hydra"
+    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def register_resolvers() -> None:
+    """Make ``${bso_run_dir:...}`` and ``${bso_hydra_subdir:...}`` known to OmegaConf (idempotent);
+    cached, so every read of the run directory in one process gives the same answer."""
+    from omegaconf import OmegaConf
+
+    for name, fn in (("bso_run_dir", run_dir_resolver), ("bso_hydra_subdir", hydra_subdir_resolver)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+register_resolvers()

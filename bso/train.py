@@ -1,9 +1,16 @@
-"""One training run from a composed config: build, train epoch by epoch, log, checkpoint."""
+"""One training run from a composed config: build, train epoch by epoch, log, checkpoint, resume.
+
+The epoch loop is in :func:`fit`; everything around it (checkpoints, the run record, interruption)
+lives in small helpers here and in :mod:`bso.run` / :mod:`bso.checkpoint`, so the loop stays short.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
-from bso.checkpoint import export_1bit, load_checkpoint
-from bso.data import build_dataloaders
-from bso.engine import evaluate
+from bso.checkpoint import TRAIN_FORMAT, export_1bit, load_checkpoint, read_checkpoint, save_atomic
+from bso.data import build_dataloaders, start_epoch
+from bso.engine import EpochTally, evaluate
 from bso.metrics.memory import (
     PERSISTENT_ROLES,
     cuda_peak_bytes,
@@ -25,12 +32,19 @@ from bso.metrics.memory import (
 )
 from bso.models import model_size
 from bso.optim import build_optimizer
-from bso.run import MetricsFile, write_run_info
+from bso.run import MetricsFile, RunStatus, find_resume_checkpoint, write_run_info
 
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "constant")
 MB = 1e6
+# What a resumed run may change on its command line: where and how it runs, never what it trains.
+RESUME_MAY_CHANGE = ("resume", "device", "dataset.epochs", "dataset.num_workers", "dataset.root",
+                     "logger", "paths", "hydra", "save_checkpoint")
+
+
+class RunInterrupted(Exception):
+    """SIGINT / SIGTERM arrived; the run saved its checkpoint and can be resumed."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,134 +62,431 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer`` and ``cfg.engine``.
-    Returns the last epoch's metrics record."""
-    if cfg.optimizer.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(
-            f"unknown optimizer.lr_schedule={cfg.optimizer.lr_schedule!r}; choose {LR_SCHEDULES}"
-        )
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.paths.output_dir)
-    epochs = int(cfg.dataset.epochs)
+def rng_state() -> dict:
+    """Every random number generator a run draws from (the data order is a function of the epoch)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
-    # Build everything that can reject the config before any data is read.
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Schedules:
+    """What changes at the end of an epoch: the full-precision optimizer's learning rate (constant, or
+    cosine to 0 over the run) and the binary optimizer's gamma / (1 - beta) decay, which the released
+    code applies at the end of 0-based epoch N, 2N, ... (51 epochs at the initial values for N=50)."""
+
+    def __init__(self, optimizer, cfg: DictConfig, epochs: int):
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown optimizer.lr_schedule={cfg.lr_schedule!r}; choose {LR_SCHEDULES}"
+            )
+        self.optimizer = optimizer
+        self.cosine = (
+            CosineAnnealingLR(optimizer.other, T_max=epochs)
+            if cfg.lr_schedule == "cosine" and optimizer.other is not None
+            else None
+        )
+        decay = cfg.get("hparam_decay") or {}
+        self.every = int(decay.get("every_epochs", 0) or 0)
+        self.factor = decay.get("factor", 0.1)
+        self.betas = decay.get("betas")
+        if self.every and optimizer.binary is not None and self.betas is not None:
+            optimizer.binary.decay_hyperparameters(1.0, self.betas)  # rejects unknown betas now
+
+    def decays_after(self, epoch: int) -> bool:
+        """After 1-based ``epoch``, i.e. at the end of 0-based epoch ``epoch - 1``."""
+        return bool(self.every) and epoch > 1 and (epoch - 1) % self.every == 0
+
+    def step(self, epoch: int) -> None:
+        if self.cosine is not None:
+            self.cosine.step()
+        if self.optimizer.binary is not None and self.decays_after(epoch):
+            self.optimizer.binary.decay_hyperparameters(self.factor, self.betas)
+
+    def state_dict(self) -> dict:  # gamma and the betas live in the optimizer's param_groups
+        return {"cosine": None if self.cosine is None else self.cosine.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cosine is not None:
+            self.cosine.load_state_dict(state["cosine"])
+
+
+@dataclass
+class Progress:
+    """Where a run is: the last finished epoch, the best one so far, and a cut-short epoch's sums."""
+
+    epoch: int = 0
+    best_epoch: int | None = None
+    best_acc1: float | None = None
+    tally: EpochTally = field(default_factory=EpochTally)
+
+    def update_best(self, epoch: int, acc1: float) -> bool:
+        if self.best_acc1 is None or acc1 > self.best_acc1:
+            self.best_epoch, self.best_acc1 = epoch, acc1
+            return True
+        return False
+
+
+class GracefulInterrupt:
+    """SIGINT / SIGTERM (Ctrl-C, Slurm preemption) ask the run to stop after the batch in flight; a
+    second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log.warning(f"{self.signal}: finishing the current batch, then saving a checkpoint")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def command_line_overrides() -> list[str]:
+    """The ``key=value`` overrides the user typed (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _overridden_keys(overrides: list[str]) -> set[str]:
+    return {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+
+
+def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: Path) -> DictConfig:
+    """The checkpoint's own config, with the few keys a resumed run may change taken from ``cfg``."""
+    resumed = OmegaConf.create(saved)
+    allowed = {key for key in _overridden_keys(overrides)
+               if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)}
+    changed = sorted(
+        key
+        for key in _overridden_keys(overrides) - allowed
+        if OmegaConf.select(cfg, key) != OmegaConf.select(resumed, key)
+    )
+    if changed:
+        raise ValueError(
+            f"resume={cfg.resume} continues {path} with the config it was trained with, but the command "
+            f"line changes {changed}. A resumed run may only change {list(RESUME_MAY_CHANGE)}; start a "
+            "new run (init_from=<checkpoint> for its weights) to train something else."
+        )
+    for key in allowed - {"resume"}:
+        if not key.startswith("hydra"):
+            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False)
+    resumed.resume = cfg.resume
+    return resumed
+
+
+def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
+    """``eval_only`` / ``init_from``: build the model the checkpoint was trained with (its model
+    config and T), except what the command line sets explicitly."""
+    if not saved:
+        return cfg
+    explicit = _overridden_keys(overrides)
+    cfg = cfg.copy()
+    saved_model = saved.get("model") or {}
+    if "model" not in explicit:  # `model=<name>` picks another architecture on purpose
+        for key, value in saved_model.items():
+            if f"model.{key}" not in explicit:
+                OmegaConf.update(cfg, f"model.{key}", value, merge=False)
+    saved_T = (saved.get("engine") or {}).get("T")
+    if saved_T is not None and "engine.T" not in explicit and cfg.engine.get("eval_only"):
+        cfg.engine.T = saved_T
+    for key in ("in_channels", "num_classes"):
+        if key in saved_model and saved_model[key] != cfg.model[key]:
+            raise ValueError(
+                f"the checkpoint's model has {key}={saved_model[key]} (dataset "
+                f"{(saved.get('dataset') or {}).get('name', '?')}), but dataset={cfg.dataset.name} has "
+                f"{cfg.model[key]}; evaluate or fine-tune it on a dataset of the same shape"
+            )
+    return cfg
+
+
+def build_model(cfg: DictConfig, device: torch.device):
     model = instantiate(cfg.model).to(device)
     engine = instantiate(cfg.engine)
     engine.prepare(model)
+    return model, engine
+
+
+def load_weights(model, path, saved: dict | None, cfg: DictConfig) -> dict:
+    """Load ``path`` into ``model`` with an error that names the checkpoint's model and this one."""
+    try:
+        return load_checkpoint(model, path)
+    except ValueError as err:
+        theirs = (saved or {}).get("model", {})
+        raise ValueError(
+            f"{path} holds model {theirs.get('name', '?')} ({theirs.get('_target_', '?')}, "
+            f"layers={theirs.get('layers', '-')}, weights={theirs.get('weights', '?')}), but this run "
+            f"builds model {cfg.model.get('name')} ({cfg.model._target_}, layers="
+            f"{cfg.model.get('layers', '-')}, weights={cfg.model.weights}). {err}"
+        ) from err
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer`` and ``cfg.engine``; returns the
+    last epoch's metrics record. ``overrides`` are the command line's (read from Hydra if None).
+
+    The run directory's ``status.json`` says what became of the run: ``running`` while it trains,
+    then ``completed``, ``failed`` (with the error) or ``interrupted`` (resume it with ``resume=``)."""
+    overrides = command_line_overrides() if overrides is None else list(overrides)
+    cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
+    status = RunStatus(run_dir)
+    try:
+        return _train(cfg, overrides, run_dir, status, checkpoint)
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        record = status.write("interrupted", error=str(err) or "KeyboardInterrupt")
+        has_checkpoint = (run_dir / "last.pt").is_file()
+        log.error(
+            f"interrupted after epoch {record.get('epoch', 0)}; "
+            + (f"resume with: python train.py resume={run_dir}" if has_checkpoint else
+               "no checkpoint was written (the first epoch had not finished)")
+        )
+        raise
+    except Exception as err:
+        status.write("failed", error=f"{type(err).__name__}: {err}")
+        raise
+
+
+def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, dict | None]:
+    """For ``resume=``: the run directory to continue, its checkpoint, and its config."""
+    resume, run_dir = cfg.get("resume"), Path(cfg.paths.output_dir)
+    if not resume:
+        return cfg, run_dir, None
+    if resume == "auto":  # e.g. a requeued Slurm job: continue if this run dir has a checkpoint
+        if not (run_dir / "last.pt").is_file():
+            return cfg, run_dir, None
+        path = run_dir / "last.pt"
+    else:
+        path = find_resume_checkpoint(resume, cfg.paths.log_dir)
+    checkpoint = read_checkpoint(path)
+    if checkpoint.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path} is not a bso training checkpoint ({TRAIN_FORMAT}); "
+                         "resume needs the last.pt of a run")
+    cfg = config_for_resume(cfg, checkpoint["config"], overrides, path)
+    if checkpoint["epoch"] >= cfg.dataset.epochs:
+        raise ValueError(
+            f"{path}: the run already finished {checkpoint['epoch']} epochs (dataset.epochs="
+            f"{cfg.dataset.epochs}); pass a larger dataset.epochs=... to train it longer"
+        )
+    return cfg, path.parent, checkpoint
+
+
+def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | None) -> dict:
+    status.write("running", epochs=int(cfg.dataset.epochs), error=None)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
+    saved = None
+    if weights_from and checkpoint is None:
+        blob = read_checkpoint(weights_from)
+        saved = blob.get("config") or ({"model": blob["model_config"]} if "model_config" in blob else None)
+        cfg = config_for_weights(cfg, saved, overrides)
+
+    # Build everything that can reject the config before any data is read.
+    model, engine = build_model(cfg, device)
     if engine.eval_only:
-        return evaluate_checkpoint(cfg, model, engine, device, run_dir)
-    if cfg.get("init_from"):  # e.g. ImageNet fine-tuning at T=4 from the T=1 pre-training
-        load_checkpoint(model, cfg.init_from)
+        return evaluate_checkpoint(cfg, model, engine, device, run_dir, status, saved)
+    epochs = int(cfg.dataset.epochs)
+    if epochs < 1:
+        raise ValueError(f"dataset.epochs must be >= 1 to train, got {epochs} "
+                         "(engine.eval_only=true checkpoint=... evaluates without training)")
+    if weights_from and checkpoint is None:  # e.g. ImageNet fine-tuning at T=4 from T=1
+        load_weights(model, weights_from, saved, cfg)
     optimizer = build_optimizer(model, cfg.optimizer)
-    lr_schedule = (
-        CosineAnnealingLR(optimizer.other, T_max=epochs)
-        if cfg.optimizer.lr_schedule == "cosine" and optimizer.other is not None
-        else None
-    )
-    decay = cfg.optimizer.get("hparam_decay") or {"every_epochs": 0}
+    schedules = Schedules(optimizer, cfg.optimizer, epochs)
     train_loader, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
 
+    progress = Progress()
+    if checkpoint is not None:
+        progress = restore(checkpoint, model, optimizer, schedules)
+        MetricsFile(run_dir).truncate_after(progress.epoch)
+        log.info(f"resuming {run_dir} after epoch {progress.epoch}"
+                 + (f" and {progress.tally.batches} batches" if progress.tally.batches else ""))
+
     size = model_size(model)
-    flip_numel = optimizer.flip_numel()
-    write_run_info(run_dir, cfg, device, {"model_size": size.as_dict()})
-    metrics_file = MetricsFile(run_dir)
-    make_logger = instantiate(cfg.logger, _partial_=True)
     run_config = {**OmegaConf.to_container(cfg, resolve=True), "model_size": size.as_dict()}
-    logger = make_logger(run_dir=run_dir, run_config=run_config)
+    write_run_info(run_dir, cfg, device, {"model_size": size.as_dict(), "model": cfg.model.get("name")})
+    make_logger = instantiate(cfg.logger, _partial_=True)
+    logger = make_logger(run_dir=run_dir, run_config=run_config,
+                         run_id=checkpoint.get("wandb_id") if checkpoint else None)
+    status.write("running", epoch=progress.epoch, wandb_id=logger.run_id)
     log.info(
-        f"{type(model).__name__} ({cfg.model.weights} weights): {size}\n"
+        f"{cfg.model.get('name')} ({type(model).__name__}, {cfg.model.weights} weights): {size}\n"
         f"{cfg.optimizer.name} | {type(engine).__name__} T={engine.T} | {cfg.dataset.name}: "
         f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test | {device} | "
         f"run dir {run_dir}"
     )
 
+    def save(progress: Progress, best: bool = False) -> None:
+        if not cfg.save_checkpoint:
+            return
+        blob = {
+            "format": TRAIN_FORMAT,
+            "epoch": progress.epoch,
+            "best_epoch": progress.best_epoch,
+            "best_acc1": progress.best_acc1,
+            "tally": progress.tally,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedules": schedules.state_dict(),
+            "rng": rng_state(),
+            "binary_weights": optimizer.binary_names,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "wandb_id": logger.run_id,
+        }
+        names = ["last"] + (["best"] if best else [])
+        for name in names:
+            save_atomic(blob, run_dir / f"{name}.pt")
+            export_1bit(model, run_dir / f"{name}_1bit.pt", config=blob["config"],
+                        model_config=run_config["model"], epoch=progress.epoch)
+
     record: dict = {}
+    outcome = "failed"
     try:
-        for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=None, dynamic_ncols=True):
-            reset_cuda_peak(device)
-            lr, gamma = optimizer.lr, optimizer.gamma  # the values this epoch trains with
-            train_m = engine.train_epoch(model, optimizer, train_loader, device)
-            test_m = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
-
-            record = {
-                "epoch": epoch,
-                "train/loss": train_m["loss"],
-                "train/acc1": train_m["acc1"],
-                **{f"test/{k}": v for k, v in test_m.items()},
-                "lr": lr,
-                "memory/peak_rss_mb": peak_rss_bytes() / MB,
-                "memory/activation_peak_mb": train_m["activation_peak_bytes"] / MB,
-                "throughput/train_samples_per_s": train_m["samples_per_s"],
-                "time/epoch_s": train_m["seconds"],
-            }
-            persistent = persistent_state_bytes(model, optimizer)
-            for role in PERSISTENT_ROLES:
-                record[f"memory/persistent/{role}_mb"] = persistent[role] / MB
-            if gamma is not None:
-                record["gamma"] = gamma
-            if len(flip_numel):  # sign flips per weight this epoch (binary or latent weights)
-                flips = train_m["flips"].double()
-                record["flip_rate/all"] = float(flips.sum() / flip_numel.sum())
-                for name, rate in zip(optimizer.binary_names, flips / flip_numel, strict=True):
-                    record[f"flip_rate/{name}"] = float(rate)
-            if device.type == "cuda":
-                peak = cuda_peak_bytes(device)
-                record["memory/cuda_peak_allocated_mb"] = peak["allocated"] / MB
-                record["memory/cuda_peak_reserved_mb"] = peak["reserved"] / MB
-            metrics_file.write(record)
-            logger.log(record, step=epoch)
-            log.info(
-                f"epoch {epoch:3d}/{epochs} | train loss {record['train/loss']:.4f} "
-                f"acc {100 * record['train/acc1']:.2f}% | test loss {record['test/loss']:.4f} "
-                f"acc {100 * record['test/acc1']:.2f}% "
-                f"| flips/weight {record.get('flip_rate/all', float('nan')):.4f} "
-                f"| {record['throughput/train_samples_per_s']:.0f} samples/s "
-                f"| peak RSS {record['memory/peak_rss_mb']:.0f} MB"
-            )
-
-            if lr_schedule is not None:
-                lr_schedule.step()
-            decay_now = decay["every_epochs"] and epoch % decay["every_epochs"] == 0
-            if optimizer.binary is not None and decay_now:
-                optimizer.binary.decay_hyperparameters(decay["factor"])
-
-        if cfg.save_checkpoint:
-            torch.save(
-                {
-                    "epoch": epochs,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "binary_weights": optimizer.binary_names,
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                },
-                run_dir / "checkpoint.pt",
-            )
-            export_1bit(model, run_dir / "model_1bit.pt", model_config=run_config["model"])
+        with GracefulInterrupt() as interrupted:
+            record = fit(cfg, model, engine, optimizer, schedules, train_loader, test_loader,
+                         device, progress, logger, save, status, interrupted)
+        outcome = "completed"
+    except RunInterrupted:
+        outcome = "interrupted"
+        raise
     finally:
-        logger.finish()
+        logger.finish(outcome)
+    status.write("completed", epoch=progress.epoch, best_epoch=progress.best_epoch,
+                 best_test_acc1=progress.best_acc1)
     log.info(
-        f"final test accuracy {100 * record.get('test/acc1', float('nan')):.2f}% "
-        f"after {epochs} epochs; run dir {run_dir}"
+        f"final test accuracy {100 * record['test/acc1']:.2f}% after {epochs} epochs; best "
+        f"{100 * progress.best_acc1:.2f}% at epoch {progress.best_epoch}; run dir {run_dir}"
     )
     return record
 
 
-def evaluate_checkpoint(cfg: DictConfig, model, engine, device, run_dir: Path) -> dict:
+def fit(cfg, model, engine, optimizer, schedules, train_loader, test_loader, device, progress,
+        logger, save, status, interrupted) -> dict:
+    """The epoch loop: train, evaluate, record, step the schedules, checkpoint."""
+    epochs = int(cfg.dataset.epochs)
+    metrics_file = MetricsFile(status.path.parent)
+    flip_numel = optimizer.flip_numel()
+    record: dict = {}
+    for epoch in tqdm(range(progress.epoch + 1, epochs + 1), desc="epochs", disable=None):
+        reset_cuda_peak(device)
+        lr, gamma = optimizer.lr, optimizer.gamma  # the values this epoch trains with
+        start_epoch(train_loader, epoch, skip_batches=progress.tally.batches)
+        tally = engine.train_epoch(model, optimizer, train_loader, device,
+                                   tally=progress.tally, should_stop=interrupted)
+        if tally.interrupted:  # save mid-epoch: a resumed run continues at the next batch
+            tally.interrupted = False
+            save(progress)
+            raise RunInterrupted(f"{interrupted.signal} in epoch {epoch}")
+        test_m = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
+        progress.epoch, progress.tally = epoch, EpochTally()
+        improved = progress.update_best(epoch, test_m["acc1"])
+
+        record = epoch_record(epoch, tally, test_m, lr, gamma, model, optimizer, flip_numel, device)
+        record.update({"best/epoch": progress.best_epoch, "best/test_acc1": progress.best_acc1})
+        schedules.step(epoch)
+        save(progress, best=improved)
+        metrics_file.write(record)
+        logger.log(record, step=epoch)
+        status.write("running", epoch=epoch, best_epoch=progress.best_epoch,
+                     best_test_acc1=progress.best_acc1)
+        log.info(
+            f"epoch {epoch:3d}/{epochs} | train loss {record['train/loss']:.4f} "
+            f"acc {100 * record['train/acc1']:.2f}% | test loss {record['test/loss']:.4f} "
+            f"acc {100 * record['test/acc1']:.2f}% (best {100 * progress.best_acc1:.2f}% @ "
+            f"{progress.best_epoch}) | flips/weight {record.get('flip_rate/all', float('nan')):.4f} "
+            f"| {record['throughput/train_samples_per_s']:.0f} samples/s "
+            f"| peak RSS {record['memory/peak_rss_mb']:.0f} MB"
+        )
+        if interrupted():  # the signal came during evaluation: this epoch is saved
+            raise RunInterrupted(f"{interrupted.signal} after epoch {epoch}")
+    return record
+
+
+def epoch_record(epoch, tally, test_m, lr, gamma, model, optimizer, flip_numel, device) -> dict:
+    train_m = tally.metrics()
+    record = {
+        "epoch": epoch,
+        "train/loss": train_m["loss"],
+        "train/acc1": train_m["acc1"],
+        **{f"test/{k}": v for k, v in test_m.items()},
+        "lr": lr,
+        "memory/peak_rss_mb": peak_rss_bytes() / MB,
+        "memory/activation_peak_mb": tally.activation_peak_bytes / MB,
+        "throughput/train_samples_per_s": train_m["samples_per_s"],
+        "time/epoch_s": train_m["seconds"],
+    }
+    persistent = persistent_state_bytes(model, optimizer)
+    for role in PERSISTENT_ROLES:
+        record[f"memory/persistent/{role}_mb"] = persistent[role] / MB
+    if gamma is not None:
+        record["gamma"] = gamma
+    if len(flip_numel):  # sign flips per weight this epoch (binary or latent weights)
+        flips = tally.flips.double()
+        record["flip_rate/all"] = float(flips.sum() / flip_numel.sum())
+        for name, rate in zip(optimizer.binary_names, flips / flip_numel, strict=True):
+            record[f"flip_rate/{name}"] = float(rate)
+    if device.type == "cuda":
+        peak = cuda_peak_bytes(device)
+        record["memory/cuda_peak_allocated_mb"] = peak["allocated"] / MB
+        record["memory/cuda_peak_reserved_mb"] = peak["reserved"] / MB
+    return record
+
+
+def restore(checkpoint: dict, model, optimizer, schedules) -> Progress:
+    """Model, both optimizers' state, the schedules, the counters and every RNG of ``checkpoint``."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedules.load_state_dict(checkpoint["schedules"])
+    set_rng_state(checkpoint["rng"])
+    return Progress(
+        epoch=checkpoint["epoch"],
+        best_epoch=checkpoint["best_epoch"],
+        best_acc1=checkpoint["best_acc1"],
+        tally=checkpoint["tally"],
+    )
+
+
+def evaluate_checkpoint(cfg, model, engine, device, run_dir: Path, status, saved) -> dict:
     """``engine.eval_only=true checkpoint=...``: test-set metrics of a saved model, no training."""
     if not cfg.get("checkpoint"):
         raise ValueError(
-            "engine.eval_only=true needs checkpoint=<path to a checkpoint.pt or model_1bit.pt>"
+            "engine.eval_only=true needs checkpoint=<a run's best.pt, last.pt or *_1bit.pt>"
         )
-    load_checkpoint(model, cfg.checkpoint)
+    load_weights(model, cfg.checkpoint, saved, cfg)
     _, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
     write_run_info(run_dir, cfg, device, {"model_size": model_size(model).as_dict()})
     metrics = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
     record = {"checkpoint": str(cfg.checkpoint), **{f"test/{k}": v for k, v in metrics.items()}}
     MetricsFile(run_dir).write(record)
+    status.write("completed", evaluated=str(cfg.checkpoint))
     log.info(
         f"{cfg.checkpoint}: test loss {record['test/loss']:.4f} "
-        f"acc {100 * record['test/acc1']:.2f}% (T={engine.T}, {len(test_loader.dataset)} samples)"
+        f"acc {100 * record['test/acc1']:.2f}% (model {cfg.model.get('name')}, "
+        f"{cfg.model.weights} weights, T={engine.T}, {len(test_loader.dataset)} samples)"
     )
     return record

@@ -9,6 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
+from bso.models import VGG11
 from bso.optim import build_optimizer
 from conftest import CONFIG_DIR, ROOT, compose_config
 
@@ -100,7 +101,8 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "epoch   1/1" in out and "final test accuracy" in out
-    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "checkpoint.pt", "train.log"):
+    names = ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt", "best.pt", "status.json")
+    for name in (*names, "train.log"):
         assert (run_dir / name).is_file(), name
     assert "epoch   1/1" in (run_dir / "train.log").read_text()
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -120,3 +122,26 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     ):
         assert key in record, key
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+
+
+@pytest.mark.parametrize(
+    "dataset,model,in_channels,classes",
+    [("digits", "vgg_tiny", 1, 10), ("cifar10", "vgg11", 3, 10), ("cifar100", "vgg11", 3, 100),
+     ("dvs_cifar10", "vgg11", 2, 10), ("gsc", "vgg11", 1, 35), ("imagenet", "resnet18", 3, 1000)],
+)
+def test_a_dataset_brings_its_paper_model_unless_model_is_given(dataset, model, in_channels, classes):
+    cfg = compose_config(f"dataset={dataset}")
+    assert (cfg.model.name, cfg.model.in_channels, cfg.model.num_classes) == (model, in_channels, classes)
+    assert compose_config(f"dataset={dataset}", "model=resnet19").model.name == "resnet19"
+
+
+def test_headline_command_trains_the_released_recipe():
+    """`python train.py optimizer=tbso dataset=cifar10`: VGG-11, the release's trace, schedules and
+    initialisation (constant FP lr, gamma and 1-beta1 x0.1 every 50 epochs, beta2 not decayed)."""
+    cfg = compose_config("optimizer=tbso", "dataset=cifar10")
+    assert cfg.model.name == "vgg11" and cfg.model.layers == VGG11 and cfg.model.init == "release"
+    assert cfg.engine.trace == "ndot" and cfg.engine["update"] == "per_step"
+    assert cfg.engine.mse_weight == 0.05
+    assert cfg.optimizer.lr_schedule == "constant" and cfg.optimizer.other.lr == 0.1
+    assert dict(cfg.optimizer.hparam_decay) == {"every_epochs": 50, "factor": 0.1, "betas": ["beta1"]}
+    assert (cfg.optimizer.binary.gamma, cfg.optimizer.binary.threshold) == (5e-7, "code")

@@ -147,22 +147,3 @@ def test_data_dir_comes_from_the_environment(monkeypatch, tmp_path):
     cfg = compose_config("dataset=cifar10")
     assert cfg.dataset.root == str(tmp_path / "elsewhere")
     assert OmegaConf.select(cfg, "paths.data_dir") == str(tmp_path / "elsewhere")
-
-
-def test_training_loader_shards_under_torch_distributed(tmp_path):
-    import socket
-
-    import torch.distributed as dist
-    from torch.utils.data import DistributedSampler
-
-    with socket.socket() as s:  # a free loopback port for the one-process group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        root = write_cifar(tmp_path, "cifar10", per_file=2)
-        (train, test), _ = _loaders("cifar10", root, "dataset.batch_size=5")
-        assert isinstance(train.sampler, DistributedSampler)
-        assert len(list(train)) == 2
-    finally:
-        dist.destroy_process_group()

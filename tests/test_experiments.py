@@ -57,7 +57,7 @@ def test_experiment_runs_two_batches(experiment, tmp_path):
     assert record["epoch"] == 1 and 0.0 <= record["test/acc1"] <= 1.0
     if cfg.model.weights != "full":
         assert "flip_rate/all" in record
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     for name in ckpt["binary_weights"]:
         if cfg.model.weights == "binary":
             assert set(ckpt["model"][name].unique().tolist()) <= {-1.0, 1.0}

@@ -74,9 +74,8 @@ def test_online_activation_memory_does_not_grow_with_T_but_bptt_does():
         engine = OnlineEngine(T=T)
         engine.prepare(model)
         router = _StepCounter(model)
-        peaks[("online", T)] = engine.train_epoch(model, router, _loader(), torch.device("cpu"))[
-            "activation_peak_bytes"
-        ]
+        tally = engine.train_epoch(model, router, _loader(), torch.device("cpu"))
+        peaks[("online", T)] = tally.activation_peak_bytes
         # BPTT for contrast: one graph through all T steps
         configure_neurons(model, detach_state=False, trace_rule=None)
         reset_neurons(model)

@@ -137,14 +137,11 @@ def test_vgg11_export_is_about_1_2_mb_against_37_mb_float(tmp_path):
 
 def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
     final = train(compose_config("dataset.epochs=1", "engine.T=2", output_dir=tmp_path / "run"))
-    for name in ("model_1bit.pt", "checkpoint.pt"):
+    for name in ("last_1bit.pt", "last.pt"):  # T=2 comes from the checkpoint's own config
         cfg = compose_config(
-            "engine.eval_only=true",
-            "engine.T=2",
-            f"checkpoint={tmp_path / 'run' / name}",
-            output_dir=tmp_path / name,
+            "engine.eval_only=true", f"checkpoint={tmp_path / 'run' / name}", output_dir=tmp_path / name
         )
-        record = train(cfg)
+        record = train(cfg, overrides=[])
         assert record["test/acc1"] == final["test/acc1"]
     with pytest.raises(ValueError, match="checkpoint="):
         train(compose_config("engine.eval_only=true", output_dir=tmp_path / "none"))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bso.data.cifar import cifar_datasets
 from bso.data.digits import digits_datasets
@@ -65,7 +65,52 @@ DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
 }
 
 
-def build_dataloaders(cfg: DictConfig, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+class EpochSampler(Sampler[int]):
+    """The training order: a permutation that is a pure function of (seed, epoch), split into one
+    shard per rank (every rank gets the same number of samples; the last few indices repeat when
+    the dataset does not divide, as DistributedSampler does).
+
+    Two things make long runs exact and resumable: ``set_epoch`` (the order of epoch e never depends
+    on what ran before) and ``skip`` (a run interrupted after k batches of an epoch resumes at batch
+    k + 1 of the same order)."""
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle=True):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.shuffle = shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = -(-size // world_size)  # ceil
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order of ``epoch``, starting after its first ``skip`` samples (this rank's)."""
+        self.epoch, self.start = int(epoch), int(skip)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        total = self.per_rank * self.world_size
+        order = torch.cat([order, order[: total - self.size]])  # pad to a multiple of world_size
+        return iter(order[self.rank :: self.world_size][self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Before iterating ``loader`` in ``epoch``: its order, where to start, and the seed of its
+    worker processes (a function of the epoch, so a resumed run draws what the original drew)."""
+    loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    if loader.generator is not None:
+        loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)
+
+
+def build_dataloaders(
+    cfg: DictConfig, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> tuple[DataLoader, DataLoader]:
+    """The training loader (an :class:`EpochSampler`: call :func:`start_epoch` before each epoch)
+    and the test loader. With ``world_size > 1`` the training set is split into one shard per rank."""
     if cfg.name not in DATASETS:
         raise ValueError(
             f"unknown dataset.name {cfg.name!r}; available: {sorted(DATASETS)} "
@@ -78,16 +123,11 @@ def build_dataloaders(cfg: DictConfig, seed: int = 0) -> tuple[DataLoader, DataL
         pin_memory=cfg.get("pin_memory", False) and torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0 and cfg.get("persistent_workers", True),
     )
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = DistributedSampler(train_set, shuffle=True, seed=seed)  # one shard per rank
     train_loader = DataLoader(
         train_set,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=EpochSampler(len(train_set), seed, rank, world_size),
         drop_last=False,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         **loader_kwargs,
     )
     test_loader = DataLoader(test_set, shuffle=False, **loader_kwargs)

@@ -5,6 +5,7 @@ trained: when the graph is cut, when ``backward`` and ``step`` happen."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,32 +78,68 @@ class Engine:
         """Returns (summed output over T, summed loss, flips per binary weight)."""
         raise NotImplementedError
 
-    def train_epoch(self, model: nn.Module, optimizer, loader, device, desc: str = "train") -> dict:
+    def train_epoch(
+        self,
+        model: nn.Module,
+        optimizer,
+        loader,
+        device,
+        desc: str = "train",
+        tally: EpochTally | None = None,
+        should_stop=None,
+    ) -> EpochTally:
+        """One pass over ``loader``. ``tally`` carries the sums of an epoch that an interruption cut
+        short (a resumed run continues it); ``should_stop()`` is asked after every batch, and a True
+        answer ends the epoch early with ``tally.interrupted`` set (the batch in flight finishes)."""
         model.train()
+        tally = tally or EpochTally()
+        # running sums on the device (no sync per batch), continued from a cut-short epoch's
         flips = torch.zeros(len(optimizer.binary_names), dtype=torch.long, device=device)
-        total, correct, loss_sum, activation_peak = 0, 0, 0.0, 0
+        flips = flips if tally.flips is None else tally.flips.to(device)
+        correct = torch.as_tensor(tally.correct, device=device)
+        loss_sum = torch.as_tensor(tally.loss_sum, dtype=torch.float64, device=device)
         start = time.perf_counter()
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-        for i, (x, y) in enumerate(bar):
+        for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if i == 0:  # activation memory: peak bytes of saved tensors over the first batch
+            if tally.batches == 0:  # activation memory: peak bytes of saved tensors, first batch
                 with SavedTensorMeter() as meter:
                     summed, loss, batch_flips = self.train_batch(model, optimizer, x, y)
-                activation_peak = meter.peak_bytes
+                tally.activation_peak_bytes = meter.peak_bytes
             else:
                 summed, loss, batch_flips = self.train_batch(model, optimizer, x, y)
             flips += batch_flips.to(device)
-            loss_sum += loss * len(y)
-            correct += (summed.argmax(dim=-1) == y).sum()  # a tensor: no device sync per batch
-            total += len(y)
+            loss_sum += loss.double() * len(y)
+            correct += (summed.argmax(dim=-1) == y).sum()
+            tally.samples += len(y)
+            tally.batches += 1
+            if should_stop is not None and should_stop():
+                tally.interrupted = True
+                break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        tally.seconds += time.perf_counter() - start
+        tally.loss_sum, tally.correct, tally.flips = loss_sum.cpu(), correct.cpu(), flips.cpu()
+        return tally
+
+
+@dataclass
+class EpochTally:
+    """The running sums of one training epoch (a checkpoint taken mid-epoch saves them)."""
+
+    samples: int = 0
+    batches: int = 0
+    correct: torch.Tensor | int = 0
+    loss_sum: torch.Tensor | float = 0.0  # float64: the same sum whether or not an epoch was cut
+    seconds: float = 0.0
+    flips: torch.Tensor | None = None  # per binary weight
+    activation_peak_bytes: int = 0
+    interrupted: bool = False
+
+    def metrics(self) -> dict:
         return {
-            "loss": float(loss_sum) / max(total, 1),
-            "acc1": float(correct) / max(total, 1),
-            "samples_per_s": total / seconds,
-            "seconds": seconds,
-            "flips": flips.cpu(),
-            "activation_peak_bytes": activation_peak,
+            "loss": float(self.loss_sum) / max(self.samples, 1),
+            "acc1": int(self.correct) / max(self.samples, 1),
+            "samples_per_s": self.samples / max(self.seconds, 1e-9),
+            "seconds": self.seconds,
         }

@@ -7,18 +7,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bso.layers import SynapticConv2d
+from bso.layers import SynapticConv2d, SynapticLinear, binarize_
 from bso.models.agmm import AGMMGate
 from bso.neurons import LIFNode
 
 NORMS = ("bn", "none")
+INITS = ("release", "pytorch")
 
 
 @dataclass
 class ModelOptions:
     """The options every model takes (see configs/model/*.yaml)."""
 
+    name: str | None = None  # the config's name (vgg11, vgg_tiny, ...), for logs and reports
     weights: str = "binary"  # binary | latent | full, for the binary-able convs
+    init: str = "release"  # release: the released code's initialisation | pytorch: PyTorch's defaults
     neuron: dict = field(default_factory=dict)  # LIFNode kwargs
     norm: str = "bn"  # bn: BatchNorm after each conv | none (with weight standardisation)
     weight_standardization: bool = False
@@ -30,6 +33,8 @@ class ModelOptions:
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"unknown model.norm={self.norm!r}; choose one of {NORMS}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown model.init={self.init!r}; choose one of {INITS}")
         self.neuron = dict(self.neuron or {})
 
     def lif(self) -> LIFNode:
@@ -56,6 +61,32 @@ class ModelOptions:
         if self.agmm and binary:
             return AGMMGate(self.agmm_num_steps, self.agmm_statistic, self.agmm_learnable_alpha)
         return nn.Identity()
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, options: ModelOptions) -> nn.Module:
+    """``init="release"``, the released code's initialisation (spec section 3): every conv Kaiming
+    normal (fan_out, relu) with zero bias, binary ones then turned into their signs (+-1 from the
+    start, unlike the release, whose first forward pass still sees the real values); the linear layer
+    N(0, 0.01) with zero bias; BatchNorm weight 1, bias 0. ``init="pytorch"`` keeps PyTorch's
+    defaults (binary convs: sign of a Kaiming-normal draw)."""
+    if options.init == "pytorch":
+        return model
+    for module in model.modules():
+        if isinstance(module, SynapticConv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if module.is_binary:
+                binarize_(module.weight)
+        elif isinstance(module, SynapticLinear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
 
 
 def trace_of(neuron: LIFNode) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bso.layers import SynapticLinear
-from bso.models.parts import ModelOptions, SpikingConvBlock, trace_of
+from bso.models.parts import ModelOptions, SpikingConvBlock, initialize, trace_of
 
 
 class BiRealBlock(nn.Module):
@@ -73,6 +73,7 @@ class BiRealResNet18(nn.Module):
                 cin = width
         self.blocks = nn.Sequential(*blocks)
         self.classifier = SynapticLinear(cin, num_classes, weights="full")
+        initialize(self, opts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
@@ -124,6 +125,7 @@ class SpikingResNet19(nn.Module):
                 cin = width
         self.blocks = nn.ModuleList(layers)
         self.classifier = SynapticLinear(cin, num_classes, weights="full")
+        initialize(self, opts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, trace = self.stem(x)

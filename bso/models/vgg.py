@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bso.layers import SynapticLinear
-from bso.models.parts import ModelOptions, SpikingConvBlock
+from bso.models.parts import ModelOptions, SpikingConvBlock, initialize
 
 VGG11 = "64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3"
 
@@ -72,6 +72,7 @@ class SpikingVGG(nn.Module):
                 blocks[-1].pool = nn.AvgPool2d(kernel) if kind == "AP" else nn.MaxPool2d(kernel)
         self.blocks = nn.ModuleList(blocks)
         self.classifier = SynapticLinear(channels, num_classes, weights="full")
+        initialize(self, opts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trace = None

@@ -60,11 +60,19 @@ class BinaryOptimizer(Optimizer):
         weight.mul_(1 - 2 * flip.to(weight.dtype))
         return flip.sum()
 
-    def decay_hyperparameters(self, factor: float) -> None:
-        """The released code's schedule: gamma <- factor * gamma, (1 - beta) <- factor * (1 - beta)."""
+    def decay_hyperparameters(self, factor: float, betas: Iterable[str] | None = None) -> None:
+        """The released code's schedule: gamma <- factor * gamma and, for each beta in ``betas``
+        (default: all), (1 - beta) <- factor * (1 - beta)."""
+        betas = self.beta_keys if betas is None else tuple(betas)
+        unknown = set(betas) - set(self.beta_keys)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no {sorted(unknown)} to decay; its betas are "
+                f"{list(self.beta_keys)} (optimizer.hparam_decay.betas)"
+            )
         for group in self.param_groups:
             group["gamma"] *= factor
-            for key in self.beta_keys:
+            for key in betas:
                 group[key] = 1.0 - (1.0 - group[key]) * factor
 
     def _counts(self, counts: dict[int, torch.Tensor]) -> torch.Tensor:
