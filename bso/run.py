@@ -16,6 +16,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bso.distributed import run_dir_for_rank
+
+# torchrun: Hydra's run directory of ranks > 0 goes to the temp dir (configs/hydra/default.yaml)
+if not OmegaConf.has_resolver("bso_rank_dir"):
+    OmegaConf.register_new_resolver("bso_rank_dir", run_dir_for_rank)
+
 PACKAGES = (
     "bso",
     "torch",

@@ -17,6 +17,7 @@ from bso.data.digits import digits_datasets
 from bso.data.dvs import dvs_cifar10_datasets
 from bso.data.imagenet import imagenet_datasets
 from bso.data.speech import speech_commands_datasets
+from bso.distributed import ShardSampler
 
 
 def _digits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
@@ -65,7 +66,14 @@ DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
 }
 
 
-def build_dataloaders(cfg: DictConfig, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def build_dataloaders(
+    cfg: DictConfig, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> tuple[DataLoader, DataLoader]:
+    """Train and test loaders. With ``world_size > 1`` (torchrun) each rank loads its shard: the
+    training set through a ``DistributedSampler`` (one shuffle of the whole set per epoch, the same on
+    every rank -- call ``bso.distributed.set_epoch`` -- padded with repeats so that every rank runs
+    the same number of batches), the test set through a ``ShardSampler`` (every sample exactly once
+    over the ranks). Augmentation randomness (the loader's generator) is offset by the rank."""
     if cfg.name not in DATASETS:
         raise ValueError(
             f"unknown dataset.name {cfg.name!r}; available: {sorted(DATASETS)} "
@@ -75,20 +83,24 @@ def build_dataloaders(cfg: DictConfig, seed: int = 0) -> tuple[DataLoader, DataL
     loader_kwargs = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
+        # pinned host memory only speeds up copies to a GPU; on a CPU-only machine it is off
         pin_memory=cfg.get("pin_memory", False) and torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0 and cfg.get("persistent_workers", True),
     )
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = DistributedSampler(train_set, shuffle=True, seed=seed)  # one shard per rank
+    generator = torch.Generator().manual_seed(seed + rank)
+    train_sampler = test_sampler = None
+    if world_size > 1:  # one shard per rank
+        train_sampler = DistributedSampler(
+            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        test_sampler = ShardSampler(len(test_set), rank, world_size)
     train_loader = DataLoader(
         train_set,
-        shuffle=sampler is None,
-        sampler=sampler,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
         drop_last=False,
         generator=generator,
         **loader_kwargs,
     )
-    test_loader = DataLoader(test_set, shuffle=False, **loader_kwargs)
+    test_loader = DataLoader(test_set, shuffle=False, sampler=test_sampler, **loader_kwargs)
     return train_loader, test_loader

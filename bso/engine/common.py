@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bso.distributed import all_reduce_max, all_reduce_sum, is_main
 from bso.metrics.memory import SavedTensorMeter
 from bso.neurons import reset_neurons
 
@@ -42,7 +43,7 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
     """Prediction = argmax of the sum over time steps of the output layer (spec section 1).
     Reports the loss (summed over steps, as in training), top-1, and top-5 when classes > 10."""
     model.eval()
-    total, loss_sum, correct = 0, 0.0, {1: 0, 5: 0}
+    total, loss_sum, correct, classes = 0, 0.0, {1: 0, 5: 0}, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         reset_neurons(model)
@@ -54,9 +55,15 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
         for k, c in topk_correct(summed, y).items():
             correct[k] += c
         total += len(y)
-    metrics = {"loss": float(loss_sum) / total, "acc1": correct[1] / total}
-    if summed.shape[-1] > 10:
-        metrics["acc5"] = correct[5] / total
+        classes = summed.shape[-1]
+    # torchrun: each rank evaluated its shard; sum over ranks (no-op in one process)
+    loss_sum, correct1, correct5, total = all_reduce_sum(
+        torch.tensor([float(loss_sum), correct[1], correct[5], total], dtype=torch.float64)
+    ).tolist()
+    classes = int(all_reduce_max(torch.tensor(classes)))
+    metrics = {"loss": loss_sum / total, "acc1": correct1 / total}
+    if classes > 10:
+        metrics["acc5"] = correct5 / total
     return metrics
 
 
@@ -82,7 +89,9 @@ class Engine:
         flips = torch.zeros(len(optimizer.binary_names), dtype=torch.long, device=device)
         total, correct, loss_sum, activation_peak = 0, 0, 0.0, 0
         start = time.perf_counter()
-        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(
+            loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True
+        )
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i == 0:  # activation memory: peak bytes of saved tensors over the first batch
@@ -98,11 +107,23 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        # torchrun: sums over ranks; flips are the same on every rank (max = that count); time and
+        # memory are the slowest / largest rank's. All no-ops in one process.
+        rank_counts = {"samples": total, "correct": int(correct)}
+        loss_sum, correct, total = all_reduce_sum(
+            torch.tensor([float(loss_sum), float(correct), total], dtype=torch.float64)
+        ).tolist()
+        seconds, activation_peak = all_reduce_max(
+            torch.tensor([seconds, activation_peak], dtype=torch.float64)
+        ).tolist()
         return {
-            "loss": float(loss_sum) / max(total, 1),
-            "acc1": float(correct) / max(total, 1),
+            "loss": loss_sum / max(total, 1),
+            "acc1": correct / max(total, 1),
             "samples_per_s": total / seconds,
             "seconds": seconds,
-            "flips": flips.cpu(),
-            "activation_peak_bytes": activation_peak,
+            "flips": all_reduce_max(flips).cpu(),
+            "activation_peak_bytes": int(activation_peak),
+            "samples": int(total),
+            "correct": int(correct),
+            "rank": rank_counts,  # what this rank alone saw
         }
