@@ -91,3 +91,24 @@ def test_impossible_or_unknown_switches_are_refused():
         fastpath.check(OmegaConf.create({"channels_first": True}), CPU)
     with pytest.raises(Exception, match="channels_first"):  # and Hydra refuses it on the CLI
         compose_config("fast.channels_first=true")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_bench_gpu_refuses_without_cuda_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench/gpu.py", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "needs a GPU" in proc.stderr
+    assert not list(tmp_path.iterdir())
