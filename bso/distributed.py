@@ -92,6 +92,21 @@ def torchrun_env() -> dict[str, int] | None:
     }
 
 
+def export_slurm_env() -> bool:
+    """Inside a submitit Slurm job with several tasks (``hydra/launcher=slurm
+    hydra.launcher.gpus_per_node=N``: one task per GPU), set torchrun's variables from Slurm's
+    (submitit's ``TorchDistributedEnvironment``: rank, world size, local rank, master address and
+    port). Returns whether it did; torchrun's own variables always win."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS", 1)) < 2:
+        return False
+    if any(key in os.environ for key in TORCHRUN_ENV):
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU. ``cuda`` under torchrun means
     ``cuda:<LOCAL_RANK>``."""
@@ -112,6 +127,7 @@ def setup(device: str = "auto", backend: str = "auto", timeout_min: float = 30) 
     """Initialise the process group once when launched by torchrun; return this rank's state."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown distributed.backend={backend!r}; choose one of {BACKENDS}")
+    export_slurm_env()  # a multi-task Slurm job (hydra/launcher=slurm) looks like torchrun from here
     env = torchrun_env()
     if env is None or env["world_size"] == 1:
         if backend != "auto":

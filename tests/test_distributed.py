@@ -222,3 +222,44 @@ def test_rank_dir_resolver_keeps_rank0_and_redirects_other_ranks(monkeypatch, tm
     monkeypatch.setenv("LOCAL_RANK", "1")
     redirected = distributed.run_dir_for_rank("outputs/runs/x")
     assert redirected.startswith(str(tmp_path)) and "rank1" in redirected
+
+
+def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
+    """hydra/launcher=slurm with gpus_per_node=2: each Slurm task becomes a DDP rank."""
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    assert not distributed.export_slurm_env()  # not a submitit job
+    slurm = dict(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NODEID="0",
+        SLURM_PROCID="1",
+        SLURM_LOCALID="1",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+    )
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    # monkeypatch restores these after the test (export writes them into os.environ)
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_WORLD_SIZE",
+    ):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    assert distributed.export_slurm_env()
+    assert distributed.torchrun_env() == {"rank": 1, "local_rank": 1, "world_size": 2}
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+    assert not distributed.export_slurm_env()  # torchrun's variables, once set, win

@@ -29,6 +29,7 @@ def test_slurm_launcher_composes_with_partition_gpus_time_and_requeue():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 4, 2880)
+    assert launcher.tasks_per_node == 4  # one training process per GPU, joined by bso.distributed
     assert launcher.max_num_timeout > 0  # requeued on preemption / time limit
     assert cfg.engine.T == 12 and cfg.dataset.name == "cifar100"
     with pytest.raises(Exception, match="gpus"):  # a misspelt launcher key is refused
