@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench-data bench
+.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench-data bench bench-gpu
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-models: install  ## forward+backward ms per time step and size of every mo
 
 bench-data: install  ## data-loading samples/s (CIFAR-10, DVS-CIFAR10 synthetic files) -> benchmarks/results/data_loading.*
 	$(PYTHON) scripts/bench/data_loading.py $(ARGS)
+
+bench-gpu: install  ## CUDA only: samples/s, ms per step, peak CUDA memory, loader samples/s -> benchmarks/results/gpu.*
+	$(PYTHON) scripts/bench/gpu.py $(ARGS)
 
 bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)
 

@@ -39,6 +39,9 @@ class _TracedConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         trace, weight = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conv
+        # under bf16 autocast (fast.autocast) the forward ran in bf16: G[t] and the input gradient are
+        # computed in the weight's float32 (a no-op without autocast)
+        grad_out, trace = grad_out.to(weight.dtype), trace.to(weight.dtype)
         grad_spikes = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_spikes = conv2d_input(shape, weight, grad_out, stride, padding, dilation, groups)
@@ -60,6 +63,7 @@ class _TracedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         trace, weight = ctx.saved_tensors
+        grad_out, trace = grad_out.to(weight.dtype), trace.to(weight.dtype)  # float32 (autocast)
         grad_spikes = grad_out @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_out.t() @ trace if ctx.needs_input_grad[2] else None
         return grad_spikes, None, grad_weight

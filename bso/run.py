@@ -25,6 +25,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bso.distributed import run_dir_for_rank
+
+# torchrun: Hydra's run directory of ranks > 0 goes to the temp dir (configs/hydra/default.yaml)
+if not OmegaConf.has_resolver("bso_rank_dir"):
+    OmegaConf.register_new_resolver("bso_rank_dir", run_dir_for_rank)
+
 PACKAGES = (
     "bso",
     "torch",
@@ -78,12 +84,16 @@ def write_run_info(run_dir: Path, cfg: DictConfig, device: torch.device, extra: 
 
 
 class MetricsFile:
-    """Appends one JSON line per record to ``<run_dir>/metrics.jsonl``."""
+    """Appends one JSON line per record to ``<run_dir>/metrics.jsonl`` (``enabled=False``: on ranks
+    other than 0 under torchrun, writes nothing)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -103,18 +113,26 @@ CHECKPOINT_NAMES = ("last.pt", "best.pt", "checkpoint.pt")  # checkpoint.pt: wri
 
 
 class RunStatus:
-    """``<run_dir>/status.json``: what became of the run, rewritten atomically at every change."""
+    """``<run_dir>/status.json``: what became of the run, rewritten atomically at every change
+    (``enabled=False``: on ranks other than 0 under torchrun, only remembered, never written)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / "status.json"
+        self.enabled = enabled
+        self._record: dict = {}
 
     def read(self) -> dict:
+        if not self.enabled:
+            return dict(self._record)
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def write(self, status: str, **fields) -> dict:
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}; one of {STATUSES}")
         record = {**self.read(), **fields, "status": status, "updated": _now()}
+        self._record = record
+        if not self.enabled:
+            return record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(".status.json.tmp")
         tmp.write_text(json.dumps(record, indent=2))

@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
+from bso import distributed, fastpath
 from bso.checkpoint import TRAIN_FORMAT, export_1bit, load_checkpoint, read_checkpoint, save_atomic
 from bso.data import build_dataloaders, start_epoch
 from bso.engine import EpochTally, evaluate
+from bso.loggers import NullLogger
 from bso.metrics.memory import (
     PERSISTENT_ROLES,
     cuda_peak_bytes,
@@ -45,15 +47,6 @@ RESUME_MAY_CHANGE = ("resume", "device", "dataset.epochs", "dataset.num_workers"
 
 class RunInterrupted(Exception):
     """SIGINT / SIGTERM arrived; the run saved its checkpoint and can be resumed."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -139,14 +132,16 @@ class Progress:
 
 class GracefulInterrupt:
     """SIGINT / SIGTERM (Ctrl-C, Slurm preemption) ask the run to stop after the batch in flight; a
-    second SIGINT stops at once."""
+    second SIGINT stops at once. Under torchrun every rank gets the signal, maybe not during the same
+    batch: the ranks agree (an all-reduce of the flag after each batch) so they stop together."""
 
     def __init__(self):
         self.signal: str | None = None
         self._previous: dict = {}
 
     def __call__(self) -> bool:
-        return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None))
+        return bool(distributed.all_reduce_max(flag))  # the flag itself in one process
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -250,24 +245,35 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     last epoch's metrics record. ``overrides`` are the command line's (read from Hydra if None).
 
     The run directory's ``status.json`` says what became of the run: ``running`` while it trains,
-    then ``completed``, ``failed`` (with the error) or ``interrupted`` (resume it with ``resume=``)."""
+    then ``completed``, ``failed`` (with the error) or ``interrupted`` (resume it with ``resume=``).
+    Under torchrun every rank runs this; rank 0 alone writes the run directory, checkpoints and wandb
+    (:mod:`bso.distributed`; in one process all of that is a no-op)."""
     overrides = command_line_overrides() if overrides is None else list(overrides)
     cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
-    status = RunStatus(run_dir)
+    dist = distributed.setup(
+        cfg.device, backend=cfg.distributed.backend, timeout_min=cfg.distributed.timeout_min
+    )
+    run_dir = distributed.agree_on_run_dir(dist, run_dir)
+    status = RunStatus(run_dir, enabled=dist.is_main)
     try:
-        return _train(cfg, overrides, run_dir, status, checkpoint)
+        record = _train(cfg, overrides, run_dir, status, checkpoint, dist)
     except (RunInterrupted, KeyboardInterrupt) as err:
-        record = status.write("interrupted", error=str(err) or "KeyboardInterrupt")
-        has_checkpoint = (run_dir / "last.pt").is_file()
-        log.error(
-            f"interrupted after epoch {record.get('epoch', 0)}; "
-            + (f"resume with: python train.py resume={run_dir}" if has_checkpoint else
-               "no checkpoint was written (the first epoch had not finished)")
-        )
+        state = status.write("interrupted", error=str(err) or "KeyboardInterrupt")
+        if dist.is_main:
+            log.error(
+                f"interrupted after epoch {state.get('epoch', 0)}; "
+                + (f"resume with: python train.py resume={run_dir}"
+                   if (run_dir / "last.pt").is_file()
+                   else "no checkpoint was written (the first epoch had not finished)")
+            )
+        distributed.cleanup(dist, barrier=False)
         raise
-    except Exception as err:
+    except BaseException as err:
         status.write("failed", error=f"{type(err).__name__}: {err}")
+        distributed.cleanup(dist, barrier=False)
         raise
+    distributed.cleanup(dist)
+    return record
 
 
 def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, dict | None]:
@@ -294,10 +300,62 @@ def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
     return cfg, path.parent, checkpoint
 
 
-def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | None) -> dict:
+@dataclass
+class Run:
+    """What the epoch loop works with. ``model`` is the bare network (checkpoints, evaluation, size);
+    ``train_model`` is what the engine trains: the same parameters, behind the fast path's wrappers
+    and DistributedDataParallel under torchrun."""
+
+    cfg: DictConfig
+    dist: distributed.DistState
+    run_dir: Path
+    status: RunStatus
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    engine: object
+    optimizer: object
+    schedules: Schedules
+    train_loader: object
+    test_loader: object
+    logger: object
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def save(self, progress: Progress, best: bool = False) -> None:
+        """``last.pt`` (+ ``best.pt``) and their 1-bit exports, written atomically by rank 0; what
+        differs between ranks (RNG states, a cut-short epoch's sums) is gathered from every rank."""
+        if not self.cfg.save_checkpoint:
+            return
+        per_rank = distributed.all_gather_object({"tally": progress.tally, "rng": rng_state()})
+        if not self.dist.is_main:
+            return
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        blob = {
+            "format": TRAIN_FORMAT,
+            "epoch": progress.epoch,
+            "best_epoch": progress.best_epoch,
+            "best_acc1": progress.best_acc1,
+            "tally": [r["tally"] for r in per_rank],  # one per rank
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedules": self.schedules.state_dict(),
+            "rng": [r["rng"] for r in per_rank],
+            "binary_weights": self.optimizer.binary_names,
+            "config": config,
+            "wandb_id": self.logger.run_id,
+        }
+        for name in ["last"] + (["best"] if best else []):
+            save_atomic(blob, self.run_dir / f"{name}.pt")
+            export_1bit(self.model, self.run_dir / f"{name}_1bit.pt", config=config,
+                        model_config=config["model"], epoch=progress.epoch)
+
+
+def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist) -> dict:
     status.write("running", epochs=int(cfg.dataset.epochs), error=None)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = dist.device
 
     weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
     saved = None
@@ -309,28 +367,40 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
     # Build everything that can reject the config before any data is read.
     model, engine = build_model(cfg, device)
     if engine.eval_only:
-        return evaluate_checkpoint(cfg, model, engine, device, run_dir, status, saved)
+        return evaluate_checkpoint(cfg, model, engine, dist, run_dir, status, saved)
     epochs = int(cfg.dataset.epochs)
     if epochs < 1:
         raise ValueError(f"dataset.epochs must be >= 1 to train, got {epochs} "
                          "(engine.eval_only=true checkpoint=... evaluates without training)")
     if weights_from and checkpoint is None:  # e.g. ImageNet fine-tuning at T=4 from T=1
         load_weights(model, weights_from, saved, cfg)
+    # fast path (channels_last, cudnn.benchmark, compile, autocast), then DDP under torchrun
+    train_model = distributed.wrap_model(
+        fastpath.apply(model, cfg.fast, device), dist, cfg.distributed.sync_batchnorm
+    )
+    if dist.enabled:  # the same init on every rank above; augmentation differs per rank
+        seed_everything(cfg.seed + dist.rank)
     optimizer = build_optimizer(model, cfg.optimizer)
     schedules = Schedules(optimizer, cfg.optimizer, epochs)
-    train_loader, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
+    train_loader, test_loader = build_dataloaders(
+        cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+    )
 
     progress = Progress()
     if checkpoint is not None:
-        progress = restore(checkpoint, model, optimizer, schedules)
-        MetricsFile(run_dir).truncate_after(progress.epoch)
+        progress = restore(checkpoint, model, optimizer, schedules, dist)
+        if dist.is_main:
+            MetricsFile(run_dir).truncate_after(progress.epoch)
         log.info(f"resuming {run_dir} after epoch {progress.epoch}"
                  + (f" and {progress.tally.batches} batches" if progress.tally.batches else ""))
 
     size = model_size(model)
     run_config = {**OmegaConf.to_container(cfg, resolve=True), "model_size": size.as_dict()}
-    write_run_info(run_dir, cfg, device, {"model_size": size.as_dict(), "model": cfg.model.get("name")})
-    make_logger = instantiate(cfg.logger, _partial_=True)
+    if dist.is_main:
+        write_run_info(run_dir, cfg, device,
+                       {"model_size": size.as_dict(), "model": cfg.model.get("name"),
+                        "world_size": dist.world_size})
+    make_logger = instantiate(cfg.logger, _partial_=True) if dist.is_main else NullLogger
     logger = make_logger(run_dir=run_dir, run_config=run_config,
                          run_id=checkpoint.get("wandb_id") if checkpoint else None)
     status.write("running", epoch=progress.epoch, wandb_id=logger.run_id)
@@ -338,38 +408,16 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
         f"{cfg.model.get('name')} ({type(model).__name__}, {cfg.model.weights} weights): {size}\n"
         f"{cfg.optimizer.name} | {type(engine).__name__} T={engine.T} | {cfg.dataset.name}: "
         f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test | {device} | "
-        f"run dir {run_dir}"
+        f"run dir {run_dir}" + (f" | {dist.world_size} processes" if dist.enabled else "")
     )
-
-    def save(progress: Progress, best: bool = False) -> None:
-        if not cfg.save_checkpoint:
-            return
-        blob = {
-            "format": TRAIN_FORMAT,
-            "epoch": progress.epoch,
-            "best_epoch": progress.best_epoch,
-            "best_acc1": progress.best_acc1,
-            "tally": progress.tally,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedules": schedules.state_dict(),
-            "rng": rng_state(),
-            "binary_weights": optimizer.binary_names,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "wandb_id": logger.run_id,
-        }
-        names = ["last"] + (["best"] if best else [])
-        for name in names:
-            save_atomic(blob, run_dir / f"{name}.pt")
-            export_1bit(model, run_dir / f"{name}_1bit.pt", config=blob["config"],
-                        model_config=run_config["model"], epoch=progress.epoch)
+    run = Run(cfg, dist, run_dir, status, model, train_model, engine, optimizer, schedules,
+              train_loader, test_loader, logger)
 
     record: dict = {}
     outcome = "failed"
     try:
         with GracefulInterrupt() as interrupted:
-            record = fit(cfg, model, engine, optimizer, schedules, train_loader, test_loader,
-                         device, progress, logger, save, status, interrupted)
+            record = fit(run, progress, interrupted)
         outcome = "completed"
     except RunInterrupted:
         outcome = "interrupted"
@@ -385,35 +433,35 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
     return record
 
 
-def fit(cfg, model, engine, optimizer, schedules, train_loader, test_loader, device, progress,
-        logger, save, status, interrupted) -> dict:
+def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
     """The epoch loop: train, evaluate, record, step the schedules, checkpoint."""
-    epochs = int(cfg.dataset.epochs)
-    metrics_file = MetricsFile(status.path.parent)
-    flip_numel = optimizer.flip_numel()
+    epochs = int(run.cfg.dataset.epochs)
+    metrics_file = MetricsFile(run.run_dir, enabled=run.dist.is_main)
     record: dict = {}
-    for epoch in tqdm(range(progress.epoch + 1, epochs + 1), desc="epochs", disable=None):
-        reset_cuda_peak(device)
-        lr, gamma = optimizer.lr, optimizer.gamma  # the values this epoch trains with
-        start_epoch(train_loader, epoch, skip_batches=progress.tally.batches)
-        tally = engine.train_epoch(model, optimizer, train_loader, device,
-                                   tally=progress.tally, should_stop=interrupted)
+    epochs_left = range(progress.epoch + 1, epochs + 1)
+    for epoch in tqdm(epochs_left, desc="epochs", disable=None if run.dist.is_main else True):
+        reset_cuda_peak(run.device)
+        lr, gamma = run.optimizer.lr, run.optimizer.gamma  # the values this epoch trains with
+        start_epoch(run.train_loader, epoch, skip_batches=progress.tally.batches)
+        tally = run.engine.train_epoch(run.train_model, run.optimizer, run.train_loader, run.device,
+                                       tally=progress.tally, should_stop=interrupted)
         if tally.interrupted:  # save mid-epoch: a resumed run continues at the next batch
             tally.interrupted = False
-            save(progress)
-            raise RunInterrupted(f"{interrupted.signal} in epoch {epoch}")
-        test_m = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
+            run.save(progress)
+            raise RunInterrupted(f"{interrupted.signal or 'a signal to another rank'} in epoch {epoch}")
+        distributed.average_buffers(run.model)  # torchrun: BN running statistics, mean over ranks
+        test_m = evaluate(run.model, run.test_loader, run.engine.T, run.device, run.engine.mse_weight)
         progress.epoch, progress.tally = epoch, EpochTally()
         improved = progress.update_best(epoch, test_m["acc1"])
 
-        record = epoch_record(epoch, tally, test_m, lr, gamma, model, optimizer, flip_numel, device)
+        record = epoch_record(run, epoch, tally, test_m, lr, gamma)
         record.update({"best/epoch": progress.best_epoch, "best/test_acc1": progress.best_acc1})
-        schedules.step(epoch)
-        save(progress, best=improved)
+        run.schedules.step(epoch)
+        run.save(progress, best=improved)
         metrics_file.write(record)
-        logger.log(record, step=epoch)
-        status.write("running", epoch=epoch, best_epoch=progress.best_epoch,
-                     best_test_acc1=progress.best_acc1)
+        run.logger.log(record, step=epoch)
+        run.status.write("running", epoch=epoch, best_epoch=progress.best_epoch,
+                         best_test_acc1=progress.best_acc1)
         log.info(
             f"epoch {epoch:3d}/{epochs} | train loss {record['train/loss']:.4f} "
             f"acc {100 * record['train/acc1']:.2f}% | test loss {record['test/loss']:.4f} "
@@ -423,11 +471,12 @@ def fit(cfg, model, engine, optimizer, schedules, train_loader, test_loader, dev
             f"| peak RSS {record['memory/peak_rss_mb']:.0f} MB"
         )
         if interrupted():  # the signal came during evaluation: this epoch is saved
-            raise RunInterrupted(f"{interrupted.signal} after epoch {epoch}")
+            raise RunInterrupted(f"{interrupted.signal or 'a signal to another rank'} after epoch {epoch}")
     return record
 
 
-def epoch_record(epoch, tally, test_m, lr, gamma, model, optimizer, flip_numel, device) -> dict:
+def epoch_record(run: Run, epoch: int, tally: EpochTally, test_m: dict, lr, gamma) -> dict:
+    """One line of metrics.jsonl; under torchrun the training numbers are reduced over ranks."""
     train_m = tally.metrics()
     record = {
         "epoch": epoch,
@@ -435,54 +484,69 @@ def epoch_record(epoch, tally, test_m, lr, gamma, model, optimizer, flip_numel, 
         "train/acc1": train_m["acc1"],
         **{f"test/{k}": v for k, v in test_m.items()},
         "lr": lr,
-        "memory/peak_rss_mb": peak_rss_bytes() / MB,
-        "memory/activation_peak_mb": tally.activation_peak_bytes / MB,
+        "memory/peak_rss_mb": distributed.max_over_ranks(peak_rss_bytes()) / MB,
+        "memory/activation_peak_mb": train_m["activation_peak_bytes"] / MB,
         "throughput/train_samples_per_s": train_m["samples_per_s"],
         "time/epoch_s": train_m["seconds"],
     }
-    persistent = persistent_state_bytes(model, optimizer)
+    persistent = persistent_state_bytes(run.model, run.optimizer)
     for role in PERSISTENT_ROLES:
         record[f"memory/persistent/{role}_mb"] = persistent[role] / MB
     if gamma is not None:
         record["gamma"] = gamma
+    flip_numel = run.optimizer.flip_numel()
     if len(flip_numel):  # sign flips per weight this epoch (binary or latent weights)
-        flips = tally.flips.double()
+        flips = train_m["flips"].double()
         record["flip_rate/all"] = float(flips.sum() / flip_numel.sum())
-        for name, rate in zip(optimizer.binary_names, flips / flip_numel, strict=True):
+        for name, rate in zip(run.optimizer.binary_names, flips / flip_numel, strict=True):
             record[f"flip_rate/{name}"] = float(rate)
-    if device.type == "cuda":
-        peak = cuda_peak_bytes(device)
+    if run.device.type == "cuda":
+        peak = {k: distributed.max_over_ranks(v) for k, v in cuda_peak_bytes(run.device).items()}
         record["memory/cuda_peak_allocated_mb"] = peak["allocated"] / MB
         record["memory/cuda_peak_reserved_mb"] = peak["reserved"] / MB
     return record
 
 
-def restore(checkpoint: dict, model, optimizer, schedules) -> Progress:
-    """Model, both optimizers' state, the schedules, the counters and every RNG of ``checkpoint``."""
+def restore(checkpoint: dict, model, optimizer, schedules, dist) -> Progress:
+    """Model, both optimizers' state, the schedules, the counters and every RNG of ``checkpoint``
+    (this rank's RNG states and cut-short epoch sums under torchrun)."""
+    saved_ranks = len(checkpoint["rng"])
+    mid_epoch = any(tally.batches for tally in checkpoint["tally"])
+    if saved_ranks != dist.world_size and mid_epoch:
+        raise ValueError(
+            f"the checkpoint was written by {saved_ranks} process(es) in the middle of an epoch and "
+            f"this run has {dist.world_size}; resume it with torchrun --nproc_per_node={saved_ranks} "
+            "(the epoch's data shards belong to the ranks)"
+        )
+    rank = min(dist.rank, saved_ranks - 1)  # another world size: exact data order, other RNG draws
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedules.load_state_dict(checkpoint["schedules"])
-    set_rng_state(checkpoint["rng"])
+    set_rng_state(checkpoint["rng"][rank])
     return Progress(
         epoch=checkpoint["epoch"],
         best_epoch=checkpoint["best_epoch"],
         best_acc1=checkpoint["best_acc1"],
-        tally=checkpoint["tally"],
+        tally=checkpoint["tally"][rank] if mid_epoch else EpochTally(),
     )
 
 
-def evaluate_checkpoint(cfg, model, engine, device, run_dir: Path, status, saved) -> dict:
-    """``engine.eval_only=true checkpoint=...``: test-set metrics of a saved model, no training."""
+def evaluate_checkpoint(cfg, model, engine, dist, run_dir: Path, status, saved) -> dict:
+    """``engine.eval_only=true checkpoint=...``: test-set metrics of a saved model, no training
+    (under torchrun each rank evaluates a shard; rank 0 writes)."""
     if not cfg.get("checkpoint"):
         raise ValueError(
             "engine.eval_only=true needs checkpoint=<a run's best.pt, last.pt or *_1bit.pt>"
         )
     load_weights(model, cfg.checkpoint, saved, cfg)
-    _, test_loader = build_dataloaders(cfg.dataset, seed=cfg.seed)
-    write_run_info(run_dir, cfg, device, {"model_size": model_size(model).as_dict()})
-    metrics = evaluate(model, test_loader, engine.T, device, engine.mse_weight)
+    _, test_loader = build_dataloaders(
+        cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+    )
+    if dist.is_main:
+        write_run_info(run_dir, cfg, dist.device, {"model_size": model_size(model).as_dict()})
+    metrics = evaluate(model, test_loader, engine.T, dist.device, engine.mse_weight)
     record = {"checkpoint": str(cfg.checkpoint), **{f"test/{k}": v for k, v in metrics.items()}}
-    MetricsFile(run_dir).write(record)
+    MetricsFile(run_dir, enabled=dist.is_main).write(record)
     status.write("completed", evaluated=str(cfg.checkpoint))
     log.info(
         f"{cfg.checkpoint}: test loss {record['test/loss']:.4f} "

@@ -90,7 +90,7 @@ def test_interrupt_mid_epoch_resumes_at_the_next_batch(straight_run, tmp_path, m
     with pytest.raises(RunInterrupted, match="in epoch 2"):
         train(compose_config("dataset.epochs=4", *FAST, output_dir=run_dir), overrides=[])
     saved = _state(run_dir)
-    assert saved["epoch"] == 1 and saved["tally"].batches == 5
+    assert saved["epoch"] == 1 and saved["tally"][0].batches == 5
     monkeypatch.undo()
     train(compose_config(f"resume={run_dir}", output_dir=tmp_path / "x"), overrides=[])
     _assert_same_training(run_dir, straight_run)

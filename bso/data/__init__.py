@@ -17,6 +17,7 @@ from bso.data.digits import digits_datasets
 from bso.data.dvs import dvs_cifar10_datasets
 from bso.data.imagenet import imagenet_datasets
 from bso.data.speech import speech_commands_datasets
+from bso.distributed import ShardSampler
 
 
 def _digits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
@@ -103,14 +104,17 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     worker processes (a function of the epoch, so a resumed run draws what the original drew)."""
     loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
     if loader.generator is not None:
-        loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)
+        sampler = loader.sampler  # augmentation randomness differs per rank
+        loader.generator.manual_seed((sampler.seed * 100_003 + epoch) * 1_009 + sampler.rank)
 
 
 def build_dataloaders(
     cfg: DictConfig, seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> tuple[DataLoader, DataLoader]:
     """The training loader (an :class:`EpochSampler`: call :func:`start_epoch` before each epoch)
-    and the test loader. With ``world_size > 1`` the training set is split into one shard per rank."""
+    and the test loader. With ``world_size > 1`` (torchrun) each rank loads its shard: the training set
+    padded with repeats so that every rank runs the same number of batches, the test set through a
+    ``ShardSampler`` (every sample exactly once over the ranks)."""
     if cfg.name not in DATASETS:
         raise ValueError(
             f"unknown dataset.name {cfg.name!r}; available: {sorted(DATASETS)} "
@@ -120,9 +124,11 @@ def build_dataloaders(
     loader_kwargs = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
+        # pinned host memory only speeds up copies to a GPU; on a CPU-only machine it is off
         pin_memory=cfg.get("pin_memory", False) and torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0 and cfg.get("persistent_workers", True),
     )
+    test_sampler = ShardSampler(len(test_set), rank, world_size) if world_size > 1 else None
     train_loader = DataLoader(
         train_set,
         sampler=EpochSampler(len(train_set), seed, rank, world_size),
@@ -130,5 +136,5 @@ def build_dataloaders(
         generator=torch.Generator().manual_seed(seed),
         **loader_kwargs,
     )
-    test_loader = DataLoader(test_set, shuffle=False, **loader_kwargs)
+    test_loader = DataLoader(test_set, shuffle=False, sampler=test_sampler, **loader_kwargs)
     return train_loader, test_loader

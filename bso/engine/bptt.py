@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from bso.distributed import grad_sync
 from bso.engine.common import Engine, input_at, instantaneous_loss
 from bso.neurons import configure_neurons, reset_neurons
 
@@ -31,7 +32,10 @@ class BPTTEngine(Engine):
     def train_batch(self, model, optimizer, x, y):
         reset_neurons(model)
         optimizer.zero_grad()
-        outputs = [model(input_at(x, t)) for t in range(self.T)]  # one graph through all T steps
+        outputs = []
+        for t in range(self.T):  # one graph through all T steps
+            grad_sync(model, t == self.T - 1)  # DDP: one all-reduce, in the one backward
+            outputs.append(model(input_at(x, t)))
         loss = sum(instantaneous_loss(out, y, self.mse_weight, self.T) for out in outputs)
         loss.backward()
         flips = optimizer.step()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bso.distributed import all_reduce_max, all_reduce_sum, is_main
 from bso.metrics.memory import SavedTensorMeter
 from bso.neurons import reset_neurons
 
@@ -43,7 +44,7 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
     """Prediction = argmax of the sum over time steps of the output layer (spec section 1).
     Reports the loss (summed over steps, as in training), top-1, and top-5 when classes > 10."""
     model.eval()
-    total, loss_sum, correct = 0, 0.0, {1: 0, 5: 0}
+    total, loss_sum, correct, classes = 0, 0.0, {1: 0, 5: 0}, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         reset_neurons(model)
@@ -55,9 +56,15 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
         for k, c in topk_correct(summed, y).items():
             correct[k] += c
         total += len(y)
-    metrics = {"loss": float(loss_sum) / total, "acc1": correct[1] / total}
-    if summed.shape[-1] > 10:
-        metrics["acc5"] = correct[5] / total
+        classes = summed.shape[-1]
+    # torchrun: each rank evaluated its shard; sum over ranks (no-op in one process)
+    loss_sum, correct1, correct5, total = all_reduce_sum(
+        torch.tensor([float(loss_sum), correct[1], correct[5], total], dtype=torch.float64)
+    ).tolist()
+    classes = int(all_reduce_max(torch.tensor(classes)))
+    metrics = {"loss": loss_sum / total, "acc1": correct1 / total}
+    if classes > 10:
+        metrics["acc5"] = correct5 / total
     return metrics
 
 
@@ -99,7 +106,7 @@ class Engine:
         correct = torch.as_tensor(tally.correct, device=device)
         loss_sum = torch.as_tensor(tally.loss_sum, dtype=torch.float64, device=device)
         start = time.perf_counter()
-        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if tally.batches == 0:  # activation memory: peak bytes of saved tensors, first batch
@@ -125,7 +132,7 @@ class Engine:
 
 @dataclass
 class EpochTally:
-    """The running sums of one training epoch (a checkpoint taken mid-epoch saves them)."""
+    """The running sums of one training epoch on this rank (a checkpoint taken mid-epoch saves them)."""
 
     samples: int = 0
     batches: int = 0
@@ -137,9 +144,22 @@ class EpochTally:
     interrupted: bool = False
 
     def metrics(self) -> dict:
+        """The epoch over all ranks (torchrun): samples, correct and loss summed; time and memory
+        the slowest / largest rank's; flips are the same on every rank (all-reduced gradients), so
+        their maximum is that count. In one process: this rank's numbers."""
+        samples, correct, loss_sum = all_reduce_sum(
+            torch.tensor([self.samples, int(self.correct), float(self.loss_sum)], dtype=torch.float64)
+        ).tolist()
+        seconds, activation_peak = all_reduce_max(
+            torch.tensor([self.seconds, self.activation_peak_bytes], dtype=torch.float64)
+        ).tolist()
         return {
-            "loss": float(self.loss_sum) / max(self.samples, 1),
-            "acc1": int(self.correct) / max(self.samples, 1),
-            "samples_per_s": self.samples / max(self.seconds, 1e-9),
-            "seconds": self.seconds,
+            "loss": loss_sum / max(samples, 1),
+            "acc1": correct / max(samples, 1),
+            "samples_per_s": samples / max(seconds, 1e-9),
+            "seconds": seconds,
+            "samples": int(samples),
+            "correct": int(correct),
+            "activation_peak_bytes": int(activation_peak),
+            "flips": None if self.flips is None else all_reduce_max(self.flips),
         }

@@ -7,10 +7,13 @@ For each batch and t = 0..T-1 (the paper's t = 1..T):
   G[t] = delta[t] * a_hat[t]^T from the presynaptic trace (bso.layers).
 ``update="per_step"`` steps the optimizers at every t (the paper's "real-time" update);
 ``update="accumulate"`` sums the T gradients and steps once per batch.
+Under torchrun (DistributedDataParallel) every backward all-reduces the gradients before the step, so
+every rank flips the same weights; with ``accumulate`` only the last step's backward does.
 """
 
 from __future__ import annotations
 
+from bso.distributed import grad_sync
 from bso.engine.common import Engine, input_at, instantaneous_loss
 from bso.neurons import TRACE_RULES, configure_neurons, reset_neurons
 
@@ -44,6 +47,8 @@ class OnlineEngine(Engine):
         if not per_step:
             optimizer.zero_grad()
         for t in range(self.T):
+            if not per_step:  # DDP: all-reduce only the summed gradient, at the last step
+                grad_sync(model, t == self.T - 1)
             out = model(input_at(x, t))  # graph of this time step only
             loss = instantaneous_loss(out, y, self.mse_weight, self.T)
             if per_step:

@@ -1,0 +1,266 @@
+"""Data-parallel training with 2 gloo processes on the CPU (bso.distributed).
+
+Each worker trains vgg_tiny on its shard of the embedded digits for one epoch and saves what it
+holds; the test compares the ranks: the same +-1 weights (DDP averaged every backward's gradients
+before the flip rule), the reduced metrics equal to what the ranks saw together, and the sharded
+evaluation equal to evaluating the whole test set in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hydra.utils import instantiate
+
+from bso import distributed
+from bso.data import build_dataloaders, start_epoch
+from bso.engine import evaluate
+from bso.layers import named_binary_parameters
+from bso.optim import build_optimizer
+from conftest import ROOT, compose_config
+
+WORLD = 2
+# (overrides, name): T-BSO with per-step updates (an all-reduce in every one of the T backwards),
+# BSO with accumulated updates (no_sync for all but the last step), latent-weight BPTT (one
+# backward through T forwards)
+RUNS = {
+    "tbso_per_step": ["engine.T=2"],
+    "bso_accumulate": ["optimizer=bso", "engine.T=2", "engine.update=accumulate"],
+    "bptt_latent": [
+        "engine=bptt",
+        "engine.T=2",
+        "optimizer=adam",
+        "model.weights=latent",
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    state = distributed.setup("cpu")
+    try:
+        assert state.enabled and state.rank == rank and state.backend == "gloo"
+        for name, overrides in RUNS.items():
+            cfg = compose_config("dataset.epochs=1", *overrides)
+            torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts it)
+            model = instantiate(cfg.model)
+            engine = instantiate(cfg.engine)
+            engine.prepare(model)
+            initial = {k: v.clone() for k, v in model.state_dict().items()}
+            train_model = distributed.wrap_model(model, state)
+            optimizer = build_optimizer(model, cfg.optimizer)
+            torch.manual_seed(cfg.seed + rank)
+            train_loader, test_loader = build_dataloaders(
+                cfg.dataset, seed=cfg.seed, rank=rank, world_size=WORLD
+            )
+            start_epoch(train_loader, 1)
+            tally = engine.train_epoch(train_model, optimizer, train_loader, state.device)
+            train_m = {**tally.metrics(), "rank": {"samples": tally.samples, "correct": int(tally.correct)}}
+            distributed.average_buffers(model)
+            test_m = evaluate(model, test_loader, engine.T, state.device, engine.mse_weight)
+            torch.save(
+                {
+                    "initial": initial,
+                    "state": model.state_dict(),
+                    "train": train_m,
+                    "test": test_m,
+                    "train_indices": list(train_loader.sampler),
+                    "test_indices": list(test_loader.sampler),
+                },
+                os.path.join(out_dir, f"{name}_rank{rank}.pt"),
+            )
+    finally:
+        distributed.cleanup(state)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return {
+        name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        for name in RUNS
+    }
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_ranks_hold_identical_weights_after_training(two_ranks, name):
+    r0, r1 = two_ranks[name]
+    # every tensor the same on both ranks: +-1 (or latent) weights, BN affine and running stats
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    # ... and training moved the weights (the ranks saw different samples, so equality is the
+    # all-reduce's doing, not a model that stood still)
+    cfg = compose_config(*RUNS[name])
+    model = instantiate(cfg.model)
+    for weight_name, _ in named_binary_parameters(model, ("binary", "latent")):
+        final = r0["state"][weight_name]
+        assert not torch.equal(final, r0["initial"][weight_name]), weight_name
+        if cfg.model.weights == "binary":
+            assert set(final.unique().tolist()) == {-1.0, 1.0}
+    assert int(r0["train"]["flips"].sum()) > 0
+    assert torch.equal(r0["train"]["flips"], r1["train"]["flips"])
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_reduced_metrics_are_what_the_ranks_saw_together(two_ranks, name):
+    r0, r1 = two_ranks[name]
+    n_train = 1437  # the digits' training split (test_fraction 0.2 of 1,797)
+    # training: the EpochSampler pads the shards to equal length (same number of batches per rank)
+    assert len(r0["train_indices"]) == len(r1["train_indices"]) == (n_train + 1) // 2
+    assert set(r0["train_indices"]) | set(r1["train_indices"]) == set(range(n_train))
+    for key in ("samples", "correct"):
+        assert (
+            r0["train"][key]
+            == r1["train"][key]
+            == r0["train"]["rank"][key] + r1["train"]["rank"][key]
+        )
+    assert r0["train"]["samples"] == 2 * len(r0["train_indices"])
+    assert r0["train"]["acc1"] == r0["train"]["correct"] / r0["train"]["samples"]
+    assert r0["train"]["loss"] == r1["train"]["loss"]
+    # evaluation: disjoint shards that cover the test set once; reduced = the whole set in one process
+    assert sorted(r0["test_indices"] + r1["test_indices"]) == list(range(360))
+    assert r0["test"] == r1["test"]
+    cfg = compose_config(*RUNS[name])
+    model = instantiate(cfg.model)
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    model.load_state_dict(r0["state"])
+    _, full_test = build_dataloaders(cfg.dataset, seed=cfg.seed)
+    single = evaluate(model, full_test, engine.T, torch.device("cpu"), engine.mse_weight)
+    assert r0["test"]["acc1"] == single["acc1"]
+    assert r0["test"]["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py` (gloo): one run directory, written by rank 0; the
+    other rank's Hydra directory (in the temp dir) is removed."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        "train.py",
+        "logger=none",
+        "dataset.epochs=1",
+        "engine.T=2",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt", "status.json", "train.log"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 1  # one writer
+    assert 0.5 < records[0]["test/acc1"] <= 1.0
+    assert not list(tmp.glob("bso-rank*"))  # rank 1's throwaway Hydra directory is gone
+    log = (run / "train.log").read_text()
+    assert log.count("epoch   1/1") == 1 and "2 processes" in log
+
+
+def test_single_process_refuses_distributed_only_options():
+    state = distributed.setup("cpu")
+    assert not state.enabled and state.is_main
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    assert distributed.wrap_model(model, state) is model
+    with pytest.raises(ValueError, match="sync_batchnorm=true.*one process"):
+        distributed.wrap_model(model, state, sync_batchnorm=True)
+    with pytest.raises(ValueError, match="backend=gloo.*one process"):
+        distributed.setup("cpu", backend="gloo")
+    with pytest.raises(ValueError, match="unknown distributed.backend"):
+        distributed.setup("cpu", backend="mpi")
+
+
+def test_partial_torchrun_environment_is_an_error(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK"):
+        distributed.setup("cpu")
+
+
+def test_rank_dir_resolver_keeps_rank0_and_redirects_other_ranks(monkeypatch, tmp_path):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.run_dir_for_rank("outputs/runs/x") == "outputs/runs/x"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.run_dir_for_rank("outputs/runs/x") == "outputs/runs/x"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    redirected = distributed.run_dir_for_rank("outputs/runs/x")
+    assert redirected.startswith(str(tmp_path)) and "rank1" in redirected
+
+
+def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
+    """hydra/launcher=slurm with gpus_per_node=2: each Slurm task becomes a DDP rank."""
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    assert not distributed.export_slurm_env()  # not a submitit job
+    slurm = dict(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NODEID="0",
+        SLURM_PROCID="1",
+        SLURM_LOCALID="1",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+    )
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    # monkeypatch restores these after the test (export writes them into os.environ)
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_WORLD_SIZE",
+    ):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    assert distributed.export_slurm_env()
+    assert distributed.torchrun_env() == {"rank": 1, "local_rank": 1, "world_size": 2}
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+    assert not distributed.export_slurm_env()  # torchrun's variables, once set, win

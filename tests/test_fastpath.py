@@ -1,0 +1,114 @@
+"""The GPU fast path (bso.fastpath): defaults change nothing on CPU; bf16 autocast keeps the flip
+rule in float32; impossible requests are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from bso import fastpath
+from bso.data import build_dataloaders
+from bso.layers import named_binary_parameters
+from bso.optim import build_optimizer
+from conftest import compose_config
+
+CPU = torch.device("cpu")
+
+
+def _setup(*overrides):
+    cfg = compose_config("engine.T=3", *overrides)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    return cfg, model, engine
+
+
+def _batches(cfg, n=2):
+    loader, _ = build_dataloaders(cfg.dataset, seed=cfg.seed)
+    return [batch for _, batch in zip(range(n), loader, strict=False)]
+
+
+def test_defaults_on_cpu_train_bit_identically_to_no_fast_path():
+    cfg, plain, engine = _setup()
+    _, fast, _ = _setup()
+    assert cfg.fast.channels_last and cfg.fast.cudnn_benchmark  # on by default (CUDA-only)
+    assert not cfg.fast.autocast and not cfg.fast.compile
+    trained = fastpath.apply(fast, cfg.fast, CPU)
+    assert trained is fast  # nothing wraps the model on CPU with the defaults
+    runs, batches = [], _batches(cfg)
+    for model in (plain, trained):
+        router = build_optimizer(model, cfg.optimizer)
+        model.train()
+        runs.append([engine.train_batch(model, router, x, y) for x, y in batches])
+    for (s0, l0, f0), (s1, l1, f1) in zip(*runs, strict=True):
+        assert torch.equal(s0, s1) and torch.equal(l0, l1) and torch.equal(f0, f1)
+    for (name, w0), (_, w1) in zip(
+        plain.state_dict().items(), fast.state_dict().items(), strict=True
+    ):
+        assert torch.equal(w0, w1), name
+
+
+def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32():
+    cfg, model, engine = _setup("fast.autocast=true")
+    trained = fastpath.apply(model, cfg.fast, CPU)
+    assert isinstance(trained, fastpath.AutocastForward)
+    router = build_optimizer(model, cfg.optimizer)
+    conv_dtypes, grad_dtypes = [], []
+    binary = [w for _, w in named_binary_parameters(model)]
+    model.blocks[1].conv.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
+    step = router.step
+
+    def checking_step(t=None):
+        grad_dtypes.extend(w.grad.dtype for w in binary)
+        return step(t)
+
+    router.step = checking_step
+    trained.train()
+    ((x, y),) = _batches(cfg, 1)
+    summed, loss, flips = engine.train_batch(trained, router, x, y)
+    assert set(conv_dtypes) == {torch.bfloat16}  # the forward did run in bf16 ...
+    assert summed.dtype == loss.dtype == torch.float32  # ... and handed float32 on
+    assert grad_dtypes and set(grad_dtypes) == {torch.float32}
+    for w in binary:
+        assert set(w.unique().tolist()) <= {-1.0, 1.0}
+        state = router.binary.state[w]
+        assert state["momentum"].dtype == state["v"].dtype == torch.float32
+    assert int(flips.sum()) > 0
+
+
+def test_impossible_or_unknown_switches_are_refused():
+    fast = OmegaConf.create(
+        {"channels_last": True, "cudnn_benchmark": True, "autocast": False, "compile": True}
+    )
+    with pytest.raises(ValueError, match="fast.compile=true.*CUDA"):
+        fastpath.check(fast, CPU)
+    with pytest.raises(ValueError, match="must be true or false"):
+        fastpath.check(OmegaConf.create({"autocast": "bf16"}), CPU)
+    with pytest.raises(ValueError, match="unknown fast"):
+        fastpath.check(OmegaConf.create({"channels_first": True}), CPU)
+    with pytest.raises(Exception, match="channels_first"):  # and Hydra refuses it on the CLI
+        compose_config("fast.channels_first=true")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_bench_gpu_refuses_without_cuda_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench/gpu.py", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "needs a GPU" in proc.stderr
+    assert not list(tmp_path.iterdir())
