@@ -112,11 +112,14 @@ class Cell:
         """The same method and swept value on the embedded digits (vgg_tiny)."""
         if self.method not in METHOD_OVERRIDES:
             return replace(self, dataset="digits", experiment=None, overrides=(), before=None)
+        own = self.overrides
+        if not any(o.startswith("engine.T=") for o in own):  # the experiment's T, said explicitly
+            own = (f"engine.T={self.T}", *own)
         return replace(
             self,
             dataset="digits",
             experiment=None,
-            overrides=(*METHOD_OVERRIDES[self.method], *self.overrides),
+            overrides=(*METHOD_OVERRIDES[self.method], *own),
             arch="vgg_tiny",
             before=None,
         )

@@ -23,11 +23,15 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from bso import paper
 from bso.paper import Cell
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -252,17 +256,27 @@ def fmt_epochs(epochs: list[int]) -> str:
 # ------------------------------------------------------------------------------- paper cells
 
 
-def compose_cells(cells: Sequence[Cell]) -> list[tuple]:
-    """The identity of the config each cell's command composes (Hydra compose API)."""
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}  # overrides -> config (composing is slow)
+
+
+def compose_overrides(batch: Sequence[Sequence[str]]) -> list[DictConfig]:
+    """configs/train.yaml composed with each list of overrides (one Hydra initialisation)."""
     from hydra import compose, initialize_config_dir
 
-    out = []
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for cell in cells:
-            overrides = [o for o in cell.train_overrides() if not o.startswith("init_from=")]
-            cfg = compose(config_name="train", overrides=[*overrides, "logger=none"])
-            out.append(identity(cfg))
-    return out
+    todo = [tuple(o) for o in batch if tuple(o) not in _COMPOSED]
+    if todo:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            for overrides in todo:
+                _COMPOSED[overrides] = compose(config_name="train", overrides=list(overrides))
+    return [_COMPOSED[tuple(o)] for o in batch]
+
+
+def compose_cells(cells: Sequence[Cell]) -> list[DictConfig]:
+    """The config each cell's command composes (``init_from``, a path placeholder, left out)."""
+    return compose_overrides(
+        [[*(o for o in c.train_overrides() if not o.startswith("init_from=")), "logger=none"]
+         for c in cells]
+    )  # fmt: skip
 
 
 def match(cells: Sequence[Cell], runs: Iterable[Run]) -> list[Summary]:
@@ -270,7 +284,8 @@ def match(cells: Sequence[Cell], runs: Iterable[Run]) -> list[Summary]:
     by_identity: dict[tuple, list[Run]] = {}
     for run in runs:
         by_identity.setdefault(identity(run.cfg), []).append(run)
-    keys = [k if c.reproducible else None for c, k in zip(cells, compose_cells(cells), strict=True)]
+    keys = [identity(cfg) if c.reproducible else None
+            for c, cfg in zip(cells, compose_cells(cells), strict=True)]  # fmt: skip
     return [Summary(by_identity.get(k, []) if k else []) for k in keys]
 
 
@@ -485,7 +500,7 @@ def _is_log(xs: Sequence[float]) -> bool:
 
 def plot_lines(series: dict[str, list[tuple[float, float, float | None]]], path: Path, *,
                xlabel: str, title: str, paper_series: dict[str, list[tuple[float, float]]] | None = None,
-               paper_title: str | None = None, ylabel: str = "test top-1 (%)") -> Path:  # fmt: skip
+               paper_title: str | None = None, ylabel: str = "test top-1 (%)") -> Figure:  # fmt: skip
     """One line per series (x, mean, std); the paper's points overlaid on the same axes, or in a
     second panel (``paper_title``) when they were measured on other data."""
     plt = _pyplot()
@@ -520,11 +535,11 @@ def plot_lines(series: dict[str, list[tuple[float, float, float | None]]], path:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path
+    return fig
 
 
 def plot_heatmap(grids: dict[str, dict[tuple[float, float], float | None]], path: Path, *,
-                 title: str, xlabel: str, ylabel: str) -> Path:  # fmt: skip
+                 title: str, xlabel: str, ylabel: str) -> Figure:  # fmt: skip
     """Table 4: one small heat map per source (paper, ours) over the two betas, values written in."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.4), squeeze=False)
@@ -553,7 +568,7 @@ def plot_heatmap(grids: dict[str, dict[tuple[float, float], float | None]], path
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path
+    return fig
 
 
 # ---------------------------------------------------------------------------------- Figure 4
@@ -604,7 +619,7 @@ def fig4_rows(points: list[dict]) -> list[dict]:
     return rows
 
 
-def plot_fig4(meta: dict, points: list[dict], path: Path) -> Path:
+def plot_fig4(meta: dict, points: list[dict], path: Path) -> Figure:
     """Memory vs T, one line per method (ours), the paper's points overlaid; log y axis (GB)."""
     from matplotlib.ticker import ScalarFormatter
 
@@ -636,13 +651,13 @@ def plot_fig4(meta: dict, points: list[dict], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path
+    return fig
 
 
 # ------------------------------------------------------------------------ artefact figures
 
 
-def artefact_figure(artefact: str, cells: Sequence[Cell], rows: Sequence[dict], path: Path) -> Path:
+def artefact_figure(artefact: str, cells: Sequence[Cell], rows: Sequence[dict], path: Path) -> Figure:
     """Figure 5 / Table 3 / Table 4 from the cells' rows (ours) and the cells (paper)."""
     digits = cells[0].dataset == "digits"
     where = "digits, vgg_tiny" if digits else paper.DATASET_NAMES[cells[0].dataset]
@@ -667,7 +682,7 @@ def artefact_figure(artefact: str, cells: Sequence[Cell], rows: Sequence[dict], 
                       paper_title=f"paper ({paper_where})" if digits else None)  # fmt: skip
 
 
-def runs_figure(rows: Sequence[dict], keys: Sequence[str], by: str, path: Path) -> Path:
+def runs_figure(rows: Sequence[dict], keys: Sequence[str], by: str, path: Path) -> Figure:
     """Final test top-1 against config key ``by``: one line per setting of the other swept keys
     (and per dataset and method), seeds as error bars."""
     series: dict[str, list] = {}

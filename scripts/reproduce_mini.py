@@ -1,10 +1,11 @@
 """The paper's tables and figures, reproduced small on the embedded digits (`make reproduce-mini`).
 
 Trains, on the digits with vgg_tiny and a few epochs (CPU), the cells of Table 2 (CIFAR-10's six
-methods at the paper's T), Figure 5 (BSO / T-BSO vs T, up to --max-T) and Table 3 (T-BSO's gamma
-sweep at T=2), each group of cells as one Hydra multirun of train.py, skipping cells that already
-have a completed run under --runs; then renders them with scripts/report.py into --out:
-<artefact>.md, <artefact>.csv and, for the figures, <artefact>.png.
+methods at the paper's T), Figure 5 (BSO / T-BSO vs T, up to --max-T), Table 3 (T-BSO's gamma
+sweep at T=2) and Table 4 (its betas), each group of cells as one Hydra multirun of train.py,
+skipping cells that already have a completed run under --runs; then renders them with
+scripts/report.py into --out: <artefact>.md, <artefact>.csv and, for the figures, <artefact>.png.
+Figure 4 is rendered from the memory benchmark (benchmarks/results/memory_vs_T.json, `make fig4`).
 
     python scripts/reproduce_mini.py                                  # ~ a few minutes, 2 cores
     python scripts/reproduce_mini.py --epochs 1 --artefacts table3 --gammas 5e-07 2e-06 \\
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import report as report_cli  # noqa: E402  (scripts/report.py)
 
-ARTEFACTS = ("table2", "fig5", "table3", "table4")
+ARTEFACTS = ("table2", "fig5", "table3", "table4", "fig4")  # fig4: the memory benchmark's JSON
 FIXED = ("logger=none", "device=cpu", "save_checkpoint=false")
 
 
@@ -60,11 +62,13 @@ def multiruns(cells) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--artefacts", nargs="+", default=["table2", "fig5", "table3"], choices=ARTEFACTS)
+    parser.add_argument("--artefacts", nargs="+", default=list(ARTEFACTS), choices=ARTEFACTS)
     parser.add_argument("--max-T", type=int, default=6, help="Figure 5: train T up to this")
     parser.add_argument("--gammas", nargs="+", help="Table 3: only these gammas (default: all 8)")
     parser.add_argument("--with", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="an override added to every run (e.g. a narrower model for a quick check)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP/torch threads per run (1 keeps runs steady on a busy machine)")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs/mini")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mini")
     args = parser.parse_args()
@@ -74,7 +78,7 @@ def main() -> None:
     start = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
     timings = {}
-    for artefact in args.artefacts:
+    for artefact in [a for a in args.artefacts if a != "fig4"]:
         cells = cells_to_train(artefact, args)
         summaries = rp.match(cells, rp.load_runs(args.runs))
         todo = [c for c, s in zip(cells, summaries, strict=True) if not s.done]
@@ -84,7 +88,8 @@ def main() -> None:
             cmd = [sys.executable, "train.py", "-m", *overrides, *FIXED,
                    f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
             print("+", " ".join(cmd[1:]), flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         timings[artefact] = round(time.perf_counter() - t0, 1)
@@ -94,12 +99,15 @@ def main() -> None:
         argv = [artefact, str(args.runs), "--digits", f"--with=dataset.epochs={args.epochs}",
                 *(f"--with={e}" for e in args.extra),
                 "--out", str(args.out / f"{artefact}.md"), "--csv", str(args.out / f"{artefact}.csv")]  # fmt: skip
+        if artefact == "fig4":  # measured by `make fig4`, not trained here
+            argv = ["fig4", "--out", str(args.out / "fig4.md"), "--csv", str(args.out / "fig4.csv")]
         if artefact in report_cli.FIGURES:
             argv += ["--figure", str(args.out / f"{artefact}.png")]
         report_cli.main(argv)
     total = round(time.perf_counter() - start, 1)
     meta = {"epochs": args.epochs, "train_seconds": timings, "total_seconds": total,
-            "artefacts": args.artefacts, "max_T": args.max_T}  # fmt: skip
+            "artefacts": args.artefacts, "max_T": args.max_T, "threads": args.threads,
+            "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg()}  # fmt: skip
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"\nmini reproduction: {total:.0f} s in all; training per artefact {timings}")
 
