@@ -48,6 +48,8 @@ METHOD_NAMES = {
     "agmm": "AGMM (BPTT, latent)",
     "bptt_latent": "BPTT (latent weights)",
 }
+ONLINE = ("ottt", "ndot", "bso", "tbso")  # Table 2's "online" column
+BINARY = ("qsnn", "cbp", "bso", "tbso", "agmm")  # Table 2's "binary" column (1-bit weights)
 DATASET_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
@@ -91,6 +93,7 @@ class Cell:
     arch: str = "VGG-11"
     before: str | None = None  # a command that must run first (ImageNet pre-training)
     note: str = ""  # why a cell is not reproducible here
+    paper_dataset: str | None = None  # on_digits: the dataset the paper's value was measured on
 
     @property
     def reproducible(self) -> bool:
@@ -111,13 +114,21 @@ class Cell:
     def on_digits(self) -> Cell:
         """The same method and swept value on the embedded digits (vgg_tiny)."""
         if self.method not in METHOD_OVERRIDES:
-            return replace(self, dataset="digits", experiment=None, overrides=(), before=None)
+            return replace(
+                self,
+                dataset="digits",
+                paper_dataset=self.dataset,
+                experiment=None,
+                overrides=(),
+                before=None,
+            )
         own = self.overrides
         if not any(o.startswith("engine.T=") for o in own):  # the experiment's T, said explicitly
             own = (f"engine.T={self.T}", *own)
         return replace(
             self,
             dataset="digits",
+            paper_dataset=self.dataset,
             experiment=None,
             overrides=(*METHOD_OVERRIDES[self.method], *own),
             arch="vgg_tiny",
@@ -139,8 +150,9 @@ def _table2() -> list[Cell]:
     def add(dataset, method, T, value, size, default_T, **kw):
         overrides = () if T == default_T else _T(T)
         kw.setdefault("experiment", f"{dataset}_{method}")
-        cells.append(Cell("table2", dataset, method, T, value, overrides=overrides, x=T,
-                          size_mb=size, **kw))  # fmt: skip
+        cells.append(
+            Cell("table2", dataset, method, T, value, overrides=overrides, x=T, size_mb=size, **kw)
+        )
 
     baselines = {
         "cifar10": (36.91, 1.20, {"fp_snn": 93.23, "ottt": 93.73, "ndot": 94.90, "qsnn": 93.20}),
@@ -157,16 +169,36 @@ def _table2() -> list[Cell]:
             for T, acc in zip((6, 4, 2), accs, strict=True):
                 add(dataset, method, T, acc, binary, 6)
     cells.append(
-        Cell("table2", "imagenet", "cbp", 4, 54.34, None, x=4, size_mb=4.22, arch="ResNet-18",
-             note="CBP (constrained binary parameters, BPTT) is not implemented in bso")
-    )  # fmt: skip
+        Cell(
+            "table2",
+            "imagenet",
+            "cbp",
+            4,
+            54.34,
+            None,
+            x=4,
+            size_mb=4.22,
+            arch="ResNet-18",
+            note="CBP (constrained binary parameters, BPTT) is not implemented in bso",
+        )
+    )
     pretrain = "python train.py experiment=imagenet_tbso_pretrain"
     for T, acc in ((6, 58.86), (4, 57.76)):
         cells.append(
-            Cell("table2", "imagenet", "tbso", T, acc, "imagenet_tbso_finetune",
-                 overrides=(*(() if T == 4 else _T(T)), "init_from=<pretrain run>/checkpoint.pt"),
-                 x=T, size_mb=4.22, arch="ResNet-18", before=pretrain)
-        )  # fmt: skip
+            Cell(
+                "table2",
+                "imagenet",
+                "tbso",
+                T,
+                acc,
+                "imagenet_tbso_finetune",
+                overrides=(*(() if T == 4 else _T(T)), "init_from=<pretrain run>/checkpoint.pt"),
+                x=T,
+                size_mb=4.22,
+                arch="ResNet-18",
+                before=pretrain,
+            )
+        )
     for method, acc, size in (
         ("fp_snn", 73.90, 36.91),
         ("ndot", 77.50, 36.91),
@@ -191,30 +223,63 @@ def _fig5() -> list[Cell]:
 
 
 def _table3() -> list[Cell]:
-    paper = {0.005: 73.75, 0.02: 73.33, 0.05: 73.40, 0.08: 73.24,
-             0.1: 73.38, 0.15: 73.34, 0.2: 73.41, 5.0: 72.83}  # fmt: skip
+    paper = {
+        0.005: 73.75,
+        0.02: 73.33,
+        0.05: 73.40,
+        0.08: 73.24,
+        0.1: 73.38,
+        0.15: 73.34,
+        0.2: 73.41,
+        5.0: 72.83,
+    }
     cells = []
     for units, acc in paper.items():
         gamma = float(f"{units * 1e-5:.3g}")  # 0.005 (x 1e-5) -> 5e-08
         cells.append(
-            Cell("table3", "cifar100", "tbso", 2, acc, "cifar100_tbso",
-                 overrides=("engine.T=2", f"optimizer.binary.gamma={gamma:g}"), x=gamma)
-        )  # fmt: skip
+            Cell(
+                "table3",
+                "cifar100",
+                "tbso",
+                2,
+                acc,
+                "cifar100_tbso",
+                overrides=("engine.T=2", f"optimizer.binary.gamma={gamma:g}"),
+                x=gamma,
+            )
+        )
     return cells
 
 
 def _table4() -> list[Cell]:
-    paper = {(1.5e-4, 1.5e-6): 73.22, (1.5e-4, 1e-5): 73.31, (1.5e-4, 1.5e-5): 73.29,
-             (1e-3, 1.5e-6): 73.17, (1e-3, 1e-5): 73.40, (1e-3, 1.5e-5): 73.34}  # fmt: skip
+    paper = {
+        (1.5e-4, 1.5e-6): 73.22,
+        (1.5e-4, 1e-5): 73.31,
+        (1.5e-4, 1.5e-5): 73.29,
+        (1e-3, 1.5e-6): 73.17,
+        (1e-3, 1e-5): 73.40,
+        (1e-3, 1.5e-5): 73.34,
+    }
     cells = []
     for (d1, d2), acc in paper.items():
         beta1, beta2 = float(f"{1 - d1:.10g}"), float(f"{1 - d2:.10g}")
         cells.append(
-            Cell("table4", "cifar100", "tbso", 2, acc, "cifar100_tbso",
-                 overrides=("engine.T=2", "optimizer.binary.gamma=5e-7",
-                            f"optimizer.binary.beta1={beta1}", f"optimizer.binary.beta2={beta2}"),
-                 x=(d1, d2))
-        )  # fmt: skip
+            Cell(
+                "table4",
+                "cifar100",
+                "tbso",
+                2,
+                acc,
+                "cifar100_tbso",
+                overrides=(
+                    "engine.T=2",
+                    "optimizer.binary.gamma=5e-7",
+                    f"optimizer.binary.beta1={beta1}",
+                    f"optimizer.binary.beta2={beta2}",
+                ),
+                x=(d1, d2),
+            )
+        )
     return cells
 
 
@@ -237,7 +302,9 @@ FIG4: tuple[MemoryPoint, ...] = (
     MemoryPoint("bso", None, 2.9),
     MemoryPoint("tbso", None, 3.1),
 )
-FIG4_COMMAND = "make fig4   # python scripts/bench/memory_vs_T.py -> benchmarks/results/memory_vs_T.json"
+FIG4_COMMAND = (
+    "make fig4   # python scripts/bench/memory_vs_T.py -> benchmarks/results/memory_vs_T.json"
+)
 
 # Model sizes (MB, 1-bit binary weights + 32-bit others) the paper gives, by (dataset, arch).
 MODEL_SIZES_MB = {
@@ -264,4 +331,3 @@ def cells(artefact: str) -> list[Cell]:
     if artefact not in CELLS:
         raise ValueError(f"unknown artefact {artefact!r}; choose one of {sorted(CELLS)}")
     return list(CELLS[artefact])
-

@@ -157,7 +157,9 @@ class Run:
 
     def state(self) -> str:
         """`completed`, or e.g. `running (epoch 3/400)`."""
-        return self.status if self.completed else f"{self.status} (epoch {self.epoch}/{self.epochs})"
+        return (
+            self.status if self.completed else f"{self.status} (epoch {self.epoch}/{self.epochs})"
+        )
 
 
 def _status(run_dir: Path, cfg: DictConfig, records: list[dict]) -> str:
@@ -178,7 +180,9 @@ def load_run(run_dir: Path) -> Run:
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     info = run_dir / "run_info.json"
     size = json.loads(info.read_text()).get("model_size", {}) if info.is_file() else {}
-    return Run(run_dir, cfg, records, _status(run_dir, cfg, records), overrides, size.get("size_mb"))
+    return Run(
+        run_dir, cfg, records, _status(run_dir, cfg, records), overrides, size.get("size_mb")
+    )
 
 
 def load_runs(root: Path) -> list[Run]:
@@ -274,9 +278,11 @@ def compose_overrides(batch: Sequence[Sequence[str]]) -> list[DictConfig]:
 def compose_cells(cells: Sequence[Cell]) -> list[DictConfig]:
     """The config each cell's command composes (``init_from``, a path placeholder, left out)."""
     return compose_overrides(
-        [[*(o for o in c.train_overrides() if not o.startswith("init_from=")), "logger=none"]
-         for c in cells]
-    )  # fmt: skip
+        [
+            [*(o for o in c.train_overrides() if not o.startswith("init_from=")), "logger=none"]
+            for c in cells
+        ]
+    )
 
 
 def match(cells: Sequence[Cell], runs: Iterable[Run]) -> list[Summary]:
@@ -284,8 +290,10 @@ def match(cells: Sequence[Cell], runs: Iterable[Run]) -> list[Summary]:
     by_identity: dict[tuple, list[Run]] = {}
     for run in runs:
         by_identity.setdefault(identity(run.cfg), []).append(run)
-    keys = [identity(cfg) if c.reproducible else None
-            for c, cfg in zip(cells, compose_cells(cells), strict=True)]  # fmt: skip
+    keys = [
+        identity(cfg) if c.reproducible else None
+        for c, cfg in zip(cells, compose_cells(cells), strict=True)
+    ]
     return [Summary(by_identity.get(k, []) if k else []) for k in keys]
 
 
@@ -293,15 +301,9 @@ def prepare_cells(artefact: str, digits: bool = False, extra: Sequence[str] = ()
     """The artefact's cells, mapped onto the digits when asked, with ``extra`` overrides added."""
     cells = paper.cells(artefact)
     if digits:
+        if artefact == "table2":  # one dataset's rows: CIFAR-10's six methods at the paper's T
+            cells = [c for c in cells if c.dataset == "cifar10"]
         cells = [c.on_digits() for c in cells if c.method in paper.METHOD_OVERRIDES]
-        if artefact == "table2":  # one dataset's rows: CIFAR-10's (all six methods, three T)
-            cells = [c for c in cells if c.size_mb in (1.20, 36.91) and c.arch == "vgg_tiny"]
-            seen, unique = set(), []
-            for c in cells:  # DVS-CIFAR10 rows map onto the same digits settings at T=10
-                if (c.method, c.T) not in seen and c.T != 10:
-                    seen.add((c.method, c.T))
-                    unique.append(c)
-            cells = unique
     return [c.with_overrides(*extra) for c in cells]
 
 
@@ -311,6 +313,8 @@ def _setting_columns(artefact: str, cell: Cell) -> dict:
             "dataset": paper.DATASET_NAMES.get(cell.dataset, cell.dataset),
             "method": paper.METHOD_NAMES[cell.method],
             "arch": cell.arch,
+            "online": "yes" if cell.method in paper.ONLINE else "no",
+            "binary": "yes" if cell.method in paper.BINARY else "no",
             "T": cell.T,
         }
     if artefact == "table3":
@@ -330,15 +334,19 @@ def cell_rows(artefact: str, cells: Sequence[Cell], summaries: Sequence[Summary]
         if artefact in ("table2", "table5"):
             row["size paper (MB)"] = f"{cell.size_mb:.2f}"
             row["size ours (MB)"] = f"{s.size_mb:.2f}" if s.size_mb is not None else "-"
-        row.update({
-            "paper": f"{cell.value:.2f}",
-            "ours final": fmt_stats(final, n),
-            "ours best": fmt_stats(best, n),
-            "best epoch": fmt_epochs(s.best_epochs),
-            "final - paper": f"{final[0] - cell.value:+.2f}" if final and cell.dataset != "digits" else "-",
-            "runs": s.runs_text(),
-            "command": "" if n else cell.command,
-        })  # fmt: skip
+        row.update(
+            {
+                "paper": f"{cell.value:.2f}",
+                "ours final": fmt_stats(final, n),
+                "ours best": fmt_stats(best, n),
+                "best epoch": fmt_epochs(s.best_epochs),
+                "final - paper": f"{final[0] - cell.value:+.2f}"
+                if final and cell.dataset != "digits"
+                else "-",
+                "runs": s.runs_text(),
+                "command": "" if n else cell.command,
+            }
+        )
         row["_final_mean"] = final[0] if final else None
         row["_final_std"] = final[1] if final else None
         rows.append(row)
@@ -379,8 +387,14 @@ def to_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def log_wandb(name: str, rows: Sequence[dict], images: Sequence[Path] = (), mode: str = "offline",
-              project: str = "bso", run_dir: Path | None = None) -> str:  # fmt: skip
+def log_wandb(
+    name: str,
+    rows: Sequence[dict],
+    images: Sequence[Path] = (),
+    mode: str = "offline",
+    project: str = "bso",
+    run_dir: Path | None = None,
+) -> str:
     """Log ``rows`` as a ``wandb.Table`` (and ``images``) in a new wandb run; offline by default."""
     import wandb
 
@@ -461,8 +475,14 @@ def runs_rows(runs: Sequence[Run]) -> tuple[list[dict], list[str]]:
             "_cfg": cfg,
         }
         rows.append(row)
-    rows.sort(key=lambda r: (r["dataset"], r["method"], r["T"],
-                             *(_sort_value(r["_setting"][k]) for k in keys)))  # fmt: skip
+    rows.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["method"],
+            r["T"],
+            *(_sort_value(r["_setting"][k]) for k in keys),
+        )
+    )
     return rows, keys
 
 
@@ -498,9 +518,16 @@ def _is_log(xs: Sequence[float]) -> bool:
     return bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 20
 
 
-def plot_lines(series: dict[str, list[tuple[float, float, float | None]]], path: Path, *,
-               xlabel: str, title: str, paper_series: dict[str, list[tuple[float, float]]] | None = None,
-               paper_title: str | None = None, ylabel: str = "test top-1 (%)") -> Figure:  # fmt: skip
+def plot_lines(
+    series: dict[str, list[tuple[float, float, float | None]]],
+    path: Path,
+    *,
+    xlabel: str,
+    title: str,
+    paper_series: dict[str, list[tuple[float, float]]] | None = None,
+    paper_title: str | None = None,
+    ylabel: str = "test top-1 (%)",
+) -> Figure:
     """One line per series (x, mean, std); the paper's points overlaid on the same axes, or in a
     second panel (``paper_title``) when they were measured on other data."""
     plt = _pyplot()
@@ -517,12 +544,25 @@ def plot_lines(series: dict[str, list[tuple[float, float, float | None]]], path:
         points = sorted(points)
         ys = [p[1] for p in points]
         errs = [p[2] or 0.0 for p in points]
-        ours_ax.errorbar([p[0] for p in points], ys, yerr=errs, marker="o", capsize=3,
-                         color=colors[label], label=f"{label} (ours)")  # fmt: skip
+        ours_ax.errorbar(
+            [p[0] for p in points],
+            ys,
+            yerr=errs,
+            marker="o",
+            capsize=3,
+            color=colors[label],
+            label=f"{label} (ours)",
+        )
     for label, points in sorted((paper_series or {}).items()):
         points = sorted(points)
-        paper_ax.plot([p[0] for p in points], [p[1] for p in points], "s--", mfc="none",
-                      color=colors[label], label=f"{label} (paper)")  # fmt: skip
+        paper_ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            "s--",
+            mfc="none",
+            color=colors[label],
+            label=f"{label} (paper)",
+        )
     for ax in {id(ours_ax): ours_ax, id(paper_ax): paper_ax}.values():
         _style_x(ax, xs_all, log)
         ax.set_xlabel(xlabel)
@@ -538,8 +578,14 @@ def plot_lines(series: dict[str, list[tuple[float, float, float | None]]], path:
     return fig
 
 
-def plot_heatmap(grids: dict[str, dict[tuple[float, float], float | None]], path: Path, *,
-                 title: str, xlabel: str, ylabel: str) -> Figure:  # fmt: skip
+def plot_heatmap(
+    grids: dict[str, dict[tuple[float, float], float | None]],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> Figure:
     """Table 4: one small heat map per source (paper, ours) over the two betas, values written in."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.4), squeeze=False)
@@ -589,14 +635,18 @@ def memory_points(path: Path) -> tuple[dict, list[dict]]:
     points = []
     for p in data["points"]:
         accounted = sum(p["persistent"][r] for r in held) + p["activation_peak_bytes"]
-        points.append({
-            "method": p["method"],
-            "T": p["T"],
-            "batch": p["batch"],
-            "device": p.get("device", data["meta"].get("device")),
-            "accounted_gb": accounted / 1e9,
-            "cuda_peak_gb": p["cuda_peak_allocated_bytes"] / 1e9 if "cuda_peak_allocated_bytes" in p else None,
-        })  # fmt: skip
+        points.append(
+            {
+                "method": p["method"],
+                "T": p["T"],
+                "batch": p["batch"],
+                "device": p.get("device", data["meta"].get("device")),
+                "accounted_gb": accounted / 1e9,
+                "cuda_peak_gb": p["cuda_peak_allocated_bytes"] / 1e9
+                if "cuda_peak_allocated_bytes" in p
+                else None,
+            }
+        )
     return data["meta"], points
 
 
@@ -607,15 +657,19 @@ def fig4_rows(points: list[dict]) -> list[dict]:
     rows = []
     for p in sorted(points, key=lambda p: (p["method"], p["T"])):
         ref = paper_at.get((p["method"], p["T"]), paper_at.get((p["method"], None)))
-        rows.append({
-            "method": MEMORY_LABELS.get(p["method"], p["method"]),
-            "T": p["T"],
-            "batch": p["batch"],
-            "device": p["device"],
-            "ours: tensors (GB)": f"{p['accounted_gb']:.3f}",
-            "ours: CUDA peak (GB)": f"{p['cuda_peak_gb']:.3f}" if p["cuda_peak_gb"] is not None else "-",
-            "paper (GB)": "-" if ref is None else ref,
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": MEMORY_LABELS.get(p["method"], p["method"]),
+                "T": p["T"],
+                "batch": p["batch"],
+                "device": p["device"],
+                "ours: tensors (GB)": f"{p['accounted_gb']:.3f}",
+                "ours: CUDA peak (GB)": f"{p['cuda_peak_gb']:.3f}"
+                if p["cuda_peak_gb"] is not None
+                else "-",
+                "paper (GB)": "-" if ref is None else ref,
+            }
+        )
     return rows
 
 
@@ -627,25 +681,37 @@ def plot_fig4(meta: dict, points: list[dict], path: Path) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     Ts = sorted({p["T"] for p in points})
     for i, method in enumerate(MEMORY_LABELS):
-        mine = sorted((p["T"], p["cuda_peak_gb"] or p["accounted_gb"]) for p in points
-                      if p["method"] == method)  # fmt: skip
+        mine = sorted(
+            (p["T"], p["cuda_peak_gb"] or p["accounted_gb"])
+            for p in points
+            if p["method"] == method
+        )
         if mine:
-            ax.plot([t for t, _ in mine], [g for _, g in mine], "o-", color=f"C{i}",
-                    label=f"{MEMORY_LABELS[method]} (ours, batch {points[0]['batch']})")  # fmt: skip
+            ax.plot(
+                [t for t, _ in mine],
+                [g for _, g in mine],
+                "o-",
+                color=f"C{i}",
+                label=f"{MEMORY_LABELS[method]} (ours, batch {points[0]['batch']})",
+            )
         ref = [mp for mp in paper.FIG4 if mp.method == method]
         if ref:
             xs = [mp.T for mp in ref] if ref[0].T is not None else [min(Ts), max(Ts)]
             ys = [mp.gb for mp in ref] if ref[0].T is not None else [ref[0].gb] * 2
-            ax.plot(xs, ys, "s--", mfc="none", color=f"C{i}",
-                    label=f"{MEMORY_LABELS[method]} (paper)")  # fmt: skip
+            ax.plot(
+                xs, ys, "s--", mfc="none", color=f"C{i}", label=f"{MEMORY_LABELS[method]} (paper)"
+            )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_xticks(Ts)
     ax.set_xlabel("time steps T")
     ax.set_ylabel("training memory (GB, log scale)")
     device = meta.get("device_name") or meta.get("device")
-    ax.set_title(f"Figure 4: training memory vs T, VGG-11\nours: {meta.get('device')} ({device}), "
-                 f"batch {meta.get('batch')}; paper: GPU", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Figure 4: training memory vs T, VGG-11\nours: {meta.get('device')} ({device}), "
+        f"batch {meta.get('batch')}; paper: GPU",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -657,7 +723,9 @@ def plot_fig4(meta: dict, points: list[dict], path: Path) -> Figure:
 # ------------------------------------------------------------------------ artefact figures
 
 
-def artefact_figure(artefact: str, cells: Sequence[Cell], rows: Sequence[dict], path: Path) -> Figure:
+def artefact_figure(
+    artefact: str, cells: Sequence[Cell], rows: Sequence[dict], path: Path
+) -> Figure:
     """Figure 5 / Table 3 / Table 4 from the cells' rows (ours) and the cells (paper)."""
     digits = cells[0].dataset == "digits"
     where = "digits, vgg_tiny" if digits else paper.DATASET_NAMES[cells[0].dataset]
@@ -665,9 +733,13 @@ def artefact_figure(artefact: str, cells: Sequence[Cell], rows: Sequence[dict], 
     if artefact == "table4":
         ours = {c.x: r["_final_mean"] for c, r in zip(cells, rows, strict=True)}
         ref = {c.x: c.value for c in cells}
-        return plot_heatmap({f"paper ({paper_where})": ref, f"ours ({where})": ours}, path,
-                            title=paper.TITLES["table4"], xlabel="1 - beta2",
-                            ylabel="1 - beta1")  # fmt: skip
+        return plot_heatmap(
+            {f"paper ({paper_where})": ref, f"ours ({where})": ours},
+            path,
+            title=paper.TITLES["table4"],
+            xlabel="1 - beta2",
+            ylabel="1 - beta1",
+        )
     series: dict[str, list] = {}
     paper_series: dict[str, list] = {}
     for cell, row in zip(cells, rows, strict=True):
@@ -678,8 +750,14 @@ def artefact_figure(artefact: str, cells: Sequence[Cell], rows: Sequence[dict], 
         paper_series.setdefault(label, []).append((x, cell.value))
     xlabel = "time steps T" if artefact == "fig5" else "flip threshold gamma (log scale)"
     title = f"{paper.TITLES[artefact].split(':')[0]}: ours ({where})"
-    return plot_lines(series, path, xlabel=xlabel, title=title, paper_series=paper_series,
-                      paper_title=f"paper ({paper_where})" if digits else None)  # fmt: skip
+    return plot_lines(
+        series,
+        path,
+        xlabel=xlabel,
+        title=title,
+        paper_series=paper_series,
+        paper_title=f"paper ({paper_where})" if digits else None,
+    )
 
 
 def runs_figure(rows: Sequence[dict], keys: Sequence[str], by: str, path: Path) -> Figure:
@@ -687,14 +765,20 @@ def runs_figure(rows: Sequence[dict], keys: Sequence[str], by: str, path: Path) 
     (and per dataset and method), seeds as error bars."""
     series: dict[str, list] = {}
     for row in rows:
-        value = row["_setting"].get(by) if by in row["_setting"] else OmegaConf.select(row["_cfg"], by)
+        value = (
+            row["_setting"].get(by) if by in row["_setting"] else OmegaConf.select(row["_cfg"], by)
+        )
         if value is None:
             raise ValueError(f"config key {by!r} not found in the runs; swept keys: {list(keys)}")
         if row["_final_mean"] is None:
             continue
         others = ", ".join(f"{k}={row['_setting'][k]}" for k in keys if k != by)
-        label = f"{paper.METHOD_NAMES.get(row['method'], row['method'])} ({row['dataset']}" + (
-            f", T={row['T']}" if by != "engine.T" else "") + (f", {others}" if others else "") + ")"  # fmt: skip
+        label = (
+            f"{paper.METHOD_NAMES.get(row['method'], row['method'])} ({row['dataset']}"
+            + (f", T={row['T']}" if by != "engine.T" else "")
+            + (f", {others}" if others else "")
+            + ")"
+        )
         series.setdefault(label, []).append((float(value), row["_final_mean"], row["_final_std"]))
     if not series:
         raise ValueError("no completed run to plot")

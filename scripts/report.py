@@ -44,17 +44,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("artefact", choices=COMMANDS, help="what to produce")
-    parser.add_argument("root", type=Path, nargs="?", default=None,
-                        help="run directories below this (default outputs/); "
-                        "fig4: the benchmark JSON")  # fmt: skip
+    parser.add_argument(
+        "root",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="run directories below this (default outputs/); fig4: the benchmark JSON",
+    )
     parser.add_argument("--by", help="runs: the config key on the x axis of --figure")
     parser.add_argument("--figure", type=Path, help="write the figure to this PNG")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
-    parser.add_argument("--digits", action="store_true",
-                        help="the paper's cells mapped onto the embedded digits")  # fmt: skip
-    parser.add_argument("--with", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override added to every cell's command (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--digits", action="store_true", help="the paper's cells mapped onto the embedded digits"
+    )
+    parser.add_argument(
+        "--with",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every cell's command (repeatable)",
+    )
     parser.add_argument("--wandb", action="store_true", help="log the table to wandb")
     parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online"))
     parser.add_argument("--wandb-project", default="bso")
@@ -78,14 +89,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if "=" not in extra:
             parser.error(f"--with expects KEY=VALUE, got {extra!r}")
     if args.root is None:
-        args.root = ROOT / "benchmarks/results/memory_vs_T.json" if args.artefact == "fig4" else Path("outputs")
+        args.root = (
+            ROOT / "benchmarks/results/memory_vs_T.json"
+            if args.artefact == "fig4"
+            else Path("outputs")
+        )
     if args.artefact != "fig4" and not args.root.is_dir():
         parser.error(f"{args.root} is not a directory (give the directory your runs are under)")
     return args
 
 
-def build(args: argparse.Namespace) -> tuple[str, list[dict], list[str] | None, Path | None]:
-    """(title, rows, columns, figure written or None)."""
+def build(args: argparse.Namespace):
+    """(title, rows, columns, the matplotlib figure written to --figure or None)."""
     if args.artefact == "fig4":
         meta, points = rp.memory_points(args.root)
         rows = rp.fig4_rows(points)
@@ -105,7 +120,11 @@ def build(args: argparse.Namespace) -> tuple[str, list[dict], list[str] | None, 
     fig = rp.artefact_figure(args.artefact, cells, rows, args.figure) if args.figure else None
     title = paper.TITLES[args.artefact]
     if args.digits:
-        title += " -- ours on the digits (vgg_tiny) beside the paper's numbers"
+        where = sorted({paper.DATASET_NAMES[c.paper_dataset] for c in cells})
+        title += (
+            f" -- ours on the digits (vgg_tiny, CPU); the paper column is {', '.join(where)}"
+            " (VGG-11), for orientation: no difference is computed across datasets"
+        )
     sweeps = paper.SWEEPS.get(args.artefact, ())
     if sweeps and not args.digits:
         title += "\n\nAll of it: " + " ; ".join(f"`python train.py -m +sweep={s}`" for s in sweeps)
@@ -124,10 +143,15 @@ def main(argv: list[str] | None = None) -> None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         args.csv.write_text(rp.to_csv(rows))
     if fig:
-        print(f"\nwrote {fig}")
+        print(f"\nwrote {args.figure}")
     if args.wandb:
-        where = rp.log_wandb(args.artefact, rows, [fig] if fig else [], mode=args.wandb_mode,
-                             project=args.wandb_project)  # fmt: skip
+        where = rp.log_wandb(
+            args.artefact,
+            rows,
+            [args.figure] if fig else [],
+            mode=args.wandb_mode,
+            project=args.wandb_project,
+        )
         print(f"logged the table to wandb ({args.wandb_mode}): {where}")
 
 

@@ -34,7 +34,9 @@ FIXED = ("logger=none", "device=cpu", "save_checkpoint=false")
 
 
 def cells_to_train(artefact: str, args: argparse.Namespace):
-    cells = rp.prepare_cells(artefact, digits=True, extra=[f"dataset.epochs={args.epochs}", *args.extra])
+    cells = rp.prepare_cells(
+        artefact, digits=True, extra=[f"dataset.epochs={args.epochs}", *args.extra]
+    )
     if artefact == "fig5":
         cells = [c for c in cells if c.T <= args.max_T]
     if artefact == "table3" and args.gammas:
@@ -50,8 +52,10 @@ def multiruns(cells) -> list[list[str]]:
         groups.setdefault((cell.method, keys), []).append(cell)
     out = []
     for (_, keys), members in groups.items():
-        values = [sorted({c.overrides[i].split("=", 1)[1] for c in members}, key=rp._sort_value)
-                  for i in range(len(keys))]  # fmt: skip
+        values = [
+            sorted({c.overrides[i].split("=", 1)[1] for c in members}, key=rp._sort_value)
+            for i in range(len(keys))
+        ]
         if len(list(itertools.product(*values))) == len(members):
             out.append([f"{k}={','.join(v)}" for k, v in zip(keys, values, strict=True)])
         else:
@@ -60,15 +64,27 @@ def multiruns(cells) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--artefacts", nargs="+", default=list(ARTEFACTS), choices=ARTEFACTS)
     parser.add_argument("--max-T", type=int, default=6, help="Figure 5: train T up to this")
     parser.add_argument("--gammas", nargs="+", help="Table 3: only these gammas (default: all 8)")
-    parser.add_argument("--with", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override added to every run (e.g. a narrower model for a quick check)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP/torch threads per run (1 keeps runs steady on a busy machine)")
+    parser.add_argument(
+        "--with",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every run (e.g. a narrower model for a quick check)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP/torch threads per run (1 keeps runs steady on a busy machine)",
+    )
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs/mini")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mini")
     args = parser.parse_args()
@@ -85,8 +101,14 @@ def main() -> None:
         t0 = time.perf_counter()
         for i, overrides in enumerate(multiruns(todo)):
             sweep_dir = args.runs / f"{artefact}_{int(time.time())}_{i}"
-            cmd = [sys.executable, "train.py", "-m", *overrides, *FIXED,
-                   f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "train.py",
+                "-m",
+                *overrides,
+                *FIXED,
+                f"hydra.sweep.dir={sweep_dir}",
+            ]
             print("+", " ".join(cmd[1:]), flush=True)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -96,18 +118,33 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for artefact in args.artefacts:
-        argv = [artefact, str(args.runs), "--digits", f"--with=dataset.epochs={args.epochs}",
-                *(f"--with={e}" for e in args.extra),
-                "--out", str(args.out / f"{artefact}.md"), "--csv", str(args.out / f"{artefact}.csv")]  # fmt: skip
+        argv = [
+            artefact,
+            str(args.runs),
+            "--digits",
+            f"--with=dataset.epochs={args.epochs}",
+            *(f"--with={e}" for e in args.extra),
+            "--out",
+            str(args.out / f"{artefact}.md"),
+            "--csv",
+            str(args.out / f"{artefact}.csv"),
+        ]
         if artefact == "fig4":  # measured by `make fig4`, not trained here
             argv = ["fig4", "--out", str(args.out / "fig4.md"), "--csv", str(args.out / "fig4.csv")]
         if artefact in report_cli.FIGURES:
             argv += ["--figure", str(args.out / f"{artefact}.png")]
         report_cli.main(argv)
     total = round(time.perf_counter() - start, 1)
-    meta = {"epochs": args.epochs, "train_seconds": timings, "total_seconds": total,
-            "artefacts": args.artefacts, "max_T": args.max_T, "threads": args.threads,
-            "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg()}  # fmt: skip
+    meta = {
+        "epochs": args.epochs,
+        "train_seconds": timings,
+        "total_seconds": total,
+        "artefacts": args.artefacts,
+        "max_T": args.max_T,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+    }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"\nmini reproduction: {total:.0f} s in all; training per artefact {timings}")
 

@@ -42,7 +42,10 @@ def test_every_reproducible_cell_composes_to_its_setting():
             assert cell.note and cell.command.startswith("not reproducible here")
     for cell, cfg in zip(reproducible, rp.compose_cells(reproducible), strict=True):
         assert (cfg.dataset.name, rp.method_of(cfg), cfg.engine.T) == (
-            cell.dataset, cell.method, cell.T), cell  # fmt: skip
+            cell.dataset,
+            cell.method,
+            cell.T,
+        ), cell
         if cell.artefact == "table3":
             assert math.isclose(cfg.optimizer.binary.gamma, cell.x)
         if cell.artefact == "table4":
@@ -55,7 +58,11 @@ def test_digits_cells_train_the_same_method_and_value_on_the_digits():
     cells = [c for c in ALL_CELLS if c.method in paper.METHOD_OVERRIDES]
     minis = [c.on_digits() for c in cells]
     for cell, mini, cfg in zip(cells, minis, rp.compose_cells(minis), strict=True):
-        assert (cfg.dataset.name, rp.method_of(cfg), cfg.engine.T) == ("digits", cell.method, cell.T)
+        assert (cfg.dataset.name, rp.method_of(cfg), cfg.engine.T) == (
+            "digits",
+            cell.method,
+            cell.T,
+        )
         assert mini.command.startswith("python train.py ") and "experiment=" not in mini.command
 
 
@@ -64,8 +71,9 @@ def test_table3_gammas_are_the_paper_units_times_1e_5():
     assert gammas == pytest.approx([5e-8, 2e-7, 5e-7, 8e-7, 1e-6, 1.5e-6, 2e-6, 5e-5])
     # Table 3 at the default gamma is Table 2's T-BSO T=2 cell: the same setting, the same number
     t3 = next(c for c in paper.cells("table3") if math.isclose(c.x, 5e-7))
-    t2 = next(c for c in paper.cells("table2")
-              if (c.dataset, c.method, c.T) == ("cifar100", "tbso", 2))  # fmt: skip
+    t2 = next(
+        c for c in paper.cells("table2") if (c.dataset, c.method, c.T) == ("cifar100", "tbso", 2)
+    )
     assert rp.identity(composed(t3)) == rp.identity(composed(t2)) and t3.value == t2.value
 
 
@@ -74,8 +82,11 @@ def _expand(params) -> list[list[str]]:
     axes = []
     for key, value in params.items():
         (override,) = OverridesParser.create().parse_overrides([f"{key}={value}"])
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
-            override.get_value_element_as_str()]  # fmt: skip
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
         axes.append([f"{key}={v}" for v in values])
     return [list(job) for job in itertools.product(*axes)]
 
@@ -85,23 +96,30 @@ def test_sweep_configs_run_every_cell_of_their_artefact_with_three_seeds(artefac
     jobs = set()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for sweep in paper.SWEEPS[artefact]:
-            cfg = compose(config_name="train", overrides=[f"+sweep={sweep}"],
-                          return_hydra_config=True)  # fmt: skip
+            cfg = compose(
+                config_name="train", overrides=[f"+sweep={sweep}"], return_hydra_config=True
+            )
             jobs |= {tuple(job) for job in _expand(cfg.hydra.sweeper.params)}
     seeds = {o for job in jobs for o in job if o.startswith("seed=")}
     settings = {tuple(o for o in j if not o.startswith("seed=")) + ("logger=none",) for j in jobs}
     identities = {rp.identity(c) for c in rp.compose_overrides(sorted(settings))}
     assert seeds == {"seed=0", "seed=1", "seed=2"}
     wanted = [c for c in paper.cells(artefact) if c.reproducible and c.dataset != "imagenet"]
-    missing = [c.command for c, cfg in zip(wanted, rp.compose_cells(wanted), strict=True)
-               if rp.identity(cfg) not in identities]  # fmt: skip
+    missing = [
+        c.command
+        for c, cfg in zip(wanted, rp.compose_cells(wanted), strict=True)
+        if rp.identity(cfg) not in identities
+    ]
     assert not missing
 
 
 def test_optuna_sweep_searches_tbso_gamma_log_uniform_and_maximises():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["+sweep=optuna", "dataset=digits"],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            config_name="train",
+            overrides=["+sweep=optuna", "dataset=digits"],
+            return_hydra_config=True,
+        )
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.params["optimizer.binary.gamma"].startswith("tag(log, interval(")
@@ -112,7 +130,9 @@ def test_optuna_sweep_searches_tbso_gamma_log_uniform_and_maximises():
 # ------------------------------------------------------------------- runs written by the test
 
 
-def write_run(run_dir, overrides, accs, *, epochs=None, status=None, hydra_overrides=None, extra=()):
+def write_run(
+    run_dir, overrides, accs, *, epochs=None, status=None, hydra_overrides=None, extra=()
+):
     """A run directory as train.py + Hydra leave it: config.yaml, metrics.jsonl, overrides."""
     epochs = len(accs) if epochs is None else epochs
     cfg = compose_config(*overrides, f"dataset.epochs={epochs}", output_dir=run_dir)
@@ -123,7 +143,8 @@ def write_run(run_dir, overrides, accs, *, epochs=None, status=None, hydra_overr
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text(
-        OmegaConf.to_yaml(OmegaConf.create(list(hydra_overrides or overrides))))
+        OmegaConf.to_yaml(OmegaConf.create(list(hydra_overrides or overrides)))
+    )
     if status:
         (run_dir / "status.json").write_text(json.dumps({"status": status, "epoch": len(accs)}))
     return run_dir
@@ -131,8 +152,12 @@ def write_run(run_dir, overrides, accs, *, epochs=None, status=None, hydra_overr
 
 def test_runs_on_a_2x2_sweep_give_one_row_per_setting_with_the_swept_keys(tmp_path, capsys):
     """The issue's case: -m engine.T=2,4 optimizer.binary.gamma=5e-7,1e-6, here with 2 seeds."""
-    accs = {(2, "5e-07"): (0.80, 0.84), (2, "1e-06"): (0.70, 0.70),
-            (4, "5e-07"): (0.90, 0.94), (4, "1e-06"): (0.60, 0.62)}  # fmt: skip
+    accs = {
+        (2, "5e-07"): (0.80, 0.84),
+        (2, "1e-06"): (0.70, 0.70),
+        (4, "5e-07"): (0.90, 0.94),
+        (4, "1e-06"): (0.60, 0.62),
+    }
     for i, ((T, gamma), by_seed) in enumerate(accs.items()):
         for seed, acc in enumerate(by_seed):
             overrides = [f"engine.T={T}", f"optimizer.binary.gamma={gamma}", f"seed={seed}"]
@@ -145,7 +170,9 @@ def test_runs_on_a_2x2_sweep_give_one_row_per_setting_with_the_swept_keys(tmp_pa
     assert row["final"] == "92.00 +- 2.83" and row["runs"] == "2" and row["seeds"] == "0,1"
 
     fig_path = tmp_path / "acc_vs_gamma.png"
-    report_cli.main(["runs", str(tmp_path), "--by", "optimizer.binary.gamma", "--figure", str(fig_path)])
+    report_cli.main(
+        ["runs", str(tmp_path), "--by", "optimizer.binary.gamma", "--figure", str(fig_path)]
+    )
     out = capsys.readouterr().out
     assert "| optimizer.binary.gamma |" in out and fig_path.stat().st_size > 0
     fig = rp.runs_figure(rows, keys, "optimizer.binary.gamma", tmp_path / "again.png")
@@ -175,8 +202,9 @@ def test_best_epoch_from_the_records_or_their_best_keys(tmp_path):
     assert run.best == (pytest.approx(80.0), 2) and run.final_acc == pytest.approx(70.0)
     eval_only = {"test/acc1": 0.99}  # no epoch: skipped
     logged = {"epoch": 3, "test/acc1": 0.7, "best/epoch": 1, "best/test_acc1": 0.95}
-    run = rp.load_run(write_run(tmp_path / "b", ["seed=0"], [0.5, 0.8], epochs=3,
-                                extra=[logged, eval_only]))  # fmt: skip
+    run = rp.load_run(
+        write_run(tmp_path / "b", ["seed=0"], [0.5, 0.8], epochs=3, extra=[logged, eval_only])
+    )
     assert run.best == (pytest.approx(95.0), 1) and run.completed
 
 
@@ -186,8 +214,19 @@ def test_table3_puts_runs_in_their_cells_and_commands_in_the_others(tmp_path, ca
         write_run(tmp_path / f"g{seed}", [*digits[2].overrides, f"seed={seed}"], [0.5, acc])
     write_run(tmp_path / "other_T", [*digits[2].overrides, "engine.T=4"], [0.5, 0.1])
     csv_path = tmp_path / "t3.csv"
-    report_cli.main(["table3", str(tmp_path), "--digits", "--with", "dataset.epochs=2",
-                     "--csv", str(csv_path), "--figure", str(tmp_path / "t3.png")])  # fmt: skip
+    report_cli.main(
+        [
+            "table3",
+            str(tmp_path),
+            "--digits",
+            "--with",
+            "dataset.epochs=2",
+            "--csv",
+            str(csv_path),
+            "--figure",
+            str(tmp_path / "t3.png"),
+        ]
+    )
     out = capsys.readouterr().out
     rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert len(rows) == 8
@@ -260,9 +299,23 @@ def test_wandb_table_is_logged_offline(tmp_path, monkeypatch):
 def test_reproduce_mini_cut_down(tmp_path):
     """Two Table 3 settings, one epoch, a narrow model: trained by a Hydra multirun, then
     rendered into the same table and figure."""
-    cmd = [sys.executable, "scripts/reproduce_mini.py", "--epochs", "1", "--artefacts", "table3",
-           "--gammas", "5e-07", "2e-06", "--with", "model.layers=8C3-16C3-AP2",
-           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "scripts/reproduce_mini.py",
+        "--epochs",
+        "1",
+        "--artefacts",
+        "table3",
+        "--gammas",
+        "5e-07",
+        "2e-06",
+        "--with",
+        "model.layers=8C3-16C3-AP2",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "table3.csv").read_text())))
