@@ -674,46 +674,47 @@ def fig4_rows(points: list[dict]) -> list[dict]:
 
 
 def plot_fig4(meta: dict, points: list[dict], path: Path) -> Figure:
-    """Memory vs T, one line per method (ours), the paper's points overlaid; log y axis (GB)."""
-    from matplotlib.ticker import ScalarFormatter
+    """Memory vs T, one line per method (ours), the paper's points overlaid; log y axis (GB).
+    The paper gives BPTT's two end points only (drawn as points) and one value for every T for
+    BSO / T-BSO (drawn as a flat dashed line)."""
+    from matplotlib.ticker import FormatStrFormatter
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
     Ts = sorted({p["T"] for p in points})
+    markers = {"bptt_latent": ("o", 7), "bso": ("s", 8), "tbso": ("^", 5)}  # BSO = T-BSO here
     for i, method in enumerate(MEMORY_LABELS):
         mine = sorted(
             (p["T"], p["cuda_peak_gb"] or p["accounted_gb"])
             for p in points
             if p["method"] == method
         )
+        marker, size = markers[method]
         if mine:
-            ax.plot(
-                [t for t, _ in mine],
-                [g for _, g in mine],
-                "o-",
-                color=f"C{i}",
-                label=f"{MEMORY_LABELS[method]} (ours, batch {points[0]['batch']})",
-            )
+            ax.plot([t for t, _ in mine], [g for _, g in mine], marker=marker, ms=size,
+                    color=f"C{i}", label=f"{MEMORY_LABELS[method]}, ours")  # fmt: skip
         ref = [mp for mp in paper.FIG4 if mp.method == method]
-        if ref:
-            xs = [mp.T for mp in ref] if ref[0].T is not None else [min(Ts), max(Ts)]
-            ys = [mp.gb for mp in ref] if ref[0].T is not None else [ref[0].gb] * 2
-            ax.plot(
-                xs, ys, "s--", mfc="none", color=f"C{i}", label=f"{MEMORY_LABELS[method]} (paper)"
-            )
+        if ref and ref[0].T is None:
+            ax.plot([min(Ts), max(Ts)], [ref[0].gb] * 2, "--", color=f"C{i}",
+                    label=f"{MEMORY_LABELS[method]}, paper (every T)")  # fmt: skip
+        elif ref:
+            ax.plot([mp.T for mp in ref], [mp.gb for mp in ref], linestyle="none", marker=marker,
+                    ms=9, mfc="none", mew=1.5, color=f"C{i}",
+                    label=f"{MEMORY_LABELS[method]}, paper")  # fmt: skip
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_xticks(Ts)
     ax.set_xlabel("time steps T")
     ax.set_ylabel("training memory (GB, log scale)")
     device = meta.get("device_name") or meta.get("device")
     ax.set_title(
-        f"Figure 4: training memory vs T, VGG-11\nours: {meta.get('device')} ({device}), "
-        f"batch {meta.get('batch')}; paper: GPU",
-        fontsize=10,
+        f"Figure 4: training memory vs T, VGG-11 on 32x32 input\nours: {meta.get('device')} "
+        f"({device}), batch {meta.get('batch')}, weights + grads + optimizer state + activations;"
+        " paper: GPU",
+        fontsize=9,
     )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

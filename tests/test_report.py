@@ -285,7 +285,8 @@ def test_fig4_reads_the_memory_benchmark_and_overlays_the_paper(tmp_path, capsys
     fig = rp.plot_fig4(meta, points, tmp_path / "again.png")
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
-    assert sum("(paper)" in t.get_text() for t in ax.get_legend().get_texts()) == 3
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(", paper" in t for t in labels) == 3 and sum(", ours" in t for t in labels) == 3
 
 
 def test_wandb_table_is_logged_offline(tmp_path, monkeypatch):
