@@ -1,15 +1,16 @@
 """The paper's tables and figures, reproduced small on the embedded digits (`make reproduce-mini`).
 
-Trains, on the digits with vgg_tiny and a few epochs (CPU), the cells of Table 2 (CIFAR-10's six
-methods at the paper's T), Figure 5 (BSO / T-BSO vs T, up to --max-T), Table 3 (T-BSO's gamma
-sweep at T=2) and Table 4 (its betas), each group of cells as one Hydra multirun of train.py,
-skipping cells that already have a completed run under --runs; then renders them with
-scripts/report.py into --out: <artefact>.md, <artefact>.csv and, for the figures, <artefact>.png.
+Trains, on the digits with vgg_tiny and a few epochs (CPU), one run per seed (--seeds), the cells
+of Table 2 (CIFAR-10's six methods at the paper's T), Figure 5 (BSO / T-BSO vs T, up to --max-T),
+Table 3 (T-BSO's gamma sweep at T=2) and Table 4 (its betas), each group of cells as one Hydra
+multirun of train.py, skipping cells that already have a completed run with that seed under --runs;
+then renders them with scripts/report.py into --out: <artefact>.md, <artefact>.csv and, for the
+figures, <artefact>.png. Training seconds per artefact go to <out>/meta.json.
 Figure 4 is rendered from the memory benchmark (benchmarks/results/memory_vs_T.json, `make fig4`).
 
     python scripts/reproduce_mini.py                                  # ~ a few minutes, 2 cores
-    python scripts/reproduce_mini.py --epochs 1 --artefacts table3 --gammas 5e-07 2e-06 \\
-        --runs /tmp/mini/runs --out /tmp/mini/results                 # a cut-down check
+    python scripts/reproduce_mini.py --epochs 1 --seeds 0 --artefacts table3 \\
+        --gammas 5e-07 2e-06 --runs /tmp/mini/runs --out /tmp/mini/results   # a cut-down check
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--artefacts", nargs="+", default=list(ARTEFACTS), choices=ARTEFACTS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed")
     parser.add_argument("--max-T", type=int, default=6, help="Figure 5: train T up to this")
     parser.add_argument("--gammas", nargs="+", help="Table 3: only these gammas (default: all 8)")
     parser.add_argument(
@@ -97,24 +99,23 @@ def main() -> None:
     for artefact in [a for a in args.artefacts if a != "fig4"]:
         cells = cells_to_train(artefact, args)
         summaries = rp.match(cells, rp.load_runs(args.runs))
-        todo = [c for c, s in zip(cells, summaries, strict=True) if not s.done]
-        t0 = time.perf_counter()
-        for i, overrides in enumerate(multiruns(todo)):
-            sweep_dir = args.runs / f"{artefact}_{int(time.time())}_{i}"
-            cmd = [
-                sys.executable,
-                "train.py",
-                "-m",
-                *overrides,
-                *FIXED,
-                f"hydra.sweep.dir={sweep_dir}",
-            ]
-            print("+", " ".join(cmd[1:]), flush=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        timings[artefact] = round(time.perf_counter() - t0, 1)
+        t0, trained = time.perf_counter(), 0
+        for seed in args.seeds:  # the cells that lack a completed run with this seed
+            todo = [c for c, s in zip(cells, summaries, strict=True)
+                    if seed not in {r.cfg.seed for r in s.done}]  # fmt: skip
+            for i, overrides in enumerate(multiruns(todo)):
+                sweep_dir = args.runs / f"{artefact}_seed{seed}_{int(time.time())}_{i}"
+                cmd = [sys.executable, "train.py", "-m", *overrides, f"seed={seed}", *FIXED,
+                       f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+                print("+", " ".join(cmd[1:]), flush=True)
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+            trained += len(todo)
+        if not trained:
+            continue  # every cell already has its completed runs: keep the recorded timing
+        timings[artefact] = {"runs": trained, "seconds": round(time.perf_counter() - t0, 1)}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for artefact in args.artefacts:
@@ -134,19 +135,23 @@ def main() -> None:
         if artefact in report_cli.FIGURES:
             argv += ["--figure", str(args.out / f"{artefact}.png")]
         report_cli.main(argv)
-    total = round(time.perf_counter() - start, 1)
-    meta = {
-        "epochs": args.epochs,
-        "train_seconds": timings,
-        "total_seconds": total,
-        "artefacts": args.artefacts,
-        "max_T": args.max_T,
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "load_avg_at_end": os.getloadavg(),
-    }
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"\nmini reproduction: {total:.0f} s in all; training per artefact {timings}")
+    # Training time per artefact, kept across invocations that only re-render (same epochs).
+    meta_path = args.out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    setup = {"epochs": args.epochs, "extra": args.extra}
+    if any(meta.get(k) != v for k, v in setup.items()):
+        meta = {**setup, "train": {}}
+    meta["seeds"] = args.seeds
+    meta["train"].update(
+        {
+            a: {**t, "threads": args.threads, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+            for a, t in timings.items()
+        }  # fmt: skip
+    )
+    meta["train_seconds_total"] = round(sum(t["seconds"] for t in meta["train"].values()), 1)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    took = round(time.perf_counter() - start, 1)
+    print(f"\nmini reproduction: {took:.0f} s in this call; training recorded: {meta['train']}")
 
 
 if __name__ == "__main__":

@@ -305,6 +305,8 @@ def test_reproduce_mini_cut_down(tmp_path):
         "scripts/reproduce_mini.py",
         "--epochs",
         "1",
+        "--seeds",
+        "0",
         "--artefacts",
         "table3",
         "--gammas",
