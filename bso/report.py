@@ -427,11 +427,24 @@ def _override_items(run: Run) -> dict[str, str]:
     return items
 
 
+def setting_value(run: Run, key: str) -> str | None:
+    """What the run trained with for an overridden ``key``: the config's value (so `gamma=5e-7`
+    and the default 5e-07 agree); for a config group, its `name` or class; else the override."""
+    value = OmegaConf.select(run.cfg, key, default=None)
+    if isinstance(value, DictConfig):
+        value = value.get("name") or _class(value.get("_target_"))
+    if value is None:
+        value = _override_items(run).get(key)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return None if value is None else str(value)
+
+
 def swept_keys(runs: Sequence[Run]) -> list[str]:
-    """The override keys whose value is not the same in every run (seed excluded: aggregated)."""
-    per_run = [_override_items(r) for r in runs]
-    keys = sorted({k for items in per_run for k in items})
-    return [k for k in keys if len({items.get(k) for items in per_run}) > 1]
+    """The overridden keys (.hydra/overrides.yaml) whose value is not the same in every run;
+    the seed is not a setting (aggregated)."""
+    keys = sorted({k for r in runs for k in _override_items(r)})
+    return [k for k in keys if len({setting_value(r, k) for r in runs}) > 1]
 
 
 def _sort_value(v):
@@ -446,8 +459,7 @@ def runs_rows(runs: Sequence[Run]) -> tuple[list[dict], list[str]]:
     keys = [k for k in swept_keys(runs) if k != "engine.T"]
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        items = _override_items(run)
-        setting = tuple(items.get(k) for k in keys)
+        setting = tuple(setting_value(run, k) for k in keys)
         groups.setdefault((identity(run.cfg), setting), []).append(run)
     rows = []
     for (_, setting), members in groups.items():
@@ -532,14 +544,18 @@ def plot_lines(
     second panel (``paper_title``) when they were measured on other data."""
     plt = _pyplot()
     two = bool(paper_series) and paper_title is not None
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(10 if two else 5.5, 4), squeeze=False)
+    outside = not two and len(series) > 4  # many lines: the legend goes right of the axes
+    width = 10 if two else (9.5 if outside else 5.5)
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(width, 4.2), squeeze=False)
     ours_ax, paper_ax = axes[0][0], axes[0][1] if two else axes[0][0]
     xs_all = [p[0] for pts in series.values() for p in pts]
     xs_all += [p[0] for pts in (paper_series or {}).values() for p in pts]
     log = _is_log(xs_all)
     colors = {}
-    for i, label in enumerate(sorted(set(series) | set(paper_series or {}))):
-        colors[label] = f"C{i}"
+    labels = sorted(set(series) | set(paper_series or {}))
+    palette = plt.get_cmap("tab20").colors if len(labels) > 10 else [f"C{i}" for i in range(10)]
+    for i, label in enumerate(labels):
+        colors[label] = palette[i % len(palette)]
     for label, points in sorted(series.items()):
         points = sorted(points)
         ys = [p[1] for p in points]
@@ -551,7 +567,7 @@ def plot_lines(
             marker="o",
             capsize=3,
             color=colors[label],
-            label=f"{label} (ours)",
+            label=f"{label} (ours)" if paper_series else label,
         )
     for label, points in sorted((paper_series or {}).items()):
         points = sorted(points)
@@ -567,7 +583,9 @@ def plot_lines(
         _style_x(ax, xs_all, log)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and outside:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        elif ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ours_ax.set_title(title, fontsize=10)
     if two:
@@ -762,24 +780,32 @@ def artefact_figure(
 
 
 def runs_figure(rows: Sequence[dict], keys: Sequence[str], by: str, path: Path) -> Figure:
-    """Final test top-1 against config key ``by``: one line per setting of the other swept keys
-    (and per dataset and method), seeds as error bars."""
+    """Final test top-1 against config key ``by``: one line per setting of everything else that
+    varies between the rows (dataset, method, T, the other swept keys), seeds as error bars."""
+    if by != "engine.T" and by not in keys:
+        raise ValueError(f"{by!r} was not swept in these runs; swept keys: {['engine.T', *keys]}")
+    others = ["method"] + [k for k in ("dataset", "T") if k != by.replace("engine.", "")]
+    others = [k for k in others if k == "method" or len({r[k] for r in rows}) > 1]
+
+    def says_more_than_the_method(key: str) -> bool:  # e.g. not engine=bptt next to FP-SNN
+        per_method: dict[str, set] = {}
+        for r in rows:
+            per_method.setdefault(r["method"], set()).add(r["_setting"][key])
+        return any(len(values) > 1 for values in per_method.values())
+
+    other_keys = [k for k in keys if k != by and says_more_than_the_method(k)]
     series: dict[str, list] = {}
     for row in rows:
-        value = (
-            row["_setting"].get(by) if by in row["_setting"] else OmegaConf.select(row["_cfg"], by)
-        )
-        if value is None:
-            raise ValueError(f"config key {by!r} not found in the runs; swept keys: {list(keys)}")
-        if row["_final_mean"] is None:
+        value = row["T"] if by == "engine.T" else row["_setting"][by]
+        if row["_final_mean"] is None or value is None:
             continue
-        others = ", ".join(f"{k}={row['_setting'][k]}" for k in keys if k != by)
-        label = (
-            f"{paper.METHOD_NAMES.get(row['method'], row['method'])} ({row['dataset']}"
-            + (f", T={row['T']}" if by != "engine.T" else "")
-            + (f", {others}" if others else "")
-            + ")"
-        )
+        parts = [
+            paper.METHOD_NAMES.get(row[k], row[k]) if k == "method" else f"{k}={row[k]}"
+            for k in others
+        ]
+        parts += [f"{k.rsplit('.', 1)[-1]}={row['_setting'][k]}" for k in other_keys
+                  if row["_setting"][k] is not None]  # fmt: skip
+        label = ", ".join(str(p) for p in parts) or "all runs"
         series.setdefault(label, []).append((float(value), row["_final_mean"], row["_final_std"]))
     if not series:
         raise ValueError("no completed run to plot")
