@@ -185,6 +185,18 @@ def test_runs_on_a_2x2_sweep_give_one_row_per_setting_with_the_swept_keys(tmp_pa
     assert ax.xaxis.get_major_formatter().get_offset() == ""
 
 
+def test_an_explicit_default_and_the_default_are_one_setting(tmp_path):
+    write_run(tmp_path / "a", ["optimizer.binary.gamma=5e-7", "seed=0"], [0.5, 0.8])
+    write_run(tmp_path / "b", ["seed=1"], [0.5, 0.9])
+    write_run(tmp_path / "c", ["optimizer.binary.gamma=1e-6", "seed=0"], [0.5, 0.7])
+    rows, keys = rp.runs_rows(rp.load_runs(tmp_path))
+    assert keys == ["optimizer.binary.gamma"]
+    assert [(r["optimizer.binary.gamma"], r["runs"]) for r in rows] == [
+        ("5e-07", "2"),
+        ("1e-06", "1"),
+    ]
+
+
 def test_unfinished_runs_are_named_and_never_averaged_in(tmp_path):
     base = ["optimizer=tbso", "engine.T=2"]
     write_run(tmp_path / "done", [*base, "seed=0"], [0.5, 0.9])
