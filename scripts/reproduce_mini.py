@@ -135,19 +135,22 @@ def main() -> None:
         if artefact in report_cli.FIGURES:
             argv += ["--figure", str(args.out / f"{artefact}.png")]
         report_cli.main(argv)
-    # Training time per artefact, kept across invocations that only re-render (same epochs).
+    # Training time per artefact, summed over invocations with the same epochs and overrides.
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     setup = {"epochs": args.epochs, "extra": args.extra}
     if any(meta.get(k) != v for k, v in setup.items()):
         meta = {**setup, "train": {}}
-    meta["seeds"] = args.seeds
-    meta["train"].update(
-        {
-            a: {**t, "threads": args.threads, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
-            for a, t in timings.items()
-        }  # fmt: skip
-    )
+    meta["seeds"] = sorted(set(meta.get("seeds", [])) | set(args.seeds))
+    for artefact, t in timings.items():  # accumulated over calls (e.g. one per added seed)
+        done = meta["train"].get(artefact, {"runs": 0, "seconds": 0.0, "load_avg_max": 0.0})
+        meta["train"][artefact] = {
+            "runs": done["runs"] + t["runs"],
+            "seconds": round(done["seconds"] + t["seconds"], 1),
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "load_avg_max": round(max(done["load_avg_max"], *os.getloadavg()[:2]), 1),
+        }
     meta["train_seconds_total"] = round(sum(t["seconds"] for t in meta["train"].values()), 1)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     took = round(time.perf_counter() - start, 1)
