@@ -306,18 +306,6 @@ FIG4_COMMAND = (
     "make fig4   # python scripts/bench/memory_vs_T.py -> benchmarks/results/memory_vs_T.json"
 )
 
-# Model sizes (MB, 1-bit binary weights + 32-bit others) the paper gives, by (dataset, arch).
-MODEL_SIZES_MB = {
-    ("cifar10", "VGG-11", "binary"): 1.20,
-    ("cifar10", "VGG-11", "full"): 36.91,
-    ("cifar100", "VGG-11", "binary"): 1.39,
-    ("cifar100", "VGG-11", "full"): 37.10,
-    ("dvs_cifar10", "VGG-11", "binary"): 1.20,
-    ("dvs_cifar10", "VGG-11", "full"): 36.91,
-    ("imagenet", "ResNet-18", "binary"): 4.22,
-    ("gsc", "VGG-11", "binary"): 1.26,
-}
-
 CELLS: dict[str, list[Cell]] = {
     "table2": _table2(),
     "table3": _table3(),

@@ -324,6 +324,25 @@ def _setting_columns(artefact: str, cell: Cell) -> dict:
     return {"method": paper.METHOD_NAMES[cell.method], "T": cell.T}
 
 
+def built_size_mb(cell: Cell) -> float | None:
+    """The model size (MB: 1-bit binary weights + 32-bit others) of the model the cell's command
+    builds, without training it (bso.models.model_size)."""
+    if not cell.reproducible:
+        return None
+    from hydra.utils import instantiate
+
+    from bso.models import model_size
+
+    (cfg,) = compose_cells([cell])
+    key = OmegaConf.to_yaml(cfg.model, resolve=True)  # the same model at every T
+    if key not in _SIZES:
+        _SIZES[key] = model_size(instantiate(cfg.model)).as_dict()["size_mb"]
+    return _SIZES[key]
+
+
+_SIZES: dict[str, float] = {}
+
+
 def cell_rows(artefact: str, cells: Sequence[Cell], summaries: Sequence[Summary]) -> list[dict]:
     """One row per cell: the setting, the paper's value, ours, the difference, the command."""
     rows = []
@@ -333,7 +352,8 @@ def cell_rows(artefact: str, cells: Sequence[Cell], summaries: Sequence[Summary]
         row = _setting_columns(artefact, cell)
         if artefact in ("table2", "table5"):
             row["size paper (MB)"] = f"{cell.size_mb:.2f}"
-            row["size ours (MB)"] = f"{s.size_mb:.2f}" if s.size_mb is not None else "-"
+            size = s.size_mb if s.size_mb is not None else built_size_mb(cell)
+            row["size ours (MB)"] = f"{size:.2f}" if size is not None else "-"
         row.update(
             {
                 "paper": f"{cell.value:.2f}",

@@ -66,6 +66,14 @@ def test_digits_cells_train_the_same_method_and_value_on_the_digits():
         assert mini.command.startswith("python train.py ") and "experiment=" not in mini.command
 
 
+def test_the_models_we_build_have_the_papers_sizes():
+    """Table 2 / 5 model sizes (1-bit binary weights + 32-bit others) against our models.
+    ImageNet's Bi-Real ResNet-18 is 4.16 MB here against the paper's 4.22: not asserted."""
+    for cell in paper.cells("table2") + paper.cells("table5"):
+        if cell.reproducible and cell.arch == "VGG-11":
+            assert rp.built_size_mb(cell) == pytest.approx(cell.size_mb, abs=0.015), cell
+
+
 def test_table3_gammas_are_the_paper_units_times_1e_5():
     gammas = sorted(c.x for c in paper.cells("table3"))
     assert gammas == pytest.approx([5e-8, 2e-7, 5e-7, 8e-7, 1e-6, 1.5e-6, 2e-6, 5e-5])
