@@ -788,7 +788,11 @@ def artefact_figure(
             series.setdefault(label, []).append((x, row["_final_mean"], row["_final_std"]))
         paper_series.setdefault(label, []).append((x, cell.value))
     xlabel = "time steps T" if artefact == "fig5" else "flip threshold gamma (log scale)"
-    title = f"{paper.TITLES[artefact].split(':')[0]}: ours ({where})"
+    title = (
+        f"{paper.TITLES[artefact].split(':')[0]}: ours ({where})"
+        if digits
+        else f"{paper.TITLES[artefact]}\nours: solid, mean +- std over seeds; the paper: dashed"
+    )
     return plot_lines(
         series,
         path,
