@@ -133,7 +133,10 @@ def build(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    title, rows, columns, fig = build(args)
+    try:
+        title, rows, columns, fig = build(args)
+    except (ValueError, FileNotFoundError) as err:  # e.g. --by a key no run swept
+        raise SystemExit(f"report.py {args.artefact}: {err}") from err
     text = f"{title}\n\n{rp.markdown(rows, columns)}"
     print(text)
     if args.out:

@@ -292,6 +292,15 @@ def test_bad_arguments_fail_early_with_a_message(argv, tmp_path, capsys):
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
 
 
+def test_a_figure_by_a_key_no_run_swept_is_refused(tmp_path):
+    write_run(tmp_path / "a", ["optimizer.binary.gamma=5e-7"], [0.5, 0.8])
+    write_run(tmp_path / "b", ["optimizer.binary.gamma=1e-6"], [0.5, 0.8])
+    with pytest.raises(SystemExit, match="'optimizer.binary.beta1' was not swept"):
+        report_cli.main(["runs", str(tmp_path), "--by", "optimizer.binary.beta1",
+                         "--figure", str(tmp_path / "x.png")])  # fmt: skip
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_runs_on_a_directory_without_runs_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no run directories"):
         report_cli.main(["runs", str(tmp_path)])
