@@ -39,7 +39,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 IDENTITY_KEYS = (
     "dataset.name",
     "dataset.epochs",
-    "model",  # cfg.model.name, else the class of model._target_
+    "model",  # the whole model config except its name (layers, norm, weights, ...)
     "model.layers",
     "model.weights",
     "model.agmm",
@@ -81,8 +81,10 @@ def identity(cfg: DictConfig) -> tuple:
     """The setting a config trains (see IDENTITY_KEYS)."""
     values = []
     for key in IDENTITY_KEYS:
-        if key == "model":
-            value = cfg.model.get("name") or _class(cfg.model.get("_target_"))
+        if key == "model":  # all of the model's config but its `name` (a label)
+            model = OmegaConf.to_container(cfg.model, resolve=True)
+            model.pop("name", None)
+            value = json.dumps(model, sort_keys=True)
         elif key == "engine":
             value = _class(cfg.engine.get("_target_"))
         elif key == "engine.trace" and _class(cfg.engine.get("_target_")) != "OnlineEngine":

@@ -260,6 +260,18 @@ def test_table3_puts_runs_in_their_cells_and_commands_in_the_others(tmp_path, ca
     assert "73.75" in out and (tmp_path / "t3.png").stat().st_size > 0
 
 
+def test_a_models_name_is_a_label_not_a_setting(tmp_path):
+    """Runs whose config names its model (`model.name`) count for cells composed without one."""
+    cell = paper.cells("table3")[2].on_digits().with_overrides("dataset.epochs=2")
+    run_dir = write_run(tmp_path / "a", cell.overrides, [0.5, 0.9])
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.model.name = "vgg_tiny"
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_run(tmp_path / "b", [*cell.overrides, "model.layers=8C3-16C3-AP2"], [0.5, 0.9])
+    (summary,) = rp.match([cell], rp.load_runs(tmp_path))
+    assert [r.dir.name for r in summary.done] == ["a"]  # another model is another setting
+
+
 def test_table3_on_paper_data_gives_the_difference(tmp_path):
     cell = paper.cells("table3")[0]
     runs = [rp.Run(tmp_path, composed(cell), [{"epoch": 400, "test/acc1": 0.7300}], "completed")]
