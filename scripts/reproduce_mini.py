@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--artefacts", nargs="+", default=list(ARTEFACTS), choices=ARTEFACTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed")
-    parser.add_argument("--max-T", type=int, default=6, help="Figure 5: train T up to this")
+    parser.add_argument("--max-T", type=int, default=8, help="Figure 5: train T up to this")
     parser.add_argument("--gammas", nargs="+", help="Table 3: only these gammas (default: all 8)")
     parser.add_argument(
         "--with",
