@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench-data bench bench-gpu
+.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench-data bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -50,6 +50,16 @@ bench-gpu: install  ## CUDA only: samples/s, ms per step, peak CUDA memory, load
 	$(PYTHON) scripts/bench/gpu.py $(ARGS)
 
 bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)
+
+reproduce-mini: install  ## the paper's Tables 2-4 and Figures 4-5, small, on the digits (CPU, minutes) -> benchmarks/results/mini/
+	$(PYTHON) scripts/reproduce_mini.py $(ARGS)
+
+report: install  ## every paper artefact from the runs under outputs/ beside the paper's numbers -> outputs/reports/
+	@mkdir -p outputs/reports
+	@for a in table2 table3 table4 table5 fig5; do \
+	  fig=; case $$a in table3|table4|fig5) fig="--figure outputs/reports/$$a.png";; esac; \
+	  $(PYTHON) scripts/report.py $$a outputs/ --out outputs/reports/$$a.md --csv outputs/reports/$$a.csv $$fig > /dev/null || exit 1; \
+	done; echo "wrote outputs/reports/{table2,table3,table4,table5,fig5}.{md,csv} and the figures"
 
 lint: install-dev  ## ruff
 	$(PYTHON) -m ruff check bso tests scripts train.py

@@ -1,122 +1,161 @@
-"""Turn run directories into the paper's tables and figures.
+"""The paper's tables and figures from run directories, side by side with the paper's numbers.
 
-    python scripts/report.py outputs/                      # every run below outputs/
-    python scripts/report.py outputs/multirun/<sweep> --by engine.T --figure acc_vs_T.png
+    python scripts/report.py table2 outputs/               # Table 2: every dataset, method and T
+    python scripts/report.py table3 outputs/ --figure t3.png        # accuracy vs gamma (log axis)
+    python scripts/report.py table4 outputs/ --figure t4.png        # heat map over the two betas
+    python scripts/report.py table5 outputs/
+    python scripts/report.py fig5 outputs/ --figure fig5.png        # accuracy vs T per method
+    python scripts/report.py fig4 [benchmarks/results/memory_vs_T.json] --figure fig4.png
+    python scripts/report.py runs outputs/multirun/<sweep> [--by engine.T --figure acc.png]
 
-Reads each run's config.yaml and metrics.jsonl and prints a markdown table, one row per run, with
-the method (dataset, model, weights, optimizer, engine, T), final and best test top-1, model size,
-and peak memory. ``--by KEY`` also plots final test accuracy against that config key (e.g.
-``engine.T`` for Figure 5, ``optimizer.binary.gamma`` for Table 3), one line per optimizer and
-dataset. ``--out FILE.md`` writes the table too.
+Per paper cell: the paper's value, ours (final-epoch test top-1, mean +- std over seeds; best epoch's
+value and which epoch), the difference final - paper, the number of completed runs (unfinished ones
+are named, never averaged in), and for a cell with no run the exact command that trains it.
+`python train.py -m +sweep=<artefact>` runs a whole artefact (configs/sweep/).
+
+`runs` lists every run below ROOT, one row per distinct setting: the keys a multirun swept (from
+each run's .hydra/overrides.yaml) are columns, seeds are aggregated.
+
+--digits maps the paper's cells onto the embedded digits (same methods and swept values, vgg_tiny):
+the mini reproduction (`make reproduce-mini`). --with KEY=VALUE adds an override to every cell's
+command and to the matching (e.g. --with dataset.epochs=3 for short runs).
+Output: markdown on stdout; --out FILE.md, --csv FILE.csv, --figure FILE.png, and --wandb logs the
+table (a wandb.Table) and figure to a new wandb run (offline unless --wandb-mode online).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from bso import paper
+from bso import report as rp
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("runs", *paper.ARTEFACTS)
+FIGURES = ("table3", "table4", "fig4", "fig5")
 
 
-def load_runs(root: Path) -> list[dict]:
-    runs = []
-    for metrics in sorted(root.rglob("metrics.jsonl")):
-        run_dir = metrics.parent
-        if not (run_dir / "config.yaml").is_file():
-            continue
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        records = [r for r in records if "epoch" in r]
-        if not records:
-            continue
-        info = run_dir / "run_info.json"
-        size = json.loads(info.read_text()).get("model_size", {}) if info.is_file() else {}
-        runs.append({"dir": run_dir, "cfg": cfg, "records": records, "size": size})
-    return runs
-
-
-def row(run: dict) -> dict:
-    cfg, last = run["cfg"], run["records"][-1]
-    return {
-        "run": str(run["dir"]),
-        "dataset": cfg.dataset.name,
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        "weights": cfg.model.weights + ("+agmm" if cfg.model.get("agmm") else ""),
-        "optimizer": cfg.optimizer.name,
-        "engine": cfg.engine._target_.rsplit(".", 1)[-1].replace("Engine", "").lower()
-        + (f"/{cfg.engine.trace}" if "trace" in cfg.engine else ""),
-        "T": cfg.engine.T,
-        "epochs": last["epoch"],
-        "final_acc": 100 * last["test/acc1"],
-        "best_acc": 100 * max(r["test/acc1"] for r in run["records"]),
-        "size_mb": run["size"].get("size_mb", float("nan")),
-        "peak_mb": max(
-            r.get("memory/cuda_peak_allocated_mb", r.get("memory/peak_rss_mb", 0.0))
-            for r in run["records"]
-        ),
-    }
-
-
-def table(rows: list[dict]) -> str:
-    head = (
-        "| dataset | model | weights | optimizer | engine | T | epochs | final acc (%) "
-        "| best acc (%) | size (MB) | peak memory (MB) |"
-    )
-    lines = [head, "|" + "---|" * 11]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["optimizer"], r["engine"], r["T"])):
-        lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['weights']} | {r['optimizer']} | {r['engine']} "
-            f"| {r['T']} | {r['epochs']} | {r['final_acc']:.2f} | {r['best_acc']:.2f} "
-            f"| {r['size_mb']:.2f} | {r['peak_mb']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def figure(runs: list[dict], key: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[float, float]]] = {}
-    for run in runs:
-        value = OmegaConf.select(run["cfg"], key)
-        if value is None:
-            continue
-        label = f"{run['cfg'].optimizer.name} ({run['cfg'].dataset.name})"
-        series.setdefault(label, []).append((float(value), 100 * run["records"][-1]["test/acc1"]))
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
-    ax.set_xlabel(key)
-    ax.set_ylabel("test top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["runs", *argv]  # `report.py outputs/`: the runs listing, as before
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("root", type=Path, nargs="?", default=Path("outputs"))
-    parser.add_argument("--by", help="config key for the x axis of --figure, e.g. engine.T")
-    parser.add_argument("--figure", type=Path, help="PNG path for the accuracy plot")
-    parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
-    args = parser.parse_args()
-    runs = load_runs(args.root)
-    if not runs:
-        raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")
-    text = table([row(r) for r in runs])
+    parser.add_argument("artefact", choices=COMMANDS, help="what to produce")
+    parser.add_argument(
+        "root",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="run directories below this (default outputs/); fig4: the benchmark JSON",
+    )
+    parser.add_argument("--by", help="runs: the config key on the x axis of --figure")
+    parser.add_argument("--figure", type=Path, help="write the figure to this PNG")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
+    parser.add_argument(
+        "--digits", action="store_true", help="the paper's cells mapped onto the embedded digits"
+    )
+    parser.add_argument(
+        "--with",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every cell's command (repeatable)",
+    )
+    parser.add_argument("--wandb", action="store_true", help="log the table to wandb")
+    parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online"))
+    parser.add_argument("--wandb-project", default="bso")
+    args = parser.parse_args(argv)
+
+    if args.artefact == "runs":
+        if args.figure and not args.by:
+            parser.error("runs: --figure needs --by KEY (the x axis, e.g. --by engine.T)")
+        if args.by and not args.figure:
+            parser.error("runs: --by only chooses the figure's x axis; add --figure FILE.png")
+        if args.digits or args.extra:
+            parser.error("runs: --digits and --with apply to the paper artefacts only")
+    else:
+        if args.by:
+            parser.error(f"{args.artefact}: --by is for `runs`; the artefact fixes its axes")
+        if args.figure and args.artefact not in FIGURES:
+            parser.error(f"{args.artefact} has no figure; figures: {', '.join(FIGURES)}")
+        if args.artefact == "fig4" and (args.digits or args.extra):
+            parser.error("fig4 reads the memory benchmark; --digits / --with do not apply")
+    for extra in args.extra:
+        if "=" not in extra:
+            parser.error(f"--with expects KEY=VALUE, got {extra!r}")
+    if args.root is None:
+        args.root = (
+            ROOT / "benchmarks/results/memory_vs_T.json"
+            if args.artefact == "fig4"
+            else Path("outputs")
+        )
+    if args.artefact != "fig4" and not args.root.is_dir():
+        parser.error(f"{args.root} is not a directory (give the directory your runs are under)")
+    return args
+
+
+def build(args: argparse.Namespace):
+    """(title, rows, columns, the matplotlib figure written to --figure or None)."""
+    if args.artefact == "fig4":
+        meta, points = rp.memory_points(args.root)
+        rows = rp.fig4_rows(points)
+        fig = rp.plot_fig4(meta, points, args.figure) if args.figure else None
+        return paper.TITLES["fig4"], rows, None, fig
+
+    runs = rp.load_runs(args.root)
+    if args.artefact == "runs":
+        if not runs:
+            raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")
+        rows, keys = rp.runs_rows(runs)
+        fig = rp.runs_figure(rows, keys, args.by, args.figure) if args.figure else None
+        return f"{len(runs)} runs under {args.root}", rows, None, fig
+
+    cells = rp.prepare_cells(args.artefact, digits=args.digits, extra=args.extra)
+    rows = rp.cell_rows(args.artefact, cells, rp.match(cells, runs))
+    fig = rp.artefact_figure(args.artefact, cells, rows, args.figure) if args.figure else None
+    title = paper.TITLES[args.artefact]
+    if args.digits:
+        where = sorted({paper.DATASET_NAMES[c.paper_dataset] for c in cells})
+        title += (
+            f" -- ours on the digits (vgg_tiny, CPU); the paper column is {', '.join(where)}"
+            " (VGG-11), for orientation: no difference is computed across datasets"
+        )
+    sweeps = paper.SWEEPS.get(args.artefact, ())
+    if sweeps and not args.digits:
+        title += "\n\nAll of it: " + " ; ".join(f"`python train.py -m +sweep={s}`" for s in sweeps)
+    return title, rows, None, fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        title, rows, columns, fig = build(args)
+    except (ValueError, FileNotFoundError) as err:  # e.g. --by a key no run swept
+        raise SystemExit(f"report.py {args.artefact}: {err}") from err
+    text = f"{title}\n\n{rp.markdown(rows, columns)}"
     print(text)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    if args.by and args.figure:
-        figure(runs, args.by, args.figure)
-        print(f"wrote {args.figure}")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        args.csv.write_text(rp.to_csv(rows))
+    if fig:
+        print(f"\nwrote {args.figure}")
+    if args.wandb:
+        where = rp.log_wandb(
+            args.artefact,
+            rows,
+            [args.figure] if fig else [],
+            mode=args.wandb_mode,
+            project=args.wandb_project,
+        )
+        print(f"logged the table to wandb ({args.wandb_mode}): {where}")
 
 
 if __name__ == "__main__":
