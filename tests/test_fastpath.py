@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 
 def _setup(*overrides):
     cfg = compose_config("engine.T=3", *overrides)
+    torch.set_num_threads(1)  # a tiny model: a second thread only contends on a busy machine
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     engine = instantiate(cfg.engine)
