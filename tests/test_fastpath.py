@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 
 def _setup(*overrides):
     cfg = compose_config("engine.T=3", *overrides)
+    torch.set_num_threads(1)  # a tiny model: a second thread only contends on a busy machine
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     engine = instantiate(cfg.engine)
@@ -96,19 +97,46 @@ def test_impossible_or_unknown_switches_are_refused():
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
 )
-def test_bench_gpu_refuses_without_cuda_and_writes_nothing(tmp_path):
-    import subprocess
-    import sys
+def test_bench_gpu_refuses_without_cuda_and_writes_nothing(tmp_path, monkeypatch):
+    import runpy
 
     from conftest import ROOT
 
     out = tmp_path / "gpu"
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench/gpu.py", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0 and "needs a GPU" in proc.stderr
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))
+    monkeypatch.setattr("sys.argv", ["gpu.py", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "scripts" / "bench" / "gpu.py"), run_name="__main__")
+    assert "needs a GPU" in str(exit_.value.code)  # a message, so the exit status is 1
     assert not list(tmp_path.iterdir())
+
+
+def test_channels_last_layout_trains_like_contiguous():
+    """fast.channels_last acts on CUDA only, but the layout itself can be checked on the CPU: the
+    same first step and weight gradient G[0], and the flip rule keeps NHWC weights +-1."""
+    from bso.engine import input_at, instantaneous_loss
+    from bso.neurons import reset_neurons
+
+    cfg, plain, engine = _setup()
+    _, nhwc, _ = _setup()
+    nhwc.to(memory_format=torch.channels_last)
+    binary = [w for _, w in named_binary_parameters(nhwc)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in binary if w.dim() == 4)
+    ((x, y),) = _batches(cfg, 1)
+    grads, outputs = [], []
+    for model in (plain, nhwc):
+        model.train()
+        reset_neurons(model)
+        out = model(input_at(x, 0))
+        instantaneous_loss(out, y, engine.mse_weight, engine.T).backward()
+        outputs.append(out.detach())
+        grads.append([w.grad for _, w in named_binary_parameters(model)])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+    router = build_optimizer(nhwc, cfg.optimizer)
+    _, _, flips = engine.train_batch(nhwc, router, x, y)
+    assert int(flips.sum()) > 0
+    for w in binary:
+        assert set(w.unique().tolist()) == {-1.0, 1.0}
+        assert w.dim() != 4 or w.is_contiguous(memory_format=torch.channels_last)
