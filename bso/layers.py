@@ -130,7 +130,9 @@ class _PackedTracedConv2d(torch.autograd.Function):
         grad_spikes = None
         if ctx.needs_input_grad[0]:
             grad_spikes = conv2d_input(shape, weight, grad_out, stride, padding, dilation, groups)
-        grad_weight = conv2d_weight(trace, weight.shape, grad_out, stride, padding, dilation, groups)
+        grad_weight = conv2d_weight(
+            trace, weight.shape, grad_out, stride, padding, dilation, groups
+        )
         _fused_update(ctx.layer, weight, grad_weight)
         return grad_spikes, None, None, None, None, None, None, None
 

@@ -127,7 +127,9 @@ def test_lean_and_plain_train_the_digits_identically_for_an_epoch():
         plain_router.binary.binary_weights(), lean_router.binary.binary_weights(), strict=True
     ):
         for name in ("momentum", "v"):
-            assert torch.equal(plain_router.binary.state[p][name], lean_router.binary.state[q][name])
+            assert torch.equal(
+                plain_router.binary.state[p][name], lean_router.binary.state[q][name]
+            )
 
 
 # ------------------------------------------------- memory: 1 bit + momentum per weight
