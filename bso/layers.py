@@ -70,29 +70,37 @@ class _TracedLinear(torch.autograd.Function):
         return grad_spikes, None, grad_weight
 
 
-_BIT_SHIFTS = {}
+# Packed storage: 8 weights per byte, weight i of a group of 8 in bit i (least significant first);
+# bit 1 = +1. Packing multiplies each group's 8 bytes (0/1, read as one little-endian int64) by a
+# constant that gathers them into the top byte; unpacking looks each byte up in a 256 x 8 table of
+# +-1 values. Both are a few passes over 1/8 of the weights, so that packing costs little time.
+_GATHER_BITS = sum(1 << (7 * k) for k in range(1, 9))  # 2^7 + 2^14 + ... + 2^56
+_SIGN_TABLES: dict = {}
 
 
-def _shifts(device) -> torch.Tensor:
-    if device not in _BIT_SHIFTS:
-        _BIT_SHIFTS[device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
-    return _BIT_SHIFTS[device]
+def _sign_table(device, dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _SIGN_TABLES:
+        table = [[1.0 if (b >> i) & 1 else -1.0 for i in range(8)] for b in range(256)]
+        _SIGN_TABLES[key] = torch.tensor(table, dtype=dtype, device=device)
+    return _SIGN_TABLES[key]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor -> uint8, 8 entries per byte, most significant bit first (zero padded)."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    """A boolean tensor -> uint8, 8 entries per byte (entry i of each 8 in bit i; zero padded)."""
+    flat = mask.reshape(-1).to(torch.bool)
     pad = (-flat.numel()) % 8
-    if pad:
+    if pad or flat.storage_offset() % 8 or not flat.is_contiguous():
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
+    groups = flat.view(torch.uint8).view(torch.int64)  # 8 bytes of 0/1 each
+    return ((groups * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
 def unpack_signs_on_device(bits: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
     """Packed bits -> exactly +-1 (bit 1 = +1) of ``shape``, on the bits' device."""
     numel = torch.Size(shape).numel()
-    on = ((bits.unsqueeze(1) >> _shifts(bits.device)) & 1).reshape(-1)[:numel]
-    return (on.to(dtype) * 2 - 1).reshape(shape)
+    signs = _sign_table(bits.device, dtype)[bits.long()].view(-1)
+    return (signs if signs.numel() == numel else signs[:numel]).view(shape)
 
 
 def _fused_update(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
