@@ -22,6 +22,8 @@ import logging
 from torch import nn
 
 from bso.layers import SYNAPTIC_LAYERS
+from bso.models.parts import SpikingConvBlock
+from bso.neurons import can_fuse_batchnorm_lif
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,13 @@ def apply_lean(model: nn.Module, lean, update: str) -> bool:
         return False
     for layer in layers:
         layer.pack_weight_()
+    fused = 0
+    for block in model.modules():  # BatchNorm + LIF in one step that saves less for backward
+        if isinstance(block, SpikingConvBlock) and isinstance(block.gate, nn.Identity):
+            block.fuse_batchnorm_lif = can_fuse_batchnorm_lif(block.bn, block.neuron)
+            fused += block.fuse_batchnorm_lif
     log.info(
         f"engine.lean: {len(layers)} binary layers hold packed 1-bit weights; BSO/T-BSO flips them "
-        "inside backward (no stored binary-weight gradients)"
+        f"inside backward (no stored binary-weight gradients); {fused} BatchNorm+LIF steps fused"
     )
     return True

@@ -154,6 +154,28 @@ def test_lean_persistent_bytes_per_binary_weight_and_no_gradients():
     assert model_size(model).size_mb == pytest.approx(1.20, abs=0.005)  # the paper's column
 
 
+def test_lean_fuses_batchnorm_lif_and_saves_less_for_backward():
+    """Same flips and BatchNorm statistics; the activation peak drops (BatchNorm input + spikes as
+    bool instead of BatchNorm input + LIF charge)."""
+    from bso.metrics.memory import SavedTensorMeter
+
+    x, y = _batch(16)
+    runs = {}
+    for lean in (False, True):
+        model = _tiny()
+        engine = OnlineEngine(T=2, lean=lean)
+        engine.prepare(model)
+        assert [b.fuse_batchnorm_lif for b in model.blocks] == [lean] * 3
+        router = build_router(model, partial(TBSO, num_steps=2), partial(torch.optim.SGD, lr=0.1))
+        with SavedTensorMeter() as meter:
+            flips = engine.train_batch(model, router, x, y)[2]
+        runs[lean] = (flips.tolist(), meter.peak_bytes, model.state_dict())
+    assert runs[True][0] == runs[False][0] and sum(runs[True][0]) > 0
+    for key, value in runs[False][2].items():
+        assert torch.equal(value, runs[True][2][key]), key
+    assert runs[True][1] < 0.8 * runs[False][1]
+
+
 # ------------------------------------------------- checkpoints, the 1-bit export, resume
 
 
