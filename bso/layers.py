@@ -103,6 +103,23 @@ def unpack_signs_on_device(bits: torch.Tensor, shape, dtype=torch.float32) -> to
     return (signs if signs.numel() == numel else signs[:numel]).view(shape)
 
 
+class PackedSigns(nn.Parameter):
+    """A uint8 parameter (no gradient) holding +-1 weights of shape ``binary_shape`` as packed bits."""
+
+    def __new__(cls, bits: torch.Tensor, binary_shape):
+        param = super().__new__(cls, bits, requires_grad=False)
+        param.binary_shape = torch.Size(binary_shape)
+        return param
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = PackedSigns(self.data.clone(), self.binary_shape)
+        return memo[id(self)]
+
+    def __repr__(self) -> str:
+        return f"PackedSigns(shape={tuple(self.binary_shape)}, {self.numel()} bytes)"
+
+
 def _fused_update(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
     """Hand a packed layer's gradient to its binary optimizer (bound by bso.optim.build_router)."""
     update = layer.binary_update() if layer.binary_update is not None else None
@@ -227,12 +244,16 @@ class _WeightMode:
         if not torch.all(w.abs() == 1):
             raise ValueError("pack_weight_ needs every weight to be exactly -1 or +1")
         self.binary_shape = w.shape
-        bits = nn.Parameter(pack_bits(w > 0), requires_grad=False)
-        bits.binary_shape = w.shape  # read by bso.layers.binary_numel
-        self.weight = bits
+        self.weight = PackedSigns(pack_bits(w > 0), w.shape)
         self.storage = "bits"
         self._register_state_dict_hook(_unpacked_state_dict)
         self._register_load_state_dict_pre_hook(_pack_loaded_state, with_module=True)
+
+    def __getstate__(self):
+        """Copies and pickles leave the optimizer binding (a weak reference) behind."""
+        state = self.__dict__.copy()
+        state["binary_update"] = None
+        return state
 
     def sign_values(self) -> torch.Tensor:
         """The +-1 weights as a float tensor (unpacked when stored as bits)."""

@@ -7,6 +7,9 @@ and the same flips, bit for bit, as the plain mode.
   weight gradient exists and after that layer computed its input gradient with the old weights;
   the gradient is then freed (:meth:`bso.optim.BinaryOptimizer.fused_update_`). Full-precision
   parameters keep their ``.grad`` and are stepped after backward, as in the plain mode.
+* Smaller activations: in each conv block, BatchNorm + LIF run as one autograd step that saves the
+  BatchNorm input and the spikes (bool), and rebuilds the LIF charge from the neuron's state in
+  backward (:func:`bso.neurons.batchnorm_lif_step`; exact for V_th = 1, else not fused).
 
 Per-step updates only: an accumulated update needs the T gradients summed, so it keeps them.
 
