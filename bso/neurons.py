@@ -159,7 +159,7 @@ class _BatchNormLIF(torch.autograd.Function):
 def batchnorm_lif_step(z: torch.Tensor, bn: nn.BatchNorm2d, neuron: LIFNode) -> torch.Tensor:
     """``neuron(bn(z))`` with less saved for backward (see :class:`_BatchNormLIF`); the lean mode's
     BatchNorm + LIF for online training."""
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() and bn.training):  # backward re-runs training-mode BatchNorm
         return neuron(bn(z))
     return _BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron)
 
