@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean fig4 bench-throughput bench-methods bench-models bench-data bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev train test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-slow: install-dev  ## run only the slow checks
 
 fig4: install  ## memory vs T for BPTT-latent / BSO / T-BSO (paper Fig. 4) -> benchmarks/results/memory_vs_T.*
 	$(PYTHON) scripts/bench/memory_vs_T.py $(ARGS)
+
+bench-lean: install  ## lean vs plain mode: bytes per binary weight, activation peak, ms per step -> benchmarks/results/lean.*
+	$(PYTHON) scripts/bench/lean.py $(ARGS)
 
 bench-throughput: install  ## samples/s, ms per time step, flip-rule cost -> benchmarks/results/throughput.*
 	$(PYTHON) scripts/bench/throughput.py $(ARGS)

@@ -30,6 +30,7 @@ from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate
 from torch import nn
+from torch.nn import functional as F
 
 TRACE_RULES = ("ndot", "ndot_paper", "ottt")
 
@@ -106,6 +107,75 @@ class LIFNode(sj_neuron.LIFNode):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", detach_state={self.detach_state}, trace={self.trace_rule}"
+
+
+class _BatchNormLIF(torch.autograd.Function):
+    """BatchNorm (training, this time step's batch statistics) then one LIF step, saving less.
+
+    The plain graph keeps the BatchNorm input and the LIF's charge ``h`` (two float32 tensors per
+    neuron). This keeps the BatchNorm input and the spikes as bool, and rebuilds ``h = v[t] + V_th s[t]``
+    from the neuron's own state ``v[t] = h - V_th s[t]`` (which the neuron holds until the next time
+    step anyway): exact for V_th = 1 and |h| < 2^24. Backward re-runs the same BatchNorm (without
+    touching the running statistics) and the same spikingjelly LIF step on ``h`` (with v = 0, so its
+    charge is ``h`` exactly) and differentiates them: the gradients are those of the plain graph, bit
+    for bit. Online training only: no gradient flows into v[t-1] (it is detached)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, bn, neuron):
+        y = bn(z)  # (no grad here) updates the running statistics as the plain step does
+        with torch.enable_grad():  # the neuron computes its trace only when grad is enabled
+            spike = neuron(y)  # y and v[t-1] need no grad: no graph is built
+        ctx.save_for_backward(z, weight, bias, spike.to(torch.bool))
+        ctx.bn, ctx.neuron = bn, neuron
+        ctx.v = neuron.v  # v[t], held by the neuron until the next time step; not a copy
+        return spike
+
+    @staticmethod
+    def backward(ctx, grad_spike):
+        z, weight, bias, spike = ctx.saved_tensors
+        bn, neuron = ctx.bn, ctx.neuron
+        charge = ctx.v + spike.to(ctx.v.dtype) * neuron.v_threshold  # h[t], exactly
+        with torch.enable_grad():
+            h = charge.detach().requires_grad_()
+            s, _ = sj_functional.lif_step(
+                h,
+                torch.zeros_like(h),
+                neuron.tau,
+                neuron.decay_input,
+                neuron.v_threshold,
+                neuron.v_reset,
+                neuron.surrogate_function,
+                neuron.detach_reset,
+            )
+            (grad_h,) = torch.autograd.grad(s, h, grad_spike)
+            inputs = [z.detach().requires_grad_()]
+            inputs += [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
+            y = F.batch_norm(inputs[0], None, None, *inputs[1:], True, 0.0, bn.eps)
+            grads = torch.autograd.grad(y, inputs, grad_h)
+        grad_z, grad_w, grad_b = (*grads, None, None)[:3]
+        return grad_z, grad_w, grad_b, None, None
+
+
+def batchnorm_lif_step(z: torch.Tensor, bn: nn.BatchNorm2d, neuron: LIFNode) -> torch.Tensor:
+    """``neuron(bn(z))`` with less saved for backward (see :class:`_BatchNormLIF`); the lean mode's
+    BatchNorm + LIF for online training."""
+    if not (torch.is_grad_enabled() and bn.training):  # backward re-runs training-mode BatchNorm
+        return neuron(bn(z))
+    return _BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron)
+
+
+def can_fuse_batchnorm_lif(bn: nn.Module, neuron: nn.Module) -> bool:
+    """Where :func:`batchnorm_lif_step` is exact: a BatchNorm2d with batch statistics in training,
+    and an online LIF with V_th = 1, soft reset, undecayed input and a detached state."""
+    return (
+        isinstance(bn, nn.BatchNorm2d)
+        and bn.track_running_stats
+        and isinstance(neuron, LIFNode)
+        and neuron.v_threshold == 1.0
+        and neuron.v_reset is None
+        and not neuron.decay_input
+        and neuron.detach_state
+    )
 
 
 def configure_neurons(model: nn.Module, detach_state: bool, trace_rule: str | None) -> None:

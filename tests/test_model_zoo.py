@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from bso.checkpoint import export_1bit, load_checkpoint, pack_signs, unpack_signs
-from bso.layers import named_binary_parameters
+from bso.layers import binary_weight_values, named_binary_parameters
 from bso.models import VGG11, BiRealResNet18, SpikingResNet19, SpikingVGG, model_size
 from bso.neurons import reset_neurons
 from bso.optim import build_optimizer
@@ -64,7 +64,7 @@ def test_model_trains_one_step_with_each_weight_mode_and_engine(model_name, weig
     summed, loss, flips = eng.train_batch(model, optimizer, x, y)
     assert summed.shape == (2, 10) and torch.isfinite(loss)
     assert len(flips) == len(optimizer.binary_names)
-    for _, w in named_binary_parameters(model):
+    for _, w in binary_weight_values(model):  # float or packed (engine.lean) storage
         assert torch.all(w.abs() == 1)
     grads = [p.grad for _, p in model.named_parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)

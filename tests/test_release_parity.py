@@ -3,7 +3,8 @@
 The golden files in tests/fixtures/release/ (README there) were recorded from the released code's own
 training loop: a narrow spiking VGG, T=4, online per-step updates, three fixed batches. Starting from
 the same weights, bso must reproduce every step's logits, every step's flip count per layer, T-BSO's
-second moments, the final binary weights (exactly) and the final momentum.
+second moments, the final binary weights (exactly) and the final momentum -- in the plain mode and in
+the lean mode (engine.lean: packed 1-bit weights flipped inside backward, bso.lean) alike.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def release_optimizer(model, golden: dict):
     return build_router(model, binary, partial(torch.optim.SGD, lr=h["lr_fp"]))
 
 
-def replay(golden: dict, engine: OnlineEngine | None = None, **model_options) -> dict:
+def replay(
+    golden: dict, engine: OnlineEngine | None = None, lean: bool = False, **model_options
+) -> dict:
     """Train on the golden batches with the release recipe; record what each step produced."""
     h = golden["hyper"]
     model = release_model(golden, **model_options)
-    engine = engine or OnlineEngine(T=h["T"], trace="ndot", mse_weight=h["mse_weight"])
+    engine = engine or OnlineEngine(T=h["T"], trace="ndot", mse_weight=h["mse_weight"], lean=lean)
     engine.prepare(model)
     router = release_optimizer(model, golden)
     logits, flips, second_moments = [], [], []
@@ -71,6 +74,7 @@ def replay(golden: dict, engine: OnlineEngine | None = None, **model_options) ->
 
     model.forward, router.step = recording_forward, recording_step
     model.train()
+    assert engine.fused_update == lean
     for x, y in golden["batches"]:
         engine.train_batch(model, router, x, y)
     momentum = [router.binary.state[w]["momentum"] for w in router.binary.binary_weights()]
@@ -79,10 +83,18 @@ def replay(golden: dict, engine: OnlineEngine | None = None, **model_options) ->
     )
 
 
-@pytest.fixture(scope="module", params=["tbso", "bso"])
+@pytest.fixture(
+    scope="module",
+    params=[("tbso", "plain"), ("tbso", "lean"), ("bso", "plain"), ("bso", "lean")],
+    ids=lambda p: "-".join(p),
+)
 def golden_run(request):
-    golden = load_golden(request.param)
-    return golden, replay(golden)
+    optimizer, mode = request.param
+    golden = load_golden(optimizer)
+    ours = replay(golden, lean=mode == "lean")
+    if mode == "lean":  # no binary-weight gradient was ever stored
+        assert all(p.grad is None for p in ours["router"].binary.binary_weights())
+    return golden, ours
 
 
 def test_logits_match_the_release_at_every_step(golden_run):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bso.layers import named_binary_parameters
+from bso.layers import binary_weight_values, named_binary_parameters
 from bso.train import train
 from conftest import compose_config
 
@@ -51,7 +51,7 @@ def test_weights_stay_pm1_throughout_training(tmp_path):
 
     def checking_step(t=None):
         flips = real_step(t)
-        for _, w in named_binary_parameters(model):
+        for _, w in binary_weight_values(model):  # float or packed (engine.lean) storage
             checked.append(bool(torch.all(w.abs() == 1)))
         return flips
 

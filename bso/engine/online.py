@@ -9,12 +9,17 @@ For each batch and t = 0..T-1 (the paper's t = 1..T):
 ``update="accumulate"`` sums the T gradients and steps once per batch.
 Under torchrun (DistributedDataParallel) every backward all-reduces the gradients before the step, so
 every rank flips the same weights; with ``accumulate`` only the last step's backward does.
+``lean`` (bso.lean, per-step only): the binary weights are packed bits and BSO/T-BSO flips them
+inside ``loss.backward()``; ``optimizer.step(t)`` then steps the full-precision parameters and
+returns the flips made during backward (under torchrun it averages each gradient over the ranks
+itself, since the packed weights are not DDP's parameters).
 """
 
 from __future__ import annotations
 
 from bso.distributed import grad_sync
 from bso.engine.common import Engine, input_at, instantaneous_loss
+from bso.lean import apply_lean, parse_lean
 from bso.neurons import TRACE_RULES, configure_neurons, reset_neurons
 
 UPDATES = ("per_step", "accumulate")
@@ -28,6 +33,7 @@ class OnlineEngine(Engine):
         update: str = "per_step",
         mse_weight: float = 0.05,
         eval_only: bool = False,
+        lean: str | bool = False,
     ):
         if trace not in TRACE_RULES:
             raise ValueError(f"unknown engine.trace={trace!r}; choose one of {TRACE_RULES}")
@@ -35,10 +41,14 @@ class OnlineEngine(Engine):
             raise ValueError(f"unknown engine.update={update!r}; choose one of {UPDATES}")
         super().__init__(T, update, mse_weight, eval_only)
         self.trace = trace
+        self.lean = parse_lean(lean)
+        self.fused_update = False  # set by prepare: the lean mode is on for this model
 
     def prepare(self, model):
-        """Online mode: detached membrane state and the chosen presynaptic trace."""
+        """Online mode: detached membrane state and the chosen presynaptic trace; the lean mode
+        (packed weights, update inside backward) where ``lean`` asks for it and it applies."""
         configure_neurons(model, detach_state=True, trace_rule=self.trace)
+        self.fused_update = apply_lean(model, self.lean, self.update)
 
     def train_batch(self, model, optimizer, x, y):
         per_step = self.update == "per_step"
@@ -53,6 +63,8 @@ class OnlineEngine(Engine):
             loss = instantaneous_loss(out, y, self.mse_weight, self.T)
             if per_step:
                 optimizer.zero_grad()
+            if self.fused_update:
+                optimizer.begin_time_step(t)  # the binary update runs inside backward
             loss.backward()  # frees step t's graph
             if per_step:
                 flips = flips + optimizer.step(t)

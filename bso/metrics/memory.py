@@ -108,13 +108,15 @@ def reset_cuda_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-# The roles of persistent_state_bytes; every one but binary_weights_1bit is memory actually held.
+# The roles of persistent_state_bytes; every one but binary_weights_1bit is memory actually held
+# (transient_gradients only inside backward, in the lean mode).
 PERSISTENT_ROLES = (
     "binary_weights",
     "binary_weights_1bit",
     "latent_weights",
     "full_precision_weights",
     "gradients",
+    "transient_gradients",
     "optimizer_state",
     "buffers",
 )
@@ -127,13 +129,15 @@ def _nbytes(t: torch.Tensor) -> int:
 def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float]:
     """Bytes held between training steps, by role, and per binary(-at-inference) weight.
 
-    Roles: ``binary_weights`` (stored +-1, as stored), ``binary_weights_1bit`` (the paper's storage),
-    ``latent_weights``, ``full_precision_weights``, ``gradients`` (those currently allocated),
+    Roles: ``binary_weights`` (stored +-1, as stored: float32, or packed bits in the lean mode),
+    ``binary_weights_1bit`` (the paper's storage), ``latent_weights``, ``full_precision_weights``,
+    ``gradients`` (those currently allocated), ``transient_gradients`` (lean mode: the largest binary
+    weight gradient that existed at once, inside backward, before its fused update freed it),
     ``optimizer_state`` (momentum, v[t], Adam moments, ...), ``buffers`` (BN running statistics).
     ``per_binary_weight`` splits weights, gradients and optimizer state of the binary (or latent)
     weights by their count, so the gap to 1 bit per weight is visible.
     """
-    from bso.layers import named_binary_parameters
+    from bso.layers import binary_numel, named_binary_parameters
 
     roles = dict.fromkeys(PERSISTENT_ROLES, 0)
     kind = {
@@ -147,14 +151,16 @@ def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float
         role = kind.get(id(p), "full_precision_weights")
         roles[role] += _nbytes(p)
         if role != "full_precision_weights":
-            n_binary += p.numel()
+            n_binary += binary_numel(p)
             per["weights"] += _nbytes(p)
-            roles["binary_weights_1bit"] += p.numel() / 8
+            roles["binary_weights_1bit"] += binary_numel(p) / 8
         if p.grad is not None:
             roles["gradients"] += _nbytes(p.grad)
             if role != "full_precision_weights":
                 per["gradients"] += _nbytes(p.grad)
     roles["buffers"] = sum(_nbytes(b) for b in model.buffers())
+    if optimizer.binary is not None:
+        roles["transient_gradients"] = getattr(optimizer.binary, "transient_gradient_peak_bytes", 0)
     for opt in (optimizer.binary, optimizer.other):
         if opt is None:
             continue

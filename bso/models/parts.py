@@ -9,7 +9,7 @@ from torch import nn
 
 from bso.layers import SynapticConv2d, SynapticLinear, binarize_
 from bso.models.agmm import AGMMGate
-from bso.neurons import LIFNode
+from bso.neurons import LIFNode, batchnorm_lif_step
 
 NORMS = ("bn", "none")
 INITS = ("release", "pytorch")
@@ -104,8 +104,12 @@ class SpikingConvBlock(nn.Module):
         self.gate = options.gate(binary)
         self.neuron = options.lif()
         self.pool = nn.Identity()
+        self.fuse_batchnorm_lif = False  # lean mode (bso.lean): one step that saves less
 
     def forward(self, x, trace=None):
-        spikes = self.neuron(self.gate(self.bn(self.conv(x, trace))))
+        if self.fuse_batchnorm_lif:
+            spikes = batchnorm_lif_step(self.conv(x, trace), self.bn, self.neuron)
+        else:
+            spikes = self.neuron(self.gate(self.bn(self.conv(x, trace))))
         trace = trace_of(self.neuron)
         return self.pool(spikes), (self.pool(trace) if trace is not None else None)

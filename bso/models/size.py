@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
+from bso.layers import BINARY_AT_INFERENCE, binary_numel, named_binary_parameters
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ModelSize:
 
 def model_size(model: nn.Module) -> ModelSize:
     binary_ids = {id(p) for _, p in named_binary_parameters(model, BINARY_AT_INFERENCE)}
-    n_binary = sum(p.numel() for p in model.parameters() if id(p) in binary_ids)
+    n_binary = sum(binary_numel(p) for p in model.parameters() if id(p) in binary_ids)  # packed: 8/byte
     n_full = sum(p.numel() for p in model.parameters() if id(p) not in binary_ids)
     return ModelSize(
         binary_params=n_binary,

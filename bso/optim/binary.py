@@ -3,14 +3,23 @@
 Both keep the binary weights exactly -1/+1 and change them only by flipping signs, in place, under
 ``no_grad``. ``step`` returns how many weights flipped, one count per parameter (a tensor, so that
 no device synchronisation happens inside the training loop).
+
+One method, :meth:`BinaryOptimizer.flip_rule`, is the per-tensor update (momentum, T-BSO's v_l[t],
+the flip mask). ``step`` applies it to every weight that has a ``.grad``; the lean mode
+(``engine.lean``, :mod:`bso.lean`) applies it inside backward through :meth:`fused_update_`, to
+weights held as packed bits, as soon as their gradient exists, and never stores the gradient.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
+
+from bso.layers import is_packed, pack_bits
 
 
 class BinaryOptimizer(Optimizer):
@@ -25,7 +34,12 @@ class BinaryOptimizer(Optimizer):
             if not 0.0 <= defaults[key] < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {defaults[key]}")
         super().__init__(params, defaults)
+        self.time_step: int | None = None  # t of the fused update (set by begin_time_step)
+        self._fused_counts: dict[int, torch.Tensor] = {}
+        self.transient_gradient_peak_bytes = 0  # largest gradient a fused update held at once
         for p in self.binary_weights():
+            if is_packed(p):  # packed bits are +-1 by construction
+                continue
             if not torch.all(p.detach().abs() == 1):
                 raise ValueError(
                     f"{type(self).__name__} flips binary weights and needs every value to be exactly "
@@ -38,21 +52,83 @@ class BinaryOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def momentum(self, p: torch.Tensor) -> torch.Tensor:
+        """M of weight ``p``: float32 of the weight's shape (also when ``p`` is packed bits)."""
         state = self.state[p]
         if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if is_packed(p):
+                state["momentum"] = torch.zeros(p.binary_shape, device=p.device)
+            else:
+                state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
 
-    def update_momentum(self, group: dict, beta: float):
-        """M <- beta * M + (1 - beta) * G for the group's weights that have a gradient.
-        Returns (weights, gradients, momenta), vectorised over the tensors with foreach ops."""
-        weights = [p for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in weights]
-        moms = [self.momentum(p) for p in weights]
-        if weights:
-            torch._foreach_mul_(moms, beta)
-            torch._foreach_add_(moms, grads, alpha=1.0 - beta)
-        return weights, grads, moms
+    @staticmethod
+    def update_momentum_(momentum: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
+        """M <- beta * M + (1 - beta) * G."""
+        momentum.mul_(beta).add_(grad, alpha=1.0 - beta)
+
+    def flip_rule(
+        self, p: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, group: dict, t: int | None
+    ) -> torch.Tensor:
+        """The per-tensor update of weight ``p`` (its +-1 values ``weight``) with gradient ``grad``
+        at time step ``t``: updates ``p``'s state and returns where to flip (a bool tensor)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, t: int | None = None) -> torch.Tensor:
+        """Apply the flip rule to every weight with a ``.grad``; returns the flips of each weight
+        (including those the fused update made in backward since the last ``step``)."""
+        t = self.check_time_step(t)
+        counts = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    counts[id(p)] = self.flip_(p, self.flip_rule(p, p, p.grad, group, t))
+        counts.update(self._fused_counts)
+        self._fused_counts = {}
+        return self._counts(counts)
+
+    def check_time_step(self, t: int | None) -> int | None:
+        return t
+
+    def begin_time_step(self, t: int | None) -> None:
+        """Tell the fused update which time step the next backward belongs to (T-BSO's v_l[t])."""
+        self.time_step = self.check_time_step(t)
+
+    @torch.no_grad()
+    def fused_update_(self, bits: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """The flip rule for a packed weight, called from its layer's backward as soon as ``grad``
+        exists; flips ``bits`` in place (XOR) and records the count for the next ``step``.
+
+        Under torch.distributed the gradient is first averaged over the ranks here (all_reduce, then
+        / world size), because packed weights are not DDP parameters (they need no gradient), so
+        DDP's reducer never sees this gradient; every rank then flips the same weights."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+        group = self._group_of(bits)
+        flip = self.flip_rule(bits, weight, grad, group, self.check_time_step(self.time_step))
+        bits.bitwise_xor_(pack_bits(flip))
+        count = flip.sum()
+        previous = self._fused_counts.get(id(bits))
+        self._fused_counts[id(bits)] = count if previous is None else previous + count
+        self.transient_gradient_peak_bytes = max(
+            self.transient_gradient_peak_bytes, grad.numel() * grad.element_size()
+        )
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("this weight is not one of the optimizer's parameters")
+
+    def bind_fused_updates(self, layers) -> None:
+        """Let packed layers call :meth:`fused_update_` from backward (a weak reference, so the
+        model does not keep the optimizer alive or carry it into a pickle)."""
+        mine = {id(p) for p in self.binary_weights()}
+        for layer in layers:
+            if id(layer.weight) not in mine:
+                raise ValueError("a packed layer's weight is not one of this optimizer's weights")
+            layer.binary_update = weakref.WeakMethod(self.fused_update_)
 
     @staticmethod
     def flip_(weight: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -95,20 +171,14 @@ class BSO(BinaryOptimizer):
     def __init__(self, params, gamma: float = 5e-7, beta: float = 1 - 1e-3, reset_momentum=True):
         super().__init__(params, dict(gamma=gamma, beta=beta, reset_momentum=reset_momentum))
 
-    @torch.no_grad()
-    def step(self, t: int | None = None) -> torch.Tensor:
-        """One update; ``t`` (the time step) is accepted for API symmetry with T-BSO and unused."""
-        counts = {}
-        for group in self.param_groups:
-            weights, _, moms = self.update_momentum(group, group["beta"])
-            if not weights:
-                continue
-            for w, m, wm in zip(weights, moms, torch._foreach_mul(weights, moms), strict=True):
-                flip = wm > group["gamma"]
-                counts[id(w)] = self.flip_(w, flip)
-                if group["reset_momentum"]:
-                    m.masked_fill_(flip, 0.0)
-        return self._counts(counts)
+    def flip_rule(self, p, weight, grad, group, t=None):
+        """Eq. 11-12; ``t`` is accepted for API symmetry with T-BSO and unused."""
+        m = self.momentum(p)
+        self.update_momentum_(m, grad, group["beta"])
+        flip = weight * m > group["gamma"]
+        if group["reset_momentum"]:
+            m.masked_fill_(flip, 0.0)
+        return flip
 
 
 class TBSO(BinaryOptimizer):
@@ -159,31 +229,29 @@ class TBSO(BinaryOptimizer):
         """v_l[0..T-1] of the layer whose weight is ``p`` (T scalars)."""
         state = self.state[p]
         if "v" not in state:
-            state["v"] = torch.zeros(self.num_steps, dtype=p.dtype, device=p.device)
+            dtype = torch.float32 if is_packed(p) else p.dtype
+            state["v"] = torch.zeros(self.num_steps, dtype=dtype, device=p.device)
         return state["v"]
 
-    @torch.no_grad()
-    def step(self, t: int | None = None) -> torch.Tensor:
+    def check_time_step(self, t: int | None) -> int:
+        """``None`` -> slot 0 (one update per batch); otherwise 0 <= t < T."""
         t = 0 if t is None else int(t)
         if not 0 <= t < self.num_steps:
             raise IndexError(f"T-BSO was built for T={self.num_steps} time steps; got t={t}")
-        counts = {}
-        for group in self.param_groups:
-            weights, grads, moms = self.update_momentum(group, group["beta1"])
-            if not weights:
-                continue
-            beta2 = group["beta2"]
-            for w, m, wm, g in zip(
-                weights, moms, torch._foreach_mul(weights, moms), grads, strict=True
-            ):
-                v = self.second_moment(w)
-                v[t] = beta2 * v[t] + (1.0 - beta2) * g.square().mean()  # mean(G^2)
-                if group["threshold"] == "code":
-                    threshold = group["gamma"] * (v[t].sqrt() + group["eps"])
-                else:
-                    threshold = group["gamma"] * (v[t] + group["eps"]).sqrt()
-                flip = wm > threshold
-                counts[id(w)] = self.flip_(w, flip)
-                if group["reset_momentum"]:
-                    m.masked_fill_(flip, 0.0)
-        return self._counts(counts)
+        return t
+
+    def flip_rule(self, p, weight, grad, group, t):
+        """Eq. 13-14 at time step ``t``."""
+        m = self.momentum(p)
+        self.update_momentum_(m, grad, group["beta1"])
+        v = self.second_moment(p)
+        beta2 = group["beta2"]
+        v[t] = beta2 * v[t] + (1.0 - beta2) * grad.square().mean()  # mean(G^2)
+        if group["threshold"] == "code":
+            threshold = group["gamma"] * (v[t].sqrt() + group["eps"])
+        else:
+            threshold = group["gamma"] * (v[t] + group["eps"]).sqrt()
+        flip = weight * m > threshold
+        if group["reset_momentum"]:
+            m.masked_fill_(flip, 0.0)
+        return flip

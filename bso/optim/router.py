@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from bso.layers import named_binary_parameters
+from bso.layers import SYNAPTIC_LAYERS, binary_numel, named_binary_parameters
 from bso.optim.binary import BinaryOptimizer
 
 
@@ -52,8 +52,13 @@ class OptimizerRouter:
         if self.other is not None:
             self.other.zero_grad(set_to_none=set_to_none)
 
+    def begin_time_step(self, t: int | None) -> None:
+        """Lean mode: the binary update runs inside the next backward and needs its time step."""
+        self.binary.begin_time_step(t)
+
     def step(self, t: int | None = None) -> torch.Tensor:
-        """Update every parameter; returns the number of flips of each binary weight."""
+        """Update every parameter; returns the number of flips of each binary weight (those the
+        lean mode already flipped inside backward included)."""
         if self.other is not None:
             self.other.step()
         return self.binary.step(t)
@@ -74,7 +79,7 @@ class OptimizerRouter:
         return self.binary.param_groups[0]["gamma"]
 
     def flip_numel(self) -> torch.Tensor:
-        return torch.tensor([p.numel() for p in self.binary.binary_weights()])
+        return torch.tensor([binary_numel(p) for p in self.binary.binary_weights()])
 
     @property
     def lr(self) -> float | None:
@@ -101,7 +106,10 @@ def build_router(
     binary_ids = {id(p) for _, p in named}
     rest = [p for p in model.parameters() if id(p) not in binary_ids and p.requires_grad]
     other_opt = other(rest) if (other is not None and rest) else None
-    return OptimizerRouter(binary([p for _, p in named]), other_opt, [n for n, _ in named])
+    binary_opt = binary([p for _, p in named])
+    packed = [m for m in model.modules() if isinstance(m, SYNAPTIC_LAYERS) and m.is_packed]
+    binary_opt.bind_fused_updates(packed)  # lean mode: flips inside backward
+    return OptimizerRouter(binary_opt, other_opt, [n for n, _ in named])
 
 
 class PlainOptimizer:
@@ -123,6 +131,9 @@ class PlainOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.other.zero_grad(set_to_none=set_to_none)
+
+    def begin_time_step(self, t: int | None) -> None:
+        """Nothing to do: plain optimizers only update in ``step``."""
 
     @torch.no_grad()
     def step(self, t: int | None = None) -> torch.Tensor:

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("bptt_latent", "bso", "tbso")
 
 
-def build_method(method: str, T: int, layers: str, device: torch.device):
-    """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method."""
+def build_method(method: str, T: int, layers: str, device: torch.device, lean: bool = False):
+    """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method; ``lean`` puts the
+    online methods in the lean mode (engine.lean: packed weights, flip inside backward)."""
     torch.manual_seed(0)
     weights = "latent" if method == "bptt_latent" else "binary"
     model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
@@ -29,10 +30,11 @@ def build_method(method: str, T: int, layers: str, device: torch.device):
             torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
         )
     else:  # online, stored +-1 weights, a flip per time step
-        engine = OnlineEngine(T=T, trace="ndot", update="per_step")
+        engine = OnlineEngine(T=T, trace="ndot", update="per_step", lean=lean)
         binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
+    engine.prepare(model)  # before the optimizer: the lean mode replaces the binary weights
+    if method != "bptt_latent":
         optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
-    engine.prepare(model)
     model.train()
     return model, engine, optimizer
 

@@ -4,6 +4,7 @@ memory. Each (method, T) point runs in a fresh process.
 
     python scripts/bench/memory_vs_T.py                          # T = 1 2 4 8 16 35
     python scripts/bench/memory_vs_T.py --T 1 2 --layers 8C3-AP2-16C3 --batch 4 --out /tmp/fig4
+    python scripts/bench/memory_vs_T.py --lean --methods bso tbso   # BSO/T-BSO in the lean mode
 
 Per point: peak bytes of autograd's saved tensors (activation memory, CPU and GPU alike), persistent
 state by role (bso.metrics.memory.persistent_state_bytes), and peak process RSS (CPU) or peak
@@ -26,7 +27,7 @@ from bso.metrics.memory import PERSISTENT_ROLES
 PAPER_GB = {"bptt_latent": {1: 2.86, 35: 58.18}, "bso": {"all": 2.9}, "tbso": {"all": 3.1}}
 
 
-def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> dict:
+def measure(method: str, T: int, batch: int, layers: str, device_name: str, lean=False) -> dict:
     """One point, in this process."""
     import torch
 
@@ -41,7 +42,7 @@ def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> d
 
     device = torch.device(device_name)
     rss_before = current_rss_bytes()  # the interpreter and libraries, before any model or data
-    model, engine, optimizer = build_method(method, T, layers, device)
+    model, engine, optimizer = build_method(method, T, layers, device, lean=lean)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -53,6 +54,7 @@ def measure(method: str, T: int, batch: int, layers: str, device_name: str) -> d
         "method": method,
         "T": T,
         "batch": batch,
+        "lean": bool(getattr(engine, "fused_update", False)),
         "device": str(device),
         "activation_peak_bytes": meter.peak_bytes,
         "persistent": persistent_state_bytes(model, optimizer),
@@ -71,7 +73,7 @@ def accounted_bytes(p: dict) -> float:
     """Tensor-level training memory: persistent state (weights, gradients, optimizer state,
     buffers) plus the activation peak. Deterministic on any device, unlike process RSS."""
     held = [r for r in PERSISTENT_ROLES if r != "binary_weights_1bit"]
-    persistent = sum(p["persistent"][r] for r in held)
+    persistent = sum(p["persistent"].get(r, 0) for r in held)  # (older files lack new roles)
     return persistent + p["activation_peak_bytes"]
 
 
@@ -114,7 +116,10 @@ def plot(points: list[dict], path: Path) -> None:
         ax.set_ylabel("GB")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"VGG-11, CIFAR-shaped input, batch {points[0]['batch']}, {points[0]['device']}")
+    lean = ", BSO/T-BSO in the lean mode" if any(p.get("lean") for p in points) else ""
+    fig.suptitle(
+        f"VGG-11, CIFAR-shaped input, batch {points[0]['batch']}, {points[0]['device']}{lean}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -130,6 +135,9 @@ def main() -> None:
         "--layers", default="64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3"
     )
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--lean", action="store_true", help="BSO/T-BSO in the lean mode (engine.lean, bso.lean)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/memory_vs_T")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -142,7 +150,8 @@ def main() -> None:
     args.device = str(resolve_device(args.device))
     batch = args.batch or (128 if args.device.startswith("cuda") else 16)
     if args.single:  # child process: one point, JSON on stdout
-        print(json.dumps(measure(args.methods[0], args.T[0], batch, args.layers, args.device)))
+        point = measure(args.methods[0], args.T[0], batch, args.layers, args.device, args.lean)
+        print(json.dumps(point))
         return
 
     if args.from_json:
@@ -165,6 +174,7 @@ def main() -> None:
                 args.layers,
                 "--device",
                 args.device,
+                *(["--lean"] if args.lean else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
@@ -181,6 +191,7 @@ def main() -> None:
         **device_meta(resolve_device(args.device)),
         "batch": batch,
         "layers": args.layers,
+        "lean": args.lean,
         "paper_gb": PAPER_GB,
     }
     write_outputs(points, meta, args.out)

@@ -1,0 +1,269 @@
+"""The lean mode (engine.lean, bso.lean): packed 1-bit weights, the flip rule inside backward, no
+stored binary-weight gradients -- and exactly the flips of the plain mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from bso.checkpoint import export_1bit, load_checkpoint
+from bso.engine import BPTTEngine, OnlineEngine
+from bso.layers import SynapticConv2d, binary_weight_values, named_binary_parameters, pack_bits
+from bso.metrics.memory import persistent_state_bytes
+from bso.models import SpikingVGG, model_size
+from bso.optim import BSO, TBSO, build_optimizer, build_router
+from conftest import compose_config
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return SpikingVGG("8C3-16C3-AP2-16C3", in_channels=1, num_classes=10)
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# ------------------------------------------------- the flip rule: fused on bits == step on floats
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        partial(BSO, gamma=0.02, beta=0.9, reset_momentum=True),
+        partial(BSO, gamma=0.02, beta=0.9, reset_momentum=False),
+        partial(TBSO, num_steps=3, gamma=0.05, beta1=0.9, beta2=0.99, threshold="code"),
+        partial(TBSO, num_steps=3, gamma=0.05, beta1=0.9, beta2=0.99, threshold="paper"),
+    ],
+    ids=["bso-reset", "bso", "tbso-code", "tbso-paper"],
+)
+def test_fused_update_on_packed_bits_flips_exactly_as_step(make):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.where(torch.randn(5, 3, 3, 3, generator=g) >= 0, 1.0, -1.0)
+    float_w = nn.Parameter(w0.clone())
+    layer = SynapticConv2d(3, 5, 3, bias=False)
+    layer.weight.data.copy_(w0)
+    layer.pack_weight_()
+    plain, lean = make([float_w]), make([layer.weight])
+    lean.bind_fused_updates([layer])
+    total = 0
+    for k in range(40):
+        t = k % 3
+        grad = torch.randn(w0.shape, generator=g) * 0.1
+        float_w.grad = grad.clone()
+        expected = plain.step(t)
+        lean.begin_time_step(t)
+        lean.fused_update_(layer.weight, layer.sign_values(), grad.clone())
+        assert lean.step(t).tolist() == expected.tolist(), k  # counts the fused flips
+        assert torch.equal(layer.sign_values(), float_w.detach()), k
+        total += int(expected.sum())
+    assert total > 0
+    assert torch.equal(lean.state[layer.weight]["momentum"], plain.state[float_w]["momentum"])
+    if "v" in plain.state[float_w]:
+        assert torch.equal(lean.state[layer.weight]["v"], plain.state[float_w]["v"])
+
+
+def test_pack_bits_round_trips_exactly():
+    w = torch.where(torch.randn(13, 7) >= 0, 1.0, -1.0)  # 91 weights: a padded last byte
+    layer = SynapticConv2d(7, 13, 1, bias=False)
+    layer.weight.data.copy_(w.view(13, 7, 1, 1))
+    layer.pack_weight_()
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 12
+    assert not layer.weight.requires_grad
+    assert torch.equal(layer.sign_values(), w.view(13, 7, 1, 1))
+    assert torch.equal(pack_bits(w > 0), layer.weight.detach())
+
+
+# ------------------------------------------------- training: lean == plain, on the digits
+
+
+def _digits_epoch(lean: bool):
+    """One epoch of T-BSO on the digits (vgg_tiny's blocks at a quarter of its width, to keep the
+    test short; T=2); every step's flips per layer."""
+    cfg = compose_config(
+        "engine.T=2", "model.layers=8C3-16C3-AP2-32C3-32C3-AP2", f"engine.lean={str(lean).lower()}"
+    )
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model)
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    assert engine.fused_update is lean
+    router = build_optimizer(model, cfg.optimizer)
+    from bso.data import build_dataloaders
+
+    loader, _ = build_dataloaders(cfg.dataset, seed=cfg.seed)
+    real_step, flips, grads = router.step, [], []
+
+    def recording_step(t=None):
+        counts = real_step(t)
+        flips.append(counts.tolist())
+        grads.append([w.grad is not None for w in router.binary.binary_weights()])
+        return counts
+
+    router.step = recording_step
+    engine.train_epoch(model, router, loader, torch.device("cpu"))
+    return model, router, flips, grads
+
+
+def test_lean_and_plain_train_the_digits_identically_for_an_epoch():
+    plain_model, plain_router, plain_flips, plain_grads = _digits_epoch(lean=False)
+    lean_model, lean_router, lean_flips, lean_grads = _digits_epoch(lean=True)
+    assert sum(map(sum, plain_flips)) > 0
+    assert lean_flips == plain_flips  # every step, every layer
+    assert all(all(g) for g in plain_grads)  # plain: a gradient per binary weight at each step
+    assert not any(any(g) for g in lean_grads)  # lean: never a binary-weight .grad
+    plain_state, lean_state = plain_model.state_dict(), lean_model.state_dict()
+    assert plain_state.keys() == lean_state.keys()
+    for key, value in plain_state.items():  # +-1 weights, FP weights, BN statistics: identical
+        assert torch.equal(value, lean_state[key]), key
+    for p, q in zip(
+        plain_router.binary.binary_weights(), lean_router.binary.binary_weights(), strict=True
+    ):
+        for name in ("momentum", "v"):
+            assert torch.equal(
+                plain_router.binary.state[p][name], lean_router.binary.state[q][name]
+            )
+
+
+# ------------------------------------------------- memory: 1 bit + momentum per weight
+
+
+def test_lean_persistent_bytes_per_binary_weight_and_no_gradients():
+    """VGG-11 (9.2M binary weights), T-BSO at T=6: packed weight + float32 momentum + T scalars."""
+    torch.manual_seed(0)
+    model = SpikingVGG(in_channels=3, num_classes=10)
+    engine = OnlineEngine(T=6, lean=True)
+    engine.prepare(model)
+    router = build_router(model, partial(TBSO, num_steps=6), partial(torch.optim.SGD, lr=0.1))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 5])  # 8x8: three 2x2 pools still fit
+    engine.train_batch(model, router, x, y)
+    assert all(w.grad is None for w in router.binary.binary_weights())
+    mem = persistent_state_bytes(model, router)
+    assert mem["binary_weight_count"] == 9_216_000
+    per = mem["per_binary_weight"]
+    assert per["weights"] == 0.125 and per["gradients"] == 0
+    assert sum(per.values()) <= 4.2
+    assert mem["transient_gradients"] == 512 * 512 * 9 * 4  # one layer's gradient, inside backward
+    assert model_size(model).size_mb == pytest.approx(1.20, abs=0.005)  # the paper's column
+
+
+def test_lean_fuses_batchnorm_lif_and_saves_less_for_backward():
+    """Same flips and BatchNorm statistics; the activation peak drops (BatchNorm input + spikes as
+    bool instead of BatchNorm input + LIF charge)."""
+    from bso.metrics.memory import SavedTensorMeter
+
+    x, y = _batch(16)
+    runs = {}
+    for lean in (False, True):
+        model = _tiny()
+        engine = OnlineEngine(T=2, lean=lean)
+        engine.prepare(model)
+        assert [b.fuse_batchnorm_lif for b in model.blocks] == [lean] * 3
+        router = build_router(model, partial(TBSO, num_steps=2), partial(torch.optim.SGD, lr=0.1))
+        with SavedTensorMeter() as meter:
+            flips = engine.train_batch(model, router, x, y)[2]
+        runs[lean] = (flips.tolist(), meter.peak_bytes, model.state_dict())
+    assert runs[True][0] == runs[False][0] and sum(runs[True][0]) > 0
+    for key, value in runs[False][2].items():
+        assert torch.equal(value, runs[True][2][key]), key
+    assert runs[True][1] < 0.8 * runs[False][1]
+
+
+# ------------------------------------------------- checkpoints, the 1-bit export, resume
+
+
+def test_lean_state_dict_checkpoint_and_1bit_export_round_trip(tmp_path):
+    lean = _tiny()
+    engine = OnlineEngine(T=2, lean=True)
+    engine.prepare(lean)
+    router = build_router(lean, partial(BSO, gamma=1e-9), partial(torch.optim.SGD, lr=0.1))
+    engine.train_batch(lean, router, *_batch())
+    state = lean.state_dict()
+    for name, _ in named_binary_parameters(lean):  # written as float +-1, as the plain mode does
+        assert state[name].dtype == torch.float32 and set(state[name].unique().tolist()) == {-1, 1}
+    plain = _tiny(seed=1)  # a plain model loads the lean state, and back
+    plain.load_state_dict(state)
+    again = _tiny(seed=2)
+    OnlineEngine(T=2, lean=True).prepare(again)
+    again.load_state_dict(plain.state_dict())
+    for (_, a), (_, b) in zip(binary_weight_values(lean), binary_weight_values(again), strict=True):
+        assert torch.equal(a, b)
+    export_1bit(lean, tmp_path / "m.pt")
+    loaded = _tiny(seed=3)
+    OnlineEngine(T=2, lean=True).prepare(loaded)
+    load_checkpoint(loaded, tmp_path / "m.pt")
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # optimizer state (resume): momentum keyed by the packed weight, float32, full shape
+    resumed = build_router(again, partial(BSO, gamma=1e-9), partial(torch.optim.SGD, lr=0.1))
+    resumed.load_state_dict(router.state_dict())
+    for p, q in zip(router.binary.binary_weights(), resumed.binary.binary_weights(), strict=True):
+        assert torch.equal(router.binary.state[p]["momentum"], resumed.binary.state[q]["momentum"])
+
+
+# ------------------------------------------------- config: applies, refuses or says why not
+
+
+def test_lean_refuses_what_it_cannot_do_and_auto_says_why(caplog):
+    with pytest.raises(ValueError, match="engine.update=accumulate"):
+        OnlineEngine(T=2, update="accumulate", lean=True).prepare(_tiny())
+    with pytest.raises(ValueError, match="no stored"):
+        torch.manual_seed(0)
+        OnlineEngine(T=2, lean=True).prepare(SpikingVGG("8C3-16C3", 1, 10, weights="full"))
+    with pytest.raises(ValueError, match="engine.lean"):
+        OnlineEngine(T=2, lean="yes")
+    with caplog.at_level(logging.INFO, logger="bso.lean"):
+        engine = OnlineEngine(T=2, update="accumulate", lean="auto")
+        engine.prepare(_tiny())
+    assert not engine.fused_update and "plain mode" in caplog.text
+    # a packed model cannot be trained by BPTT, nor flipped without a bound optimizer
+    packed = _tiny()
+    OnlineEngine(T=2, lean=True).prepare(packed)
+    BPTTEngine(T=2).prepare(packed)
+    with pytest.raises(RuntimeError, match="engine.lean"):
+        packed(_batch()[0])
+    OnlineEngine(T=2, lean=True).prepare(packed)
+    with pytest.raises(RuntimeError, match="no binary optimizer"):
+        packed(_batch()[0]).sum().backward()
+
+
+def test_lean_is_the_default_for_bso_and_tbso_per_step():
+    for optimizer in ("bso", "tbso"):
+        cfg = compose_config(f"optimizer={optimizer}")
+        assert cfg.engine.lean == "auto"
+        model, engine = instantiate(cfg.model), instantiate(cfg.engine)
+        engine.prepare(model)
+        assert engine.fused_update
+
+
+# ------------------------------------------------- torch.distributed: the fused update averages
+
+
+def test_fused_update_averages_the_gradient_over_ranks(tmp_path):
+    """World size 1 (gloo, in this process): the all_reduce path runs and changes nothing."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        runs = {}
+        for lean in (False, True):
+            model = _tiny()
+            engine = OnlineEngine(T=2, lean=lean)
+            engine.prepare(model)
+            router = build_router(model, partial(TBSO, num_steps=2, gamma=1e-9), None)
+            runs[lean] = (engine.train_batch(model, router, *_batch())[2], model.state_dict())
+    finally:
+        dist.destroy_process_group()
+    assert runs[True][0].tolist() == runs[False][0].tolist()
+    assert int(runs[True][0].sum()) > 0
+    for key, value in runs[False][1].items():
+        assert torch.equal(value, runs[True][1][key]), key
