@@ -155,6 +155,8 @@ class _PackedTracedConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         trace, bits = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conv
+        # float32 even when the forward ran under bf16 autocast (fast.autocast): the flip rule's G[t]
+        grad_out, trace = grad_out.float(), trace.float()
         weight = unpack_signs_on_device(bits, ctx.layer.binary_shape, grad_out.dtype)
         grad_spikes = None
         if ctx.needs_input_grad[0]:
@@ -178,6 +180,7 @@ class _PackedTracedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         trace, bits = ctx.saved_tensors
+        grad_out, trace = grad_out.float(), trace.float()  # float32 G[t] (see above)
         weight = unpack_signs_on_device(bits, ctx.layer.binary_shape, grad_out.dtype)
         grad_spikes = grad_out @ weight if ctx.needs_input_grad[0] else None
         _fused_update(ctx.layer, weight, grad_out.t() @ trace)

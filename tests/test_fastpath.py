@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from bso import fastpath
 from bso.data import build_dataloaders
-from bso.layers import named_binary_parameters
+from bso.layers import binary_weight_values, named_binary_parameters
 from bso.optim import build_optimizer
 from conftest import compose_config
 
@@ -52,8 +52,9 @@ def test_defaults_on_cpu_train_bit_identically_to_no_fast_path():
         assert torch.equal(w0, w1), name
 
 
-def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32():
-    cfg, model, engine = _setup("fast.autocast=true")
+@pytest.mark.parametrize("lean", [False, True])
+def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32(lean, monkeypatch):
+    cfg, model, engine = _setup("fast.autocast=true", f"engine.lean={str(lean).lower()}")
     trained = fastpath.apply(model, cfg.fast, CPU)
     assert isinstance(trained, fastpath.AutocastForward)
     router = build_optimizer(model, cfg.optimizer)
@@ -63,8 +64,20 @@ def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32():
     step = router.step
 
     def checking_step(t=None):
-        grad_dtypes.extend(w.grad.dtype for w in binary)
+        if not lean:
+            grad_dtypes.extend(w.grad.dtype for w in binary)
         return step(t)
+
+    if lean:  # the binary update runs inside backward: check the gradient it is handed
+        import bso.layers
+
+        fused = bso.layers._fused_update
+
+        def checking_fused(layer, weight, grad):
+            grad_dtypes.append(grad.dtype)
+            return fused(layer, weight, grad)
+
+        monkeypatch.setattr(bso.layers, "_fused_update", checking_fused)
 
     router.step = checking_step
     trained.train()
@@ -74,9 +87,12 @@ def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32():
     assert summed.dtype == loss.dtype == torch.float32  # ... and handed float32 on
     assert grad_dtypes and set(grad_dtypes) == {torch.float32}
     for w in binary:
-        assert set(w.unique().tolist()) <= {-1.0, 1.0}
+        if not lean:
+            assert set(w.unique().tolist()) <= {-1.0, 1.0}
         state = router.binary.state[w]
         assert state["momentum"].dtype == state["v"].dtype == torch.float32
+    for _, values in binary_weight_values(model):  # packed or not: exactly +-1
+        assert set(values.unique().tolist()) <= {-1.0, 1.0}
     assert int(flips.sum()) > 0
 
 
@@ -117,8 +133,9 @@ def test_channels_last_layout_trains_like_contiguous():
     from bso.engine import input_at, instantaneous_loss
     from bso.neurons import reset_neurons
 
-    cfg, plain, engine = _setup()
-    _, nhwc, _ = _setup()
+    # float weights (engine.lean=false): packed weights are 1-D bits, unpacked in the default layout
+    cfg, plain, engine = _setup("engine.lean=false")
+    _, nhwc, _ = _setup("engine.lean=false")
     nhwc.to(memory_format=torch.channels_last)
     binary = [w for _, w in named_binary_parameters(nhwc)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in binary if w.dim() == 4)
