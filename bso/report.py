@@ -674,7 +674,8 @@ def memory_points(path: Path) -> tuple[dict, list[dict]]:
     held = [r for r in PERSISTENT_ROLES if r != "binary_weights_1bit"]
     points = []
     for p in data["points"]:
-        accounted = sum(p["persistent"][r] for r in held) + p["activation_peak_bytes"]
+        # a role the benchmark file predates (transient_gradients: the lean mode) held nothing
+        accounted = sum(p["persistent"].get(r, 0) for r in held) + p["activation_peak_bytes"]
         points.append(
             {
                 "method": p["method"],
