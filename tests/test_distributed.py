@@ -230,16 +230,12 @@ def test_rank_dir_resolver_keeps_rank0_and_redirects_other_ranks(monkeypatch, tm
     assert redirected.startswith(str(tmp_path)) and "rank1" in redirected
 
 
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
 def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
     """hydra/launcher=slurm with gpus_per_node=2: each Slurm task becomes a DDP rank."""
-    for key in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "LOCAL_WORLD_SIZE",
-    ):
+    for key in LAUNCH_ENV:
         monkeypatch.delenv(key, raising=False)
     assert not distributed.export_slurm_env()  # not a submitit job
     slurm = dict(
@@ -255,14 +251,7 @@ def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     # monkeypatch restores these after the test (export writes them into os.environ)
-    for key in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "LOCAL_WORLD_SIZE",
-    ):
+    for key in LAUNCH_ENV:
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     assert distributed.export_slurm_env()
