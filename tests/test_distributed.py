@@ -85,6 +85,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     "state": model.state_dict(),
                     "train": train_m,
                     "test": test_m,
+                    "fused_update": getattr(engine, "fused_update", False),
                     "train_indices": list(train_loader.sampler),
                     "test_indices": list(test_loader.sampler),
                 },
@@ -107,6 +108,9 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_ranks_hold_identical_weights_after_training(two_ranks, name):
     r0, r1 = two_ranks[name]
+    # T-BSO per step runs the lean mode (the default): flips inside backward on gradients the fused
+    # update averages over the ranks itself; the other two keep float weights and DDP's all-reduce
+    assert r0["fused_update"] == (name == "tbso_per_step")
     # every tensor the same on both ranks: +-1 (or latent) weights, BN affine and running stats
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
