@@ -1,0 +1,203 @@
+"""Long runs: what a run remembers to continue exactly, which config a resumed run (or an evaluation)
+trains with, and how SIGINT / SIGTERM stop a run cleanly. :mod:`bso.train` uses these around its loop."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bso import distributed
+from bso.checkpoint import TRAIN_FORMAT, read_checkpoint
+from bso.engine import EpochTally
+from bso.run import find_resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+# What a resumed run may change on its command line: where and how it runs, never what it trains.
+RESUME_MAY_CHANGE = ("resume", "device", "dataset.epochs", "dataset.num_workers", "dataset.root",
+                     "logger", "paths", "hydra", "save_checkpoint")
+
+
+class RunInterrupted(Exception):
+    """SIGINT / SIGTERM arrived; the run saved its checkpoint and can be resumed."""
+
+
+def rng_state() -> dict:
+    """Every random number generator a run draws from (the data order is a function of the epoch)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Progress:
+    """Where a run is: the last finished epoch, the best one so far, and a cut-short epoch's sums."""
+
+    epoch: int = 0
+    best_epoch: int | None = None
+    best_acc1: float | None = None
+    tally: EpochTally = field(default_factory=EpochTally)
+
+    def update_best(self, epoch: int, acc1: float) -> bool:
+        if self.best_acc1 is None or acc1 > self.best_acc1:
+            self.best_epoch, self.best_acc1 = epoch, acc1
+            return True
+        return False
+
+
+class GracefulInterrupt:
+    """SIGINT / SIGTERM (Ctrl-C, Slurm preemption) ask the run to stop after the batch in flight; a
+    second SIGINT stops at once. Under torchrun every rank gets the signal, maybe not during the same
+    batch: the ranks agree (an all-reduce of the flag after each batch) so they stop together."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __call__(self) -> bool:
+        flag = torch.tensor(float(self.signal is not None))
+        return bool(distributed.all_reduce_max(flag))  # the flag itself in one process
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log.warning(f"{self.signal}: finishing the current batch, then saving a checkpoint")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def command_line_overrides() -> list[str]:
+    """The ``key=value`` overrides the user typed (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _overridden_keys(overrides: list[str]) -> set[str]:
+    return {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+
+
+def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: Path) -> DictConfig:
+    """The checkpoint's own config, with the few keys a resumed run may change taken from ``cfg``."""
+    resumed = OmegaConf.create(saved)
+    allowed = {key for key in _overridden_keys(overrides)
+               if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)}
+    changed = sorted(
+        key
+        for key in _overridden_keys(overrides) - allowed
+        if OmegaConf.select(cfg, key) != OmegaConf.select(resumed, key)
+    )
+    if changed:
+        raise ValueError(
+            f"resume={cfg.resume} continues {path} with the config it was trained with, but the command "
+            f"line changes {changed}. A resumed run may only change {list(RESUME_MAY_CHANGE)}; start a "
+            "new run (init_from=<checkpoint> for its weights) to train something else."
+        )
+    for key in allowed - {"resume"}:
+        if not key.startswith("hydra"):
+            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False)
+    resumed.resume = cfg.resume
+    return resumed
+
+
+def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
+    """``eval_only`` / ``init_from``: build the model the checkpoint was trained with (its model
+    config and T), except what the command line sets explicitly."""
+    if not saved:
+        return cfg
+    explicit = _overridden_keys(overrides)
+    cfg = cfg.copy()
+    saved_model = saved.get("model") or {}
+    if "model" not in explicit:  # `model=<name>` picks another architecture on purpose
+        for key, value in saved_model.items():
+            if f"model.{key}" not in explicit:
+                OmegaConf.update(cfg, f"model.{key}", value, merge=False)
+    saved_T = (saved.get("engine") or {}).get("T")
+    if saved_T is not None and "engine.T" not in explicit and cfg.engine.get("eval_only"):
+        cfg.engine.T = saved_T
+    for key in ("in_channels", "num_classes"):
+        if key in saved_model and saved_model[key] != cfg.model[key]:
+            raise ValueError(
+                f"the checkpoint's model has {key}={saved_model[key]} (dataset "
+                f"{(saved.get('dataset') or {}).get('name', '?')}), but dataset={cfg.dataset.name} has "
+                f"{cfg.model[key]}; evaluate or fine-tune it on a dataset of the same shape"
+            )
+    return cfg
+
+
+def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, dict | None]:
+    """For ``resume=``: the run directory to continue, its checkpoint, and its config."""
+    resume, run_dir = cfg.get("resume"), Path(cfg.paths.output_dir)
+    if not resume:
+        return cfg, run_dir, None
+    if resume == "auto":  # e.g. a requeued Slurm job: continue if this run dir has a checkpoint
+        if not (run_dir / "last.pt").is_file():
+            return cfg, run_dir, None
+        path = run_dir / "last.pt"
+    else:
+        path = find_resume_checkpoint(resume, cfg.paths.log_dir)
+    checkpoint = read_checkpoint(path)
+    if checkpoint.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path} is not a bso training checkpoint ({TRAIN_FORMAT}); "
+                         "resume needs the last.pt of a run")
+    cfg = config_for_resume(cfg, checkpoint["config"], overrides, path)
+    if checkpoint["epoch"] >= cfg.dataset.epochs:
+        raise ValueError(
+            f"{path}: the run already finished {checkpoint['epoch']} epochs (dataset.epochs="
+            f"{cfg.dataset.epochs}); pass a larger dataset.epochs=... to train it longer"
+        )
+    return cfg, path.parent, checkpoint
+
+
+def restore(checkpoint: dict, model, optimizer, schedules, dist) -> Progress:
+    """Model, both optimizers' state, the schedules, the counters and every RNG of ``checkpoint``
+    (this rank's RNG states and cut-short epoch sums under torchrun)."""
+    saved_ranks = len(checkpoint["rng"])
+    mid_epoch = any(tally.batches for tally in checkpoint["tally"])
+    if saved_ranks != dist.world_size and mid_epoch:
+        raise ValueError(
+            f"the checkpoint was written by {saved_ranks} process(es) in the middle of an epoch and "
+            f"this run has {dist.world_size}; resume it with torchrun --nproc_per_node={saved_ranks} "
+            "(the epoch's data shards belong to the ranks)"
+        )
+    rank = min(dist.rank, saved_ranks - 1)  # another world size: exact data order, other RNG draws
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedules.load_state_dict(checkpoint["schedules"])
+    set_rng_state(checkpoint["rng"][rank])
+    return Progress(
+        epoch=checkpoint["epoch"],
+        best_epoch=checkpoint["best_epoch"],
+        best_acc1=checkpoint["best_acc1"],
+        tally=checkpoint["tally"][rank] if mid_epoch else EpochTally(),
+    )
+
+
