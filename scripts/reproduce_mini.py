@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)  # the digits recipe (dataset=digits)
     parser.add_argument("--artefacts", nargs="+", default=list(ARTEFACTS), choices=ARTEFACTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed")
     parser.add_argument("--max-T", type=int, default=8, help="Figure 5: train T up to this")
