@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def save_atomic(obj, path: str | Path) -> int:
     torch.save(obj, tmp)
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy a written checkpoint to ``dst`` the same way: a temporary file, then a rename."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -85,10 +94,11 @@ def export_1bit(model: nn.Module, path: str | Path, **extra) -> int:
     return save_atomic({"format": FORMAT, "binary": binary, "tensors": tensors, **extra}, path)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load the weights of a 1-bit export or a training checkpoint into ``model``."""
+def load_checkpoint(model: nn.Module, path: str | Path, blob: dict | None = None) -> dict:
+    """Load the weights of a 1-bit export or a training checkpoint into ``model`` (``blob``: the
+    file as :func:`read_checkpoint` already returned it)."""
     path = Path(path)
-    blob = read_checkpoint(path)
+    blob = read_checkpoint(path) if blob is None else blob
     if blob.get("format") == FORMAT:
         state = dict(blob["tensors"])
         reference = model.state_dict()

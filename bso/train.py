@@ -20,7 +20,14 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
 from bso import distributed, fastpath
-from bso.checkpoint import TRAIN_FORMAT, export_1bit, load_checkpoint, read_checkpoint, save_atomic
+from bso.checkpoint import (
+    TRAIN_FORMAT,
+    copy_atomic,
+    export_1bit,
+    load_checkpoint,
+    read_checkpoint,
+    save_atomic,
+)
 from bso.data import build_dataloaders, start_epoch
 from bso.engine import EpochTally, evaluate
 from bso.loggers import NullLogger
@@ -103,10 +110,11 @@ def build_model(cfg: DictConfig, device: torch.device):
     return model, engine
 
 
-def load_weights(model, path, saved: dict | None, cfg: DictConfig) -> dict:
-    """Load ``path`` into ``model`` with an error that names the checkpoint's model and this one."""
+def load_weights(model, path, blob: dict, saved: dict | None, cfg: DictConfig) -> dict:
+    """Load ``path`` (read as ``blob``) into ``model`` with an error that names the checkpoint's
+    model and this one."""
     try:
-        return load_checkpoint(model, path)
+        return load_checkpoint(model, path, blob)
     except ValueError as err:
         theirs = (saved or {}).get("model", {})
         raise ValueError(
@@ -199,10 +207,12 @@ class Run:
             "config": config,
             "wandb_id": self.logger.run_id,
         }
-        for name in ["last"] + (["best"] if best else []):
-            save_atomic(blob, self.run_dir / f"{name}.pt")
-            export_1bit(self.model, self.run_dir / f"{name}_1bit.pt", config=config,
-                        model_config=config["model"], epoch=progress.epoch)
+        save_atomic(blob, self.run_dir / "last.pt")
+        export_1bit(self.model, self.run_dir / "last_1bit.pt", config=config,
+                    model_config=config["model"], epoch=progress.epoch)
+        if best:  # the same files: copied, not serialised again
+            for name in ("", "_1bit"):
+                copy_atomic(self.run_dir / f"last{name}.pt", self.run_dir / f"best{name}.pt")
 
 
 def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist) -> dict:
@@ -211,7 +221,7 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
     device = dist.device
 
     weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
-    saved = None
+    blob = saved = None
     if weights_from and checkpoint is None:
         blob = read_checkpoint(weights_from)
         saved = blob.get("config") or ({"model": blob["model_config"]} if "model_config" in blob else None)
@@ -220,13 +230,13 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
     # Build everything that can reject the config before any data is read.
     model, engine = build_model(cfg, device)
     if engine.eval_only:
-        return evaluate_checkpoint(cfg, model, engine, dist, run_dir, status, saved)
+        return evaluate_checkpoint(cfg, model, engine, dist, run_dir, status, blob, saved)
     epochs = int(cfg.dataset.epochs)
     if epochs < 1:
         raise ValueError(f"dataset.epochs must be >= 1 to train, got {epochs} "
                          "(engine.eval_only=true checkpoint=... evaluates without training)")
     if weights_from and checkpoint is None:  # e.g. ImageNet fine-tuning at T=4 from T=1
-        load_weights(model, weights_from, saved, cfg)
+        load_weights(model, weights_from, blob, saved, cfg)
     # fast path (channels_last, cudnn.benchmark, compile, autocast), then DDP under torchrun
     train_model = distributed.wrap_model(
         fastpath.apply(model, cfg.fast, device), dist, cfg.distributed.sync_batchnorm
@@ -360,14 +370,14 @@ def epoch_record(run: Run, epoch: int, tally: EpochTally, test_m: dict, lr, gamm
     return record
 
 
-def evaluate_checkpoint(cfg, model, engine, dist, run_dir: Path, status, saved) -> dict:
+def evaluate_checkpoint(cfg, model, engine, dist, run_dir: Path, status, blob, saved) -> dict:
     """``engine.eval_only=true checkpoint=...``: test-set metrics of a saved model, no training
     (under torchrun each rank evaluates a shard; rank 0 writes)."""
     if not cfg.get("checkpoint"):
         raise ValueError(
             "engine.eval_only=true needs checkpoint=<a run's best.pt, last.pt or *_1bit.pt>"
         )
-    load_weights(model, cfg.checkpoint, saved, cfg)
+    load_weights(model, cfg.checkpoint, blob, saved, cfg)
     _, test_loader = build_dataloaders(
         cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
     )
