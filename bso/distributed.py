@@ -172,11 +172,6 @@ def cleanup(state: DistState, barrier: bool = True) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

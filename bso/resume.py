@@ -108,11 +108,12 @@ def _overridden_keys(overrides: list[str]) -> set[str]:
 def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: Path) -> DictConfig:
     """The checkpoint's own config, with the few keys a resumed run may change taken from ``cfg``."""
     resumed = OmegaConf.create(saved)
-    allowed = {key for key in _overridden_keys(overrides)
+    keys = _overridden_keys(overrides)
+    allowed = {key for key in keys
                if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)}
     changed = sorted(
         key
-        for key in _overridden_keys(overrides) - allowed
+        for key in keys - allowed
         if OmegaConf.select(cfg, key) != OmegaConf.select(resumed, key)
     )
     if changed:

@@ -37,6 +37,13 @@ COMMANDS = ("runs", *paper.ARTEFACTS)
 FIGURES = ("table3", "table4", "fig4", "fig5")
 
 
+
+def add_with_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--with KEY=VALUE`` (repeatable) -> ``args.extra``: extra Hydra overrides."""
+    parser.add_argument(
+        "--with", dest="extra", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["runs", *argv]  # `report.py outputs/`: the runs listing, as before
@@ -58,14 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--digits", action="store_true", help="the paper's cells mapped onto the embedded digits"
     )
-    parser.add_argument(
-        "--with",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an override added to every cell's command (repeatable)",
-    )
+    add_with_option(parser, "an override added to every cell's command (repeatable)")
     parser.add_argument("--wandb", action="store_true", help="log the table to wandb")
     parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online"))
     parser.add_argument("--wandb-project", default="bso")

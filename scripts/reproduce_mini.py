@@ -73,13 +73,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed")
     parser.add_argument("--max-T", type=int, default=8, help="Figure 5: train T up to this")
     parser.add_argument("--gammas", nargs="+", help="Table 3: only these gammas (default: all 8)")
-    parser.add_argument(
-        "--with",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an override added to every run (e.g. a narrower model for a quick check)",
+    report_cli.add_with_option(
+        parser, "an override added to every run (e.g. a narrower model for a quick check)"
     )
     parser.add_argument(
         "--threads",
