@@ -74,24 +74,26 @@ class _TracedLinear(torch.autograd.Function):
         return grad_spikes, None, grad_weight
 
 
-# Packed storage: 8 weights per byte, weight i of a group of 8 in bit i (least significant first);
-# bit 1 = +1. Packing multiplies each group's 8 bytes (0/1, read as one little-endian int64) by a
-# constant that gathers them into the top byte; unpacking looks each byte up in a 256 x 8 table of
-# +-1 values. Both are a few passes over 1/8 of the weights, so that packing costs little time.
+# Packed storage: 8 entries per byte, entry i of a group of 8 in bit i (least significant first);
+# bit 1 = +1 for weights, a spike for spikes. Packing multiplies each group's 8 bytes (0/1, read as one
+# little-endian int64) by a constant that gathers them into the top byte; unpacking looks each byte up
+# in a 256 x 8 table of values (index_select). Both are a few passes over 1/8 of the entries.
 _GATHER_BITS = sum(1 << (7 * k) for k in range(1, 9))  # 2^7 + 2^14 + ... + 2^56
-_SIGN_TABLES: dict = {}
+_BIT_TABLES: dict = {}
 
 
-def _sign_table(device, dtype) -> torch.Tensor:
-    key = (device, dtype)
-    if key not in _SIGN_TABLES:
-        table = [[1.0 if (b >> i) & 1 else -1.0 for i in range(8)] for b in range(256)]
-        _SIGN_TABLES[key] = torch.tensor(table, dtype=dtype, device=device)
-    return _SIGN_TABLES[key]
+def _bit_table(device, dtype, low: float) -> torch.Tensor:
+    """256 x 8: the 8 values a byte packs, bit 1 -> 1, bit 0 -> ``low``."""
+    key = (device, dtype, low)
+    if key not in _BIT_TABLES:
+        table = [[1.0 if (b >> i) & 1 else low for i in range(8)] for b in range(256)]
+        _BIT_TABLES[key] = torch.tensor(table, dtype=dtype, device=device)
+    return _BIT_TABLES[key]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor -> uint8, 8 entries per byte (entry i of each 8 in bit i; zero padded)."""
+    """A boolean (or 0/1) tensor -> uint8, 8 entries per byte (entry i of each 8 in bit i; zero
+    padded), in the tensor's logical (row-major) order."""
     flat = mask.reshape(-1).to(torch.bool)
     pad = (-flat.numel()) % 8
     if pad or flat.storage_offset() % 8 or not flat.is_contiguous():
@@ -100,11 +102,17 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return ((groups * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
+def unpack_bits(bits: torch.Tensor, shape, dtype=torch.float32, low: float = 0.0) -> torch.Tensor:
+    """Packed bits -> a contiguous tensor of ``shape`` on the bits' device: 1 where a bit is set,
+    ``low`` elsewhere (0: spikes; -1: +-1 weights)."""
+    numel = torch.Size(shape).numel()
+    values = _bit_table(bits.device, dtype, low).index_select(0, bits.int()).view(-1)
+    return (values if values.numel() == numel else values[:numel]).view(shape)
+
+
 def unpack_signs_on_device(bits: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
     """Packed bits -> exactly +-1 (bit 1 = +1) of ``shape``, on the bits' device."""
-    numel = torch.Size(shape).numel()
-    signs = _sign_table(bits.device, dtype)[bits.long()].view(-1)
-    return (signs if signs.numel() == numel else signs[:numel]).view(shape)
+    return unpack_bits(bits, shape, dtype, low=-1.0)
 
 
 class PackedSigns(nn.Parameter):
@@ -124,7 +132,7 @@ class PackedSigns(nn.Parameter):
         return f"PackedSigns(shape={tuple(self.binary_shape)}, {self.numel()} bytes)"
 
 
-def _fused_update(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
+def update_in_backward(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
     """Hand a packed layer's gradient to its binary optimizer (bound by bso.optim.build_router)."""
     update = layer.binary_update() if layer.binary_update is not None else None
     if update is None:
@@ -164,7 +172,7 @@ class _PackedTracedConv2d(torch.autograd.Function):
         grad_weight = conv2d_weight(
             trace, weight.shape, grad_out, stride, padding, dilation, groups
         )
-        _fused_update(ctx.layer, weight, grad_weight)
+        update_in_backward(ctx.layer, weight, grad_weight)
         return grad_spikes, None, None, None, None, None, None, None
 
 
@@ -183,7 +191,7 @@ class _PackedTracedLinear(torch.autograd.Function):
         grad_out, trace = grad_out.float(), trace.float()  # float32 G[t] (see above)
         weight = unpack_signs_on_device(bits, ctx.layer.binary_shape, grad_out.dtype)
         grad_spikes = grad_out @ weight if ctx.needs_input_grad[0] else None
-        _fused_update(ctx.layer, weight, grad_out.t() @ trace)
+        update_in_backward(ctx.layer, weight, grad_out.t() @ trace)
         return grad_spikes, None, None, None
 
 

@@ -32,6 +32,13 @@ from spikingjelly.activation_based import surrogate
 from torch import nn
 from torch.nn import functional as F
 
+from bso.layers import pack_bits, unpack_bits
+
+try:  # the function spikingjelly's CPU LIF step differentiates through (see lif_input_gradient)
+    from spikingjelly._ops.surrogate import _surrogate_gradient, _surrogate_spec
+except ImportError:  # another spikingjelly layout: the re-run path serves every device
+    _surrogate_gradient = _surrogate_spec = None
+
 TRACE_RULES = ("ndot", "ndot_paper", "ottt")
 
 
@@ -110,58 +117,144 @@ class LIFNode(sj_neuron.LIFNode):
 
 
 class _BatchNormLIF(torch.autograd.Function):
-    """BatchNorm (training, this time step's batch statistics) then one LIF step, saving less.
+    """BatchNorm (training, this time step's batch statistics), one LIF step and, optionally, an
+    average pool of the spikes, saving less.
 
-    The plain graph keeps the BatchNorm input and the LIF's charge ``h`` (two float32 tensors per
-    neuron). This keeps the BatchNorm input and the spikes as bool, and rebuilds ``h = v[t] + V_th s[t]``
-    from the neuron's own state ``v[t] = h - V_th s[t]`` (which the neuron holds until the next time
-    step anyway): exact for V_th = 1 and |h| < 2^24. Backward re-runs the same BatchNorm (without
-    touching the running statistics) and the same spikingjelly LIF step on ``h`` (with v = 0, so its
-    charge is ``h`` exactly) and differentiates them: the gradients are those of the plain graph, bit
-    for bit. Online training only: no gradient flows into v[t-1] (it is detached)."""
-
-    @staticmethod
-    def forward(ctx, z, weight, bias, bn, neuron):
-        y = bn(z)  # (no grad here) updates the running statistics as the plain step does
-        with torch.enable_grad():  # the neuron computes its trace only when grad is enabled
-            spike = neuron(y)  # y and v[t-1] need no grad: no graph is built
-        ctx.save_for_backward(z, weight, bias, spike.to(torch.bool))
-        ctx.bn, ctx.neuron = bn, neuron
-        ctx.v = neuron.v  # v[t], held by the neuron until the next time step; not a copy
-        return spike
+    The plain graph keeps the BatchNorm input, the LIF's charge ``h`` and, before an average pool, the
+    spikes as float32 (avg_pool2d's backward takes its input, though it reads only the shape): up to
+    three float32 tensors per neuron. This keeps the BatchNorm input and the spikes as bits (1/32 of
+    it), and rebuilds ``h = v[t] + V_th s[t]`` from the neuron's own state ``v[t] = h - V_th s[t]``
+    (which the neuron holds until the next time step anyway): exact for V_th = 1 and |h| < 2^24.
+    Backward runs the pool's own backward kernel on the spikes' shape alone, differentiates the LIF
+    step at ``h`` as spikingjelly does (:func:`lif_input_gradient`) and re-runs the same BatchNorm
+    (without touching the running statistics) to differentiate it: the gradients are those of the
+    plain graph, bit for bit. Online training only: no gradient flows into v[t-1] (it is
+    detached)."""
 
     @staticmethod
-    def backward(ctx, grad_spike):
-        z, weight, bias, spike = ctx.saved_tensors
-        bn, neuron = ctx.bn, ctx.neuron
-        charge = ctx.v + spike.to(ctx.v.dtype) * neuron.v_threshold  # h[t], exactly
-        with torch.enable_grad():
-            h = charge.detach().requires_grad_()
-            s, _ = sj_functional.lif_step(
-                h,
-                torch.zeros_like(h),
-                neuron.tau,
-                neuron.decay_input,
-                neuron.v_threshold,
-                neuron.v_reset,
-                neuron.surrogate_function,
-                neuron.detach_reset,
-            )
-            (grad_h,) = torch.autograd.grad(s, h, grad_spike)
-            inputs = [z.detach().requires_grad_()]
-            inputs += [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
-            y = F.batch_norm(inputs[0], None, None, *inputs[1:], True, 0.0, bn.eps)
-            grads = torch.autograd.grad(y, inputs, grad_h)
-        grad_z, grad_w, grad_b = (*grads, None, None)[:3]
-        return grad_z, grad_w, grad_b, None, None
+    def forward(ctx, z, weight, bias, bn, neuron, pool):
+        out, spike_bits, ctx.fired = batchnorm_lif_forward(z, bn, neuron, pool)
+        ctx.save_for_backward(z, weight, bias, spike_bits)
+        ctx.bn, ctx.neuron, ctx.pool = bn, neuron, pool
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, weight, bias, spike_bits = ctx.saved_tensors
+        grads = batchnorm_lif_backward(
+            grad_out, z, weight, bias, spike_bits, ctx.bn, ctx.neuron, ctx.pool, ctx.fired
+        )
+        return (*grads, None, None, None)
 
 
-def batchnorm_lif_step(z: torch.Tensor, bn: nn.BatchNorm2d, neuron: LIFNode) -> torch.Tensor:
-    """``neuron(bn(z))`` with less saved for backward (see :class:`_BatchNormLIF`); the lean mode's
-    BatchNorm + LIF for online training."""
+def batchnorm_lif_forward(z, bn, neuron, pool):
+    """The fused steps' forward (no graph): ``pool(neuron(bn(z)))``, the spikes as bits, and what
+    :func:`batchnorm_lif_backward` reads back besides them: v[t] (held by the neuron until the next
+    time step; not a copy) and the spikes' shape and layout."""
+    y = bn(z)  # (no grad here) updates the running statistics as the plain step does
+    with torch.enable_grad():  # the neuron computes its trace only when grad is enabled
+        spike = neuron(y)  # y and v[t-1] need no grad: no graph is built
+    fired = (neuron.v, spike.shape, memory_format_of(spike))
+    return (spike if pool is None else pool(spike)), pack_bits(spike), fired
+
+
+def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, pool, fired):
+    """dL/dz, dL/dgamma, dL/dbeta of :func:`batchnorm_lif_forward`, bit for bit the plain graph's."""
+    v, shape, memory_format = fired
+    grad_spike = grad_out
+    if pool is not None:  # in the spikes' layout, as the plain kernel gives it (input's)
+        grad_spike = _avg_pool2d_backward(grad_out, pool, shape)
+        grad_spike = grad_spike.contiguous(memory_format=memory_format)
+    spike = unpack_bits(spike_bits, shape, v.dtype).contiguous(memory_format=memory_format)
+    charge = v + spike * neuron.v_threshold  # h[t], exactly (in the forward's layout)
+    grad_h = lif_input_gradient(neuron, charge, grad_spike)
+    with torch.enable_grad():
+        inputs = [z.detach().requires_grad_()]
+        inputs += [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
+        y = F.batch_norm(inputs[0], None, None, *inputs[1:], True, 0.0, bn.eps)
+        grads = torch.autograd.grad(y, inputs, grad_h)
+    return (*grads, None, None)[:3]
+
+
+def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.Tensor):
+    """dL/dI[t] of one online LIF step from its charge ``h[t]`` and dL/ds[t], exactly as
+    spikingjelly's own backward computes it (online: no gradient reaches v[t-1] or leaves v[t]).
+
+    On the CPU, spikingjelly runs the LIF step as a composite of torch ops whose input gradient is
+    its surrogate's alone, ``dL/ds * sg(h - V_th)``: computed here by its own function, without
+    re-running the step. Elsewhere (its CUDA kernels), or for a surrogate or dtype that the CPU
+    shortcut does not cover, the step is re-run on ``h`` (with v = 0, so its charge is ``h``
+    exactly) and differentiated through spikingjelly."""
+    spec = _surrogate_spec(neuron.surrogate_function) if _surrogate_spec else None
+    shortcut = (
+        spec is not None
+        and charge.device.type == "cpu"
+        and charge.dtype == grad_spike.dtype == torch.float32
+    )
+    if shortcut:
+        surrogate_id, alpha = spec
+        grad_spike = grad_spike.contiguous()  # as the composite's select/stack backward hands it on
+        return grad_spike * _surrogate_gradient(charge - neuron.v_threshold, alpha, surrogate_id)
+    with torch.enable_grad():
+        h = charge.detach().requires_grad_()
+        s, _ = sj_functional.lif_step(
+            h,
+            torch.zeros_like(h),
+            neuron.tau,
+            neuron.decay_input,
+            neuron.v_threshold,
+            neuron.v_reset,
+            neuron.surrogate_function,
+            neuron.detach_reset,
+        )
+        (grad_h,) = torch.autograd.grad(s, h, grad_spike)
+    return grad_h
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC 4-D tensor, else contiguous_format."""
+    channels_last = x.dim() == 4 and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch.Tensor:
+    """avg_pool2d's own backward kernel (the plain graph's, so the same bits), given only the input's
+    shape: it reads no input value, so a zero-stride stand-in replaces the saved spikes."""
+    pair = torch.nn.modules.utils._pair
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return torch.ops.aten.avg_pool2d_backward(
+        grad,
+        grad.new_zeros(()).expand(shape),
+        pair(pool.kernel_size),
+        pair(stride),
+        pair(pool.padding),
+        pool.ceil_mode,
+        pool.count_include_pad,
+        pool.divisor_override,
+    )
+
+
+def batchnorm_lif_step(
+    z: torch.Tensor, bn: nn.BatchNorm2d, neuron: LIFNode, pool: nn.Module | None = None
+) -> torch.Tensor:
+    """``pool(neuron(bn(z)))`` with less saved for backward (see :class:`_BatchNormLIF`); the lean
+    mode's BatchNorm + LIF (+ the block's pool) for online training. An average pool is fused; any
+    other pool (max pooling keeps its indices) runs after the fused step."""
     if not (torch.is_grad_enabled() and bn.training):  # backward re-runs training-mode BatchNorm
-        return neuron(bn(z))
-    return _BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron)
+        spike = neuron(bn(z))
+        return spike if pool is None else pool(spike)
+    fused_pool, after = split_pool(pool)
+    return after(_BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron, fused_pool))
+
+
+def split_pool(pool: nn.Module | None) -> tuple[nn.Module | None, nn.Module]:
+    """(the pool a fused step runs inside itself, the pool to run after it): an average pool is
+    fused, no pool is nothing to fuse, any other pool (max pooling keeps its indices) runs after."""
+    if pool is None or isinstance(pool, nn.Identity):
+        return None, nn.Identity()
+    if isinstance(pool, nn.AvgPool2d):
+        return pool, nn.Identity()
+    return None, pool
 
 
 def can_fuse_batchnorm_lif(bn: nn.Module, neuron: nn.Module) -> bool:

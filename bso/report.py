@@ -748,10 +748,11 @@ def plot_fig4(meta: dict, points: list[dict], path: Path) -> Figure:
     ax.set_xlabel("time steps T")
     ax.set_ylabel("training memory (GB, log scale)")
     device = meta.get("device_name") or meta.get("device")
+    mode = "BSO/T-BSO lean" if meta.get("lean") else "BSO/T-BSO plain"
     ax.set_title(
         f"Figure 4: training memory vs T, VGG-11 on 32x32 input\nours: {meta.get('device')} "
-        f"({device}), batch {meta.get('batch')}, weights + grads + optimizer state + activations;"
-        " paper: GPU",
+        f"({device}), batch {meta.get('batch')}, {mode}, weights + grads + optimizer state + "
+        "activations; paper: GPU",
         fontsize=9,
     )
     ax.grid(alpha=0.3, which="both")

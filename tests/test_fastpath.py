@@ -71,13 +71,13 @@ def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32(lean, monkeypatc
     if lean:  # the binary update runs inside backward: check the gradient it is handed
         import bso.layers
 
-        fused = bso.layers._fused_update
+        fused = bso.layers.update_in_backward
 
         def checking_fused(layer, weight, grad):
             grad_dtypes.append(grad.dtype)
             return fused(layer, weight, grad)
 
-        monkeypatch.setattr(bso.layers, "_fused_update", checking_fused)
+        monkeypatch.setattr(bso.layers, "update_in_backward", checking_fused)
 
     router.step = checking_step
     trained.train()

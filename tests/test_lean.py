@@ -16,7 +16,7 @@ from bso.checkpoint import export_1bit, load_checkpoint
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.layers import SynapticConv2d, binary_weight_values, named_binary_parameters, pack_bits
 from bso.metrics.memory import persistent_state_bytes
-from bso.models import SpikingVGG, model_size
+from bso.models import SpikingResNet19, SpikingVGG, model_size
 from bso.optim import BSO, TBSO, build_optimizer, build_router
 from conftest import compose_config
 
@@ -84,11 +84,14 @@ def test_pack_bits_round_trips_exactly():
 # ------------------------------------------------- training: lean == plain, on the digits
 
 
-def _digits_epoch(lean: bool):
+def _digits_epoch(lean: bool, recompute_binary_convs: bool = False):
     """One epoch of T-BSO on the digits (vgg_tiny's blocks at a quarter of its width, to keep the
     test short; T=2); every step's flips per layer."""
     cfg = compose_config(
-        "engine.T=2", "model.layers=8C3-16C3-AP2-32C3-32C3-AP2", f"engine.lean={str(lean).lower()}"
+        "engine.T=2",
+        "model.layers=8C3-16C3-AP2-32C3-32C3-AP2",
+        f"engine.lean={str(lean).lower()}",
+        f"engine.recompute_binary_convs={str(recompute_binary_convs).lower()}",
     )
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.model)
@@ -112,9 +115,11 @@ def _digits_epoch(lean: bool):
     return model, router, flips, grads
 
 
-def test_lean_and_plain_train_the_digits_identically_for_an_epoch():
+@pytest.mark.parametrize("recompute_binary_convs", [False, True], ids=["lean", "recompute"])
+def test_lean_and_plain_train_the_digits_identically_for_an_epoch(recompute_binary_convs):
     plain_model, plain_router, plain_flips, plain_grads = _digits_epoch(lean=False)
-    lean_model, lean_router, lean_flips, lean_grads = _digits_epoch(lean=True)
+    lean_model, lean_router, lean_flips, lean_grads = _digits_epoch(True, recompute_binary_convs)
+    assert [b.recompute_conv for b in lean_model.blocks] == [True, *[recompute_binary_convs] * 3]
     assert sum(map(sum, plain_flips)) > 0
     assert lean_flips == plain_flips  # every step, every layer
     assert all(all(g) for g in plain_grads)  # plain: a gradient per binary weight at each step
@@ -155,25 +160,90 @@ def test_lean_persistent_bytes_per_binary_weight_and_no_gradients():
 
 
 def test_lean_fuses_batchnorm_lif_and_saves_less_for_backward():
-    """Same flips and BatchNorm statistics; the activation peak drops (BatchNorm input + spikes as
-    bool instead of BatchNorm input + LIF charge)."""
+    """Same flips and BatchNorm statistics in the three modes; the activation peak drops: the lean
+    default saves BatchNorm input + spike bits instead of BatchNorm input + LIF charge + the float
+    spikes an average pool keeps, and recomputes the first conv's output from the image;
+    recompute_binary_convs saves every binary conv's input spikes instead of its output."""
     from bso.metrics.memory import SavedTensorMeter
 
     x, y = _batch(16)
     runs = {}
-    for lean in (False, True):
+    for mode in ("plain", "lean", "recompute"):
         model = _tiny()
-        engine = OnlineEngine(T=2, lean=lean)
+        lean = mode != "plain"
+        engine = OnlineEngine(T=2, lean=lean, recompute_binary_convs=mode == "recompute")
         engine.prepare(model)
         assert [b.fuse_batchnorm_lif for b in model.blocks] == [lean] * 3
+        assert [b.recompute_conv for b in model.blocks] == [lean, *[mode == "recompute"] * 2]
         router = build_router(model, partial(TBSO, num_steps=2), partial(torch.optim.SGD, lr=0.1))
         with SavedTensorMeter() as meter:
             flips = engine.train_batch(model, router, x, y)[2]
-        runs[lean] = (flips.tolist(), meter.peak_bytes, model.state_dict())
-    assert runs[True][0] == runs[False][0] and sum(runs[True][0]) > 0
-    for key, value in runs[False][2].items():
-        assert torch.equal(value, runs[True][2][key]), key
-    assert runs[True][1] < 0.8 * runs[False][1]
+        runs[mode] = (flips.tolist(), meter.peak_bytes, model.state_dict())
+    assert sum(runs["plain"][0]) > 0
+    for mode in ("lean", "recompute"):
+        assert runs[mode][0] == runs["plain"][0]
+        for key, value in runs["plain"][2].items():
+            assert torch.equal(value, runs[mode][2][key]), (mode, key)
+    # this tiny net: 0.39x and 0.29x of the plain peak (VGG-11: make bench-lean)
+    assert runs["lean"][1] < 0.45 * runs["plain"][1]
+    assert runs["recompute"][1] < 0.8 * runs["lean"][1]
+
+
+@pytest.mark.parametrize("pool", ["none", "avg", "max"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("lif_gradient", ["cpu_shortcut", "rerun"])
+def test_batchnorm_lif_pool_step_is_the_plain_graph_bit_for_bit_and_saves_bits(
+    pool, layout, lif_gradient, monkeypatch
+):
+    """The fused BatchNorm + LIF (+ average pool) step against the plain modules, at a second time
+    step (a nonzero v[t-1]): same spikes, trace and running statistics, the same gradients for the
+    BatchNorm input and affine parameters, bit for bit -- and, saved for backward, exactly the
+    BatchNorm input, its two parameters and one bit per spike (a max pool keeps its own indices).
+    Both ways of differentiating the LIF step (bso.neurons.lif_input_gradient) are checked."""
+    import bso.neurons
+    from bso.metrics.memory import SavedTensorMeter
+    from bso.neurons import LIFNode, batchnorm_lif_step, configure_neurons, reset_neurons
+
+    if lif_gradient == "rerun":  # the path every device but the CPU takes
+        monkeypatch.setattr(bso.neurons, "_surrogate_spec", None)
+    else:
+        assert bso.neurons._surrogate_spec is not None  # spikingjelly 2.0's layout
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(6, 8, 6, 6, generator=g).mul_(2).to(memory_format=fmt) for _ in range(2)]
+    grad_out = torch.randn(6, 8, 3, 3, generator=g) if pool != "none" else torch.randn(6, 8, 6, 6)
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(1)
+        bn, neuron = nn.BatchNorm2d(8), LIFNode()
+        nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.2, 0.2)
+        block = nn.Sequential(bn, neuron)
+        configure_neurons(block, detach_state=True, trace_rule="ndot")
+        reset_neurons(block)
+        layer = {"none": nn.Identity(), "avg": nn.AvgPool2d(2), "max": nn.MaxPool2d(2)}[pool]
+        with torch.no_grad():
+            neuron(bn(zs[0]))  # t = 0: v[0] and the trace
+        z = zs[1].clone().requires_grad_()
+        with SavedTensorMeter() as meter:
+            out = batchnorm_lif_step(z, bn, neuron, layer) if fused else layer(neuron(bn(z)))
+            saved = meter.current_bytes
+            grads = torch.autograd.grad(out, (z, bn.weight, bn.bias), grad_out.to(out.dtype))
+        results[fused] = (out, neuron.trace, bn.running_mean, bn.running_var, *grads, saved)
+    plain, fused = results[False], results[True]
+    for a, b in zip(plain[:-1], fused[:-1], strict=True):
+        assert torch.equal(a, b)
+    assert fused[4].is_contiguous(memory_format=fmt)  # the input gradient keeps the layout
+    spikes = zs[1].numel()
+    expected = spikes * 4 + 2 * 8 * 4 + spikes // 8  # BatchNorm input, its weight and bias, bits
+    if pool == "max":  # what the max pool saves of its own (input and indices)
+        with SavedTensorMeter() as meter:
+            pooled = nn.MaxPool2d(2)(torch.ones_like(zs[1], requires_grad=True))
+            expected += meter.current_bytes
+        del pooled
+    assert fused[-1] == expected
+    # the plain graph keeps the LIF's charge too (and the spikes before an average pool)
+    assert plain[-1] >= expected + spikes * 4 - spikes // 8 + (spikes * 4 if pool == "avg" else 0)
 
 
 # ------------------------------------------------- checkpoints, the 1-bit export, resume
@@ -219,6 +289,14 @@ def test_lean_refuses_what_it_cannot_do_and_auto_says_why(caplog):
         OnlineEngine(T=2, lean=True).prepare(SpikingVGG("8C3-16C3", 1, 10, weights="full"))
     with pytest.raises(ValueError, match="engine.lean"):
         OnlineEngine(T=2, lean="yes")
+    # recompute_binary_convs is a lean-mode option: refused where the lean mode is off
+    for lean, update in ((False, "per_step"), ("auto", "accumulate")):
+        with pytest.raises(ValueError, match="recompute_binary_convs=true .* off here"):
+            OnlineEngine(T=2, lean=lean, update=update, recompute_binary_convs=True).prepare(_tiny())
+    with pytest.raises(ValueError, match="no binary conv block whose input is known"):
+        torch.manual_seed(0)
+        resnet = SpikingResNet19(in_channels=1, num_classes=10, widths=(8, 8, 8))
+        OnlineEngine(T=2, lean=True, recompute_binary_convs=True).prepare(resnet)
     with caplog.at_level(logging.INFO, logger="bso.lean"):
         engine = OnlineEngine(T=2, update="accumulate", lean="auto")
         engine.prepare(_tiny())

@@ -1,5 +1,6 @@
 """Saved-tensor accounting and the online engine's flat activation memory."""
 
+import pytest
 import torch
 
 from bso.engine import OnlineEngine, instantaneous_loss
@@ -169,6 +170,38 @@ def test_memory_benchmark_script_tiny(tmp_path):
     act = {(p["method"], p["T"]): p["activation_peak_bytes"] for p in points}
     assert act[("bso", 3)] == act[("bso", 1)] and act[("tbso", 3)] == act[("tbso", 1)]
     assert act[("bptt_latent", 3)] > 2 * act[("bptt_latent", 1)]
+    for p in points:  # BSO/T-BSO as trained by default: lean, with its roles in the file
+        online = p["method"] != "bptt_latent"
+        assert p["lean"] is online
+        per = p["persistent"]["per_binary_weight"]
+        assert per["weights"] == (0.125 if online else 4.0)  # packed bits / float32 latent
+        assert per["gradients"] == (0.0 if online else 4.0)
+        assert (p["persistent"]["transient_gradients"] > 0) is online
+
+
+def test_lean_benchmark_script_tiny(tmp_path):
+    """make bench-lean, small: both modes, same flips, the lean mode's three quantities beside the
+    plain mode's with their ratios."""
+    import json
+
+    out = tmp_path / "lean"
+    _run_script(
+        "scripts/bench/lean.py",
+        *("--batch", "4", "--T", "2", "--layers", "8C3-16C3-AP2-16C3", "--iters", "1"),
+        *("--device", "cpu", "--out", str(out)),
+    )
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["tbso", "bso"]
+    for r in rows:
+        assert r["same_flips"]
+        b, a = r["bytes_per_binary_weight"], r["activation_peak_bytes"]
+        v_t = 2 * 2 * 4 / (16 * 8 * 9 + 16 * 16 * 9) if r["method"] == "tbso" else 0  # T-BSO's v
+        assert b["plain"] == pytest.approx(12.0 + v_t)
+        assert b["lean"] == b["recompute"] == pytest.approx(4.125 + v_t)
+        assert a["recompute"] < a["lean"] < a["plain"] and a["ratio"] == a["lean"] / a["plain"]
+        assert a["recompute_ratio"] == a["recompute"] / a["plain"]
+        assert set(r["ms_per_time_step"]) == {"plain", "lean", "recompute", "ratio", "recompute_ratio"}
+    assert "| tbso | activation peak (MB) |" in out.with_suffix(".md").read_text()
 
 
 def test_throughput_script_tiny(tmp_path):

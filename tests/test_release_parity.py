@@ -48,12 +48,22 @@ def release_optimizer(model, golden: dict):
 
 
 def replay(
-    golden: dict, engine: OnlineEngine | None = None, lean: bool = False, **model_options
+    golden: dict,
+    engine: OnlineEngine | None = None,
+    lean: bool = False,
+    recompute_binary_convs: bool = False,
+    **model_options,
 ) -> dict:
     """Train on the golden batches with the release recipe; record what each step produced."""
     h = golden["hyper"]
     model = release_model(golden, **model_options)
-    engine = engine or OnlineEngine(T=h["T"], trace="ndot", mse_weight=h["mse_weight"], lean=lean)
+    engine = engine or OnlineEngine(
+        T=h["T"],
+        trace="ndot",
+        mse_weight=h["mse_weight"],
+        lean=lean,
+        recompute_binary_convs=recompute_binary_convs,
+    )
     engine.prepare(model)
     router = release_optimizer(model, golden)
     logits, flips, second_moments = [], [], []
@@ -85,14 +95,21 @@ def replay(
 
 @pytest.fixture(
     scope="module",
-    params=[("tbso", "plain"), ("tbso", "lean"), ("bso", "plain"), ("bso", "lean")],
+    params=[
+        (optimizer, mode)
+        for optimizer in ("tbso", "bso")
+        for mode in ("plain", "lean", "lean_recompute")
+    ],
     ids=lambda p: "-".join(p),
 )
 def golden_run(request):
     optimizer, mode = request.param
     golden = load_golden(optimizer)
-    ours = replay(golden, lean=mode == "lean")
-    if mode == "lean":  # no binary-weight gradient was ever stored
+    ours = replay(golden, lean=mode != "plain", recompute_binary_convs=mode == "lean_recompute")
+    if mode == "lean_recompute":  # every binary conv recomputed its output in backward
+        convs = [b for b in ours["model"].blocks if b.conv.is_binary]
+        assert convs and all(b.recompute_conv for b in convs)
+    if mode != "plain":  # no binary-weight gradient was ever stored
         assert all(p.grad is None for p in ours["router"].binary.binary_weights())
     return golden, ours
 

@@ -34,6 +34,7 @@ class OnlineEngine(Engine):
         mse_weight: float = 0.05,
         eval_only: bool = False,
         lean: str | bool = False,
+        recompute_binary_convs: bool = False,
     ):
         if trace not in TRACE_RULES:
             raise ValueError(f"unknown engine.trace={trace!r}; choose one of {TRACE_RULES}")
@@ -42,13 +43,14 @@ class OnlineEngine(Engine):
         super().__init__(T, update, mse_weight, eval_only)
         self.trace = trace
         self.lean = parse_lean(lean)
+        self.recompute_binary_convs = bool(recompute_binary_convs)
         self.fused_update = False  # set by prepare: the lean mode is on for this model
 
     def prepare(self, model):
         """Online mode: detached membrane state and the chosen presynaptic trace; the lean mode
         (packed weights, update inside backward) where ``lean`` asks for it and it applies."""
         configure_neurons(model, detach_state=True, trace_rule=self.trace)
-        self.fused_update = apply_lean(model, self.lean, self.update)
+        self.fused_update = apply_lean(model, self.lean, self.update, self.recompute_binary_convs)
 
     def train_batch(self, model, optimizer, x, y):
         per_step = self.update == "per_step"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bso.layers import SynapticLinear
-from bso.models.parts import ModelOptions, SpikingConvBlock, initialize
+from bso.models.parts import ModelOptions, SpikingConvBlock, initialize, spike_levels
 
 VGG11 = "64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3"
 
@@ -70,6 +70,8 @@ class SpikingVGG(nn.Module):
                 channels = size
             else:
                 blocks[-1].pool = nn.AvgPool2d(kernel) if kind == "AP" else nn.MaxPool2d(kernel)
+        for before, block in zip(blocks[:-1], blocks[1:], strict=True):  # input: the output before
+            block.input_levels = spike_levels(before.pool)
         self.blocks = nn.ModuleList(blocks)
         self.classifier = SynapticLinear(channels, num_classes, weights="full")
         initialize(self, opts)

@@ -18,9 +18,17 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("bptt_latent", "bso", "tbso")
 
 
-def build_method(method: str, T: int, layers: str, device: torch.device, lean: bool = False):
+def build_method(
+    method: str,
+    T: int,
+    layers: str,
+    device: torch.device,
+    lean: bool = False,
+    recompute_binary_convs: bool = False,
+):
     """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method; ``lean`` puts the
-    online methods in the lean mode (engine.lean: packed weights, flip inside backward)."""
+    online methods in the lean mode (engine.lean: packed weights, flip inside backward), optionally
+    recomputing the binary convs' outputs in backward (engine.recompute_binary_convs)."""
     torch.manual_seed(0)
     weights = "latent" if method == "bptt_latent" else "binary"
     model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
@@ -30,7 +38,13 @@ def build_method(method: str, T: int, layers: str, device: torch.device, lean: b
             torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
         )
     else:  # online, stored +-1 weights, a flip per time step
-        engine = OnlineEngine(T=T, trace="ndot", update="per_step", lean=lean)
+        engine = OnlineEngine(
+            T=T,
+            trace="ndot",
+            update="per_step",
+            lean=lean,
+            recompute_binary_convs=recompute_binary_convs,
+        )
         binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
     engine.prepare(model)  # before the optimizer: the lean mode replaces the binary weights
     if method != "bptt_latent":

@@ -2,13 +2,15 @@
 peak (autograd's saved tensors) and time per time step, for BSO / T-BSO online per-step training of
 VGG-11 on CIFAR-shaped input (issue 13's three targets).
 
-    python scripts/bench/lean.py          # T-BSO and BSO, T=6, batch 128 (CUDA) / 32 (CPU)
+    python scripts/bench/lean.py          # T-BSO and BSO, T=6, batch 128 (the issue's; CPU: ~5 min)
     python scripts/bench/lean.py --batch 4 --T 2 --layers 8C3-AP2-16C3 --iters 1 --out /tmp/lean
 
 Plain: float32 +-1 weights with a gradient each, update after backward. Lean (engine.lean): packed
-1-bit weights, the flip rule inside backward, no stored binary-weight gradient. Both modes are built
-from the same seed; their flips are checked equal on the measured batches. Timing interleaves the two
-modes batch by batch (median of ``--iters``) so that the shared machine's load hits both alike.
+1-bit weights, the flip rule inside backward, no stored binary-weight gradient. Recompute: the lean
+mode with engine.recompute_binary_convs=true (each binary conv's output recomputed in backward).
+All modes are built from the same seed; their flips are checked equal on the measured batches.
+Timing interleaves the modes batch by batch (median of ``--iters``) so that the shared machine's load
+hits them alike.
 Writes <out>.json and <out>.md.
 """
 
@@ -25,7 +27,7 @@ from _common import ROOT, build_method, device_meta, resolve_device, write_resul
 from bso.metrics.memory import SavedTensorMeter, persistent_state_bytes
 from bso.models import VGG11
 
-MODES = ("plain", "lean")
+MODES = ("plain", "lean", "recompute")  # recompute: lean + engine.recompute_binary_convs=true
 
 
 def sync(device):
@@ -39,14 +41,14 @@ def main() -> None:
     )
     parser.add_argument("--T", type=int, default=6)
     parser.add_argument("--methods", nargs="+", default=["tbso", "bso"], choices=["bso", "tbso"])
-    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 32 on CPU")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--layers", default=VGG11)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lean")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    batch = args.batch or (128 if device.type == "cuda" else 32)
+    batch = args.batch
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -54,7 +56,9 @@ def main() -> None:
     rows = []
     for method in args.methods:
         built = {
-            mode: build_method(method, args.T, args.layers, device, mode == "lean")
+            mode: build_method(
+                method, args.T, args.layers, device, mode != "plain", mode == "recompute"
+            )
             for mode in MODES
         }
         result = {mode: {"seconds": []} for mode in MODES}
@@ -66,7 +70,7 @@ def main() -> None:
             mem = persistent_state_bytes(model, opt)
             result[mode]["persistent"] = mem
             result[mode]["bytes_per_binary_weight"] = sum(mem["per_binary_weight"].values())
-        assert flips["plain"] == flips["lean"], (method, flips)
+        assert flips["plain"] == flips["lean"] == flips["recompute"], (method, flips)
         for _ in range(args.iters):
             for mode, (model, engine, opt) in built.items():
                 sync(device)
@@ -81,6 +85,7 @@ def main() -> None:
         for key in ("bytes_per_binary_weight", "activation_peak_bytes", "ms_per_time_step"):
             row[key] = {mode: result[mode][key] for mode in MODES}
             row[key]["ratio"] = result["lean"][key] / result["plain"][key]
+            row[key]["recompute_ratio"] = result["recompute"][key] / result["plain"][key]
         row["persistent"] = {mode: result[mode]["persistent"] for mode in MODES}
         row["seconds"] = {mode: result[mode]["seconds"] for mode in MODES}
         rows.append(row)
@@ -95,19 +100,22 @@ def main() -> None:
         f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), batch {batch}, "
         f"T={args.T}, median of {args.iters} batches per mode",
         "",
-        "| method | quantity | plain (before) | lean (after) | lean / plain |",
-        "|---|---|---|---|---|",
+        "| method | quantity | plain (before) | lean (after) | lean / plain "
+        "| lean + recompute_binary_convs | its / plain |",
+        "|---|---|---|---|---|---|---|",
     ]
+    quantities = (
+        ("bytes_per_binary_weight", "persistent bytes per binary weight", 1, ".3f"),
+        ("activation_peak_bytes", "activation peak (MB)", 1e6, ".1f"),
+        ("ms_per_time_step", "time per time step (ms)", 1, ".1f"),
+    )
     for r in rows:
-        b, a, m = r["bytes_per_binary_weight"], r["activation_peak_bytes"], r["ms_per_time_step"]
-        lines += [
-            f"| {r['method']} | persistent bytes per binary weight | {b['plain']:.3f} "
-            f"| {b['lean']:.3f} | {b['ratio']:.3f} |",
-            f"| {r['method']} | activation peak (MB) | {a['plain'] / 1e6:.1f} | {a['lean'] / 1e6:.1f} "
-            f"| {a['ratio']:.3f} |",
-            f"| {r['method']} | time per time step (ms) | {m['plain']:.1f} | {m['lean']:.1f} "
-            f"| {m['ratio']:.3f} |",
-        ]
+        for key, label, unit, f in quantities:
+            q = r[key]
+            lines.append(
+                f"| {r['method']} | {label} | {q['plain'] / unit:{f}} | {q['lean'] / unit:{f}} "
+                f"| {q['ratio']:.3f} | {q['recompute'] / unit:{f}} | {q['recompute_ratio']:.3f} |"
+            )
     write_results(args.out, meta, rows, lines)
 
 

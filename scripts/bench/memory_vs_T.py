@@ -4,7 +4,11 @@ memory. Each (method, T) point runs in a fresh process.
 
     python scripts/bench/memory_vs_T.py                          # T = 1 2 4 8 16 35
     python scripts/bench/memory_vs_T.py --T 1 2 --layers 8C3-AP2-16C3 --batch 4 --out /tmp/fig4
-    python scripts/bench/memory_vs_T.py --lean --methods bso tbso   # BSO/T-BSO in the lean mode
+    python scripts/bench/memory_vs_T.py --plain --methods bso tbso  # BSO/T-BSO in the plain mode
+
+BSO/T-BSO run as training runs them by default: in the lean mode (engine.lean: packed 1-bit weights,
+the flip inside backward, the fused BatchNorm + LIF + pool step); ``--plain`` measures the plain mode
+(float32 +-1 weights with a stored gradient each).
 
 Per point: peak bytes of autograd's saved tensors (activation memory, CPU and GPU alike), persistent
 state by role (bso.metrics.memory.persistent_state_bytes), and peak process RSS (CPU) or peak
@@ -27,7 +31,7 @@ from bso.metrics.memory import PERSISTENT_ROLES
 PAPER_GB = {"bptt_latent": {1: 2.86, 35: 58.18}, "bso": {"all": 2.9}, "tbso": {"all": 3.1}}
 
 
-def measure(method: str, T: int, batch: int, layers: str, device_name: str, lean=False) -> dict:
+def measure(method: str, T: int, batch: int, layers: str, device_name: str, lean=True) -> dict:
     """One point, in this process."""
     import torch
 
@@ -136,7 +140,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--lean", action="store_true", help="BSO/T-BSO in the lean mode (engine.lean, bso.lean)"
+        "--plain",
+        action="store_true",
+        help="BSO/T-BSO in the plain mode (engine.lean=false); default: the lean mode, as trained",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/memory_vs_T")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
@@ -150,7 +156,7 @@ def main() -> None:
     args.device = str(resolve_device(args.device))
     batch = args.batch or (128 if args.device.startswith("cuda") else 16)
     if args.single:  # child process: one point, JSON on stdout
-        point = measure(args.methods[0], args.T[0], batch, args.layers, args.device, args.lean)
+        point = measure(args.methods[0], args.T[0], batch, args.layers, args.device, not args.plain)
         print(json.dumps(point))
         return
 
@@ -174,7 +180,7 @@ def main() -> None:
                 args.layers,
                 "--device",
                 args.device,
-                *(["--lean"] if args.lean else []),
+                *(["--plain"] if args.plain else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
@@ -191,7 +197,7 @@ def main() -> None:
         **device_meta(resolve_device(args.device)),
         "batch": batch,
         "layers": args.layers,
-        "lean": args.lean,
+        "lean": not args.plain,
         "paper_gb": PAPER_GB,
     }
     write_outputs(points, meta, args.out)
