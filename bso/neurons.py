@@ -213,8 +213,8 @@ def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for an NHWC 4-D tensor, else contiguous_format."""
-    channels_last = x.dim() == 4 and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch.Tensor:
@@ -244,16 +244,17 @@ def batchnorm_lif_step(
         spike = neuron(bn(z))
         return spike if pool is None else pool(spike)
     fused_pool, after = split_pool(pool)
-    return after(_BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron, fused_pool))
+    out = _BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron, fused_pool)
+    return out if after is None else after(out)
 
 
-def split_pool(pool: nn.Module | None) -> tuple[nn.Module | None, nn.Module]:
-    """(the pool a fused step runs inside itself, the pool to run after it): an average pool is
-    fused, no pool is nothing to fuse, any other pool (max pooling keeps its indices) runs after."""
+def split_pool(pool: nn.Module | None) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the pool a fused step runs inside itself, the pool to run after it), None for none: an
+    average pool is fused, any other pool (max pooling keeps its indices) runs after."""
     if pool is None or isinstance(pool, nn.Identity):
-        return None, nn.Identity()
+        return None, None
     if isinstance(pool, nn.AvgPool2d):
-        return pool, nn.Identity()
+        return pool, None
     return None, pool
 
 

@@ -189,6 +189,25 @@ def test_lean_fuses_batchnorm_lif_and_saves_less_for_backward():
     assert runs["recompute"][1] < 0.8 * runs["lean"][1]
 
 
+def test_recompute_after_a_max_pool_and_an_average_pool_trains_like_plain():
+    """A block's input after a max pool is 0/1 (saved as bits), after AP2 multiples of 1/4 (bytes):
+    two batches, same flips and state as the plain mode."""
+    x, y = _batch(8)
+    runs = {}
+    for mode in ("plain", "recompute"):
+        torch.manual_seed(0)
+        model = SpikingVGG("8C3-MP2-16C3-AP2-16C3", in_channels=1, num_classes=10)
+        assert [b.input_levels for b in model.blocks] == [None, 1, 4]
+        engine = OnlineEngine(T=2, lean=mode != "plain", recompute_binary_convs=mode != "plain")
+        engine.prepare(model)
+        router = build_router(model, partial(TBSO, num_steps=2), partial(torch.optim.SGD, lr=0.1))
+        flips = [engine.train_batch(model, router, x, y)[2].tolist() for _ in range(2)]
+        runs[mode] = (flips, model.state_dict())
+    assert runs["recompute"][0] == runs["plain"][0] and sum(map(sum, runs["plain"][0])) > 0
+    for key, value in runs["plain"][1].items():
+        assert torch.equal(value, runs["recompute"][1][key]), key
+
+
 @pytest.mark.parametrize("pool", ["none", "avg", "max"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("lif_gradient", ["cpu_shortcut", "rerun"])

@@ -263,4 +263,4 @@ def conv_batchnorm_lif_step(block: SpikingConvBlock, x: torch.Tensor, trace) -> 
     out = _ConvBatchNormLIF.apply(
         x, trace, conv.weight, conv.bias, bn.weight, bn.bias, block, fused_pool
     )
-    return after(out)
+    return out if after is None else after(out)
