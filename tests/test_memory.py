@@ -180,7 +180,7 @@ def test_memory_benchmark_script_tiny(tmp_path):
 
 
 def test_lean_benchmark_script_tiny(tmp_path):
-    """make bench-lean, small: both modes, same flips, the lean mode's three quantities beside the
+    """make bench-lean, small: the three modes, same flips, the lean modes' three quantities beside the
     plain mode's with their ratios."""
     import json
 

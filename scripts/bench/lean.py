@@ -2,7 +2,7 @@
 peak (autograd's saved tensors) and time per time step, for BSO / T-BSO online per-step training of
 VGG-11 on CIFAR-shaped input (issue 13's three targets).
 
-    python scripts/bench/lean.py          # T-BSO and BSO, T=6, batch 128 (the issue's; CPU: ~5 min)
+    python scripts/bench/lean.py          # T-BSO and BSO, T=6, batch 128 (the issue's; CPU: ~9 min)
     python scripts/bench/lean.py --batch 4 --T 2 --layers 8C3-AP2-16C3 --iters 1 --out /tmp/lean
 
 Plain: float32 +-1 weights with a gradient each, update after backward. Lean (engine.lean): packed
