@@ -21,6 +21,13 @@ For online training the neuron adds two things, both switched on by the online e
     = v[t] / v[t-1]`` clamped to ``[-lambda, lambda]``, ``lambda`` where the denominator is 0.
 
 Every rule starts with ``a_hat[1] = s[1]``.
+
+``float_order`` (spec section 4.2): ``"fast"`` runs spikingjelly's LIF step (its fused CUDA / Triton
+kernels, its CPU composite), whose backward rounds the surrogate's product as
+``dL/ds * ((1 - sg) * sg * alpha)``; ``"release"`` runs the same step as plain torch operations with
+spikingjelly's sigmoid surrogate function, whose backward is the released code's
+``((dL/ds * (1 - sg)) * sg) * alpha`` with ``sg = sigmoid(alpha * (h - V_th))``. The forward values
+are the same; the release order is what makes a BSO / T-BSO run bit for bit the release's.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ except ImportError:  # another spikingjelly layout: the re-run path serves every
     _surrogate_gradient = _surrogate_spec = None
 
 TRACE_RULES = ("ndot", "ndot_paper", "ottt")
+FLOAT_ORDERS = ("release", "fast")
 
 
 class LIFNode(sj_neuron.LIFNode):
@@ -52,7 +60,13 @@ class LIFNode(sj_neuron.LIFNode):
         v_threshold: float = 1.0,
         surrogate_alpha: float = 4.0,
         detach_reset: bool = False,
+        float_order: str = "fast",
     ):
+        if float_order not in FLOAT_ORDERS:
+            raise ValueError(
+                f"unknown LIF float_order {float_order!r}; choose one of {FLOAT_ORDERS} (release: "
+                "the released code's surrogate-gradient rounding; fast: spikingjelly's kernels)"
+            )
         super().__init__(
             tau=float(tau),
             decay_input=False,
@@ -62,6 +76,7 @@ class LIFNode(sj_neuron.LIFNode):
             detach_reset=detach_reset,
             step_mode="s",
         )
+        self.float_order = float_order
         self.detach_state = False
         self.trace_rule: str | None = None
         self.register_memory("trace", None)
@@ -77,19 +92,31 @@ class LIFNode(sj_neuron.LIFNode):
         v_prev, trace, p_prev = states  # v_prev = u[t-1] - V_th s[t-1]
         if self.detach_state:
             v_prev = v_prev.detach()
-        spike, v = sj_functional.lif_step(
-            x,
-            v_prev,
-            self.tau,
-            self.decay_input,
-            self.v_threshold,
-            self.v_reset,
-            self.surrogate_function,
-            self.detach_reset,
-        )
+        if self.float_order == "release":
+            spike, v = self.release_step(x, v_prev)
+        else:
+            spike, v = sj_functional.lif_step(
+                x,
+                v_prev,
+                self.tau,
+                self.decay_input,
+                self.v_threshold,
+                self.v_reset,
+                self.surrogate_function,
+                self.detach_reset,
+            )
         if self.trace_rule is not None and torch.is_grad_enabled():
             trace, p_prev = self.presynaptic_trace(spike, trace, v, v_prev, p_prev)
         return (spike,), (v, trace, p_prev)
+
+    def release_step(self, x: torch.Tensor, v_prev: torch.Tensor):
+        """One LIF step (soft reset, undecayed input) as torch operations: the values of
+        spikingjelly's step, and the surrogate backward of its sigmoid function, which rounds as the
+        released code does (``float_order="release"``)."""
+        h = v_prev - v_prev / self.tau + x  # spikingjelly's charge: v - (v - 0) / tau + x
+        spike = self.surrogate_function(h - self.v_threshold)
+        reset = spike.detach() if self.detach_reset else spike
+        return spike, h - reset * self.v_threshold
 
     @torch.no_grad()
     def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
@@ -113,7 +140,10 @@ class LIFNode(sj_neuron.LIFNode):
         return ratio.clamp_(-self.decay, self.decay)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", detach_state={self.detach_state}, trace={self.trace_rule}"
+        return (
+            super().extra_repr()
+            + f", detach_state={self.detach_state}, trace={self.trace_rule}, float_order={self.float_order}"
+        )
 
 
 class _BatchNormLIF(torch.autograd.Function):
@@ -184,7 +214,15 @@ def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.
     its surrogate's alone, ``dL/ds * sg(h - V_th)``: computed here by its own function, without
     re-running the step. Elsewhere (its CUDA kernels), or for a surrogate or dtype that the CPU
     shortcut does not cover, the step is re-run on ``h`` (with v = 0, so its charge is ``h``
-    exactly) and differentiated through spikingjelly."""
+    exactly) and differentiated through spikingjelly.
+
+    With ``float_order="release"`` the neuron's step differentiates through its surrogate function
+    alone (:meth:`LIFNode.release_step`): that function is differentiated at ``h - V_th``."""
+    if neuron.float_order == "release":
+        with torch.enable_grad():
+            x = (charge - neuron.v_threshold).detach().requires_grad_()
+            (grad_h,) = torch.autograd.grad(neuron.surrogate_function(x), x, grad_spike)
+        return grad_h
     spec = _surrogate_spec(neuron.surrogate_function) if _surrogate_spec else None
     shortcut = (
         spec is not None

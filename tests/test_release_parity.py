@@ -233,3 +233,236 @@ def test_tbso_second_moment_uses_an_accurate_fp32_mean():
     opt.step(0)
     exact = w.grad.double().square().mean().item()
     assert opt.state[w]["v"][0].item() == pytest.approx(exact, rel=1e-6)
+
+
+# --- the full-width golden: the paper's VGG-11 through the default experiment=cifar10_tbso -------
+
+FULL_GOLDEN = FIXTURES / "release_tbso_vgg11_T4_s0.pt"
+
+
+def _unpack_release_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """The golden's packed +-1 layout (numpy's bit order; README) -> float +-1."""
+    import math
+
+    import numpy as np
+
+    values = np.unpackbits(bits.numpy(), count=math.prod(shape)).reshape(shape)
+    return torch.from_numpy(values.astype(np.float32) * 2 - 1)
+
+
+def _sha256_of_signs(w: torch.Tensor) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.packbits((w > 0).reshape(-1).numpy()).tobytes()).hexdigest()
+
+
+def _sha256_of_momentum(m: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256((m.detach().contiguous() + 0.0).numpy().tobytes()).hexdigest()
+
+
+def full_width_replay(lean: bool) -> tuple[dict, dict]:
+    """Train the golden's three batches with the DEFAULT paper row, overriding only what the golden
+    fixes (T = 4, the plain or lean mode); the model, optimizer, engine and float order are the
+    config's. Returns the golden and what each step produced."""
+    from hydra.utils import instantiate
+
+    from bso.layers import binary_weight_values
+    from bso.optim import build_optimizer
+    from conftest import compose_config
+
+    golden = torch.load(FULL_GOLDEN, weights_only=True)
+    h = golden["hyper"]
+    assert golden["source"]["threads"] == torch.get_num_threads() == 2  # conftest: 2 threads
+    cfg = compose_config("experiment=cifar10_tbso", f"engine.T={h['T']}", f"engine.lean={lean}")
+    # what the golden was recorded with is what the paper row composes (nothing else overridden)
+    assert cfg.model.layers == golden["architecture"] and cfg.optimizer.name == golden["optimizer"]
+    binary_cfg = cfg.optimizer.binary
+    assert (binary_cfg.gamma, binary_cfg.beta1, binary_cfg.beta2, binary_cfg.eps) == (
+        h["gamma"], h["beta1"], h["beta2"], h["eps"]
+    )
+    assert cfg.optimizer.other.lr == h["lr_fp"] and cfg.engine.mse_weight == h["mse_weight"]
+    assert cfg.model.neuron.tau == h["tau"] and cfg.model.neuron.v_threshold == h["v_threshold"]
+    assert binary_cfg.reset_momentum == h["bso_reset_momentum"]
+
+    model = instantiate(cfg.model)
+    state = model.state_dict()
+    assert len(state) == len(golden["init_state"])
+    model.load_state_dict(
+        {
+            k: _unpack_release_bits(x, shape) if kind == "binary" else x.to(v.dtype)
+            for (k, v), x, kind, shape in zip(
+                state.items(),
+                golden["init_state"],
+                golden["state_kinds"],
+                golden["state_shapes"],
+                strict=True,
+            )
+        }
+    )
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    assert engine.fused_update == lean
+    router = build_optimizer(model, cfg.optimizer)
+    binary = router.binary
+    steps = []
+    forward, step = model.forward, router.step
+
+    def recording_forward(x):
+        out = forward(x)
+        steps.append({"logits": out.detach().clone()})
+        return out
+
+    def recording_step(t=None):
+        counts = step(t)
+        weights = [w for _, w in binary_weight_values(model)]
+        moments = [binary.state[p]["momentum"] for p in binary.binary_weights()]
+        steps[-1].update(
+            flips=counts.tolist(),
+            weights_sha256=[_sha256_of_signs(w) for w in weights],
+            momentum_abs_sum=[m.double().abs().sum().item() for m in moments],
+            v=[binary.state[p]["v"][t].item() for p in binary.binary_weights()],
+        )
+        return counts
+
+    model.forward, router.step = recording_forward, recording_step
+    model.train()
+    for x, y in zip(golden["inputs"], golden["labels"], strict=True):
+        engine.train_batch(model, router, x, y)
+    moments = [binary.state[p]["momentum"] for p in binary.binary_weights()]
+    final = dict(
+        state=model.state_dict(),
+        momentum_sha256=[_sha256_of_momentum(m) for m in moments],
+        v=torch.stack([binary.state[p]["v"] for p in binary.binary_weights()]),
+        gradients=[p.grad for p in binary.binary_weights()],
+    )
+    return golden, {"steps": steps, "final": final, "lean": lean}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "lean"])
+def full_width_run(request):
+    return full_width_replay(lean=request.param)
+
+
+def test_full_width_vgg11_replays_the_release_bit_for_bit(full_width_run):
+    """Every step's logits and loss, flips per layer, weights (hash), momentum and v_l[t] are the
+    release's; the initial binary weights were +-1 and nothing else was changed."""
+    golden, ours = full_width_run
+    h = golden["hyper"]
+    assert len(ours["steps"]) == len(golden["steps"]) == h["iters"] * h["T"]
+    for i, (mine, theirs) in enumerate(zip(ours["steps"], golden["steps"], strict=True)):
+        y = golden["labels"][theirs["iter"]]
+        assert torch.equal(mine["logits"], theirs["logits"]), f"step {i}: logits"
+        loss = instantaneous_loss(mine["logits"], y, h["mse_weight"], h["T"])
+        assert loss.item() == theirs["loss"], f"step {i}: loss"
+        assert mine["flips"] == theirs["flips"], f"step {i}: flips per layer"
+        assert mine["weights_sha256"] == theirs["weights_sha256"], f"step {i}: weights"
+        assert mine["v"] == theirs["v"], f"step {i}: v_l[t]"
+        assert mine["momentum_abs_sum"] == pytest.approx(theirs["momentum_abs_sum"], rel=1e-9)
+    assert sum(map(sum, (s["flips"] for s in ours["steps"]))) > 1_000_000  # a real test: many flips
+
+
+def test_full_width_final_state_is_the_releases(full_width_run):
+    golden, ours = full_width_run
+    final = ours["final"]
+    for (name, value), expected, kind, shape in zip(
+        final["state"].items(),
+        golden["final_state"],
+        golden["state_kinds"],
+        golden["state_shapes"],
+        strict=True,
+    ):
+        if kind == "binary":
+            expected = _unpack_release_bits(expected, shape)
+        assert torch.equal(value, expected.to(value.dtype)), name
+    assert final["momentum_sha256"] == golden["final_momentum_sha256"]
+    assert torch.equal(final["v"], golden["final_v"])
+    stored = [g is not None for g in final["gradients"]]
+    assert stored == [not ours["lean"]] * len(stored)  # lean: no binary-weight gradient was stored
+
+
+# --- the release's floating-point order on hand-built tensors (spec section 4.2) -----------------
+
+
+def _grads(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * 1e-3 for _ in range(3)]
+
+
+def test_release_order_holds_one_minus_beta_and_rounds_as_the_release():
+    """M = (1 - b1) * M + b1 * G (two products, then the sum), v[t] = (1 - b2) * v[t] +
+    mean(b2 * (G * G)), flip where (W * M) / (sqrt(v[t]) + 1e-10) - gamma > 0; b1 = 1.0 - 0.999
+    in float64, decayed by b1 *= 0.1."""
+    w = torch.nn.Parameter(torch.where(torch.randn(64, 32) > 0, 1.0, -1.0))
+    opt = TBSO([w], num_steps=2, gamma=1e-4, beta1=0.999, beta2=0.99999)
+    b1, b2 = 1.0 - 0.999, 1.0 - 0.99999
+    m, v, weight = torch.zeros_like(w), torch.zeros(2), w.detach().clone()
+    for k, g in enumerate(_grads(w.shape, 1) * 2):
+        if k == 3:  # the schedule: b1 *= 0.1 exactly as the release holds it
+            opt.decay_hyperparameters(0.1, ["beta1"])  # (1 - beta2) is not decayed
+            b1 = b1 * 0.1
+            assert opt.param_groups[0]["one_minus_beta1"] == b1
+        t = k % 2
+        m = (1 - b1) * m + b1 * g
+        v[t] = (1 - b2) * v[t] + torch.mean(b2 * (g * g))
+        flip = (weight * m) / (torch.sqrt(v[t]) + 1e-10) - 1e-4 * (0.1 if k >= 3 else 1) > 0
+        weight = torch.where(flip, -weight, weight)
+        w.grad = g.clone()
+        opt.step(t)
+        assert torch.equal(opt.state[w]["momentum"], m), k
+        assert torch.equal(opt.state[w]["v"], v), k
+        assert torch.equal(w.detach(), weight), k
+
+
+def test_release_order_bso_and_a_tie_does_not_flip():
+    """BSO flips where W * M - gamma > 0 and zeroes the flipped momentum; where W * M - gamma is
+    exactly 0 the weight keeps its sign and its momentum (the release writes a 0 weight there)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    opt = BSO([w], gamma=0.25, beta=0.5, reset_momentum=True)  # b = 0.5: all products exact
+    w.grad = torch.tensor([0.5, -0.5, 1.0, 0.25])  # M = 0.5 G: W M = 0.25, 0.25, 0.5, -0.125
+    flips = opt.step()
+    assert w.detach().tolist() == [1.0, -1.0, -1.0, -1.0]  # ties kept, the clear case flipped
+    assert opt.state[w]["momentum"].tolist() == [0.25, -0.25, 0.0, 0.125]
+    assert flips.tolist() == [1]
+    assert set(w.detach().abs().tolist()) == {1.0}
+
+
+def test_fast_order_is_the_fused_form_and_unknown_orders_are_refused():
+    w = torch.nn.Parameter(torch.ones(8))
+    opt = TBSO([w], num_steps=1, float_order="fast")
+    (g,) = _grads(w.shape, 2)[:1]
+    w.grad = g.clone()
+    opt.step(0)
+    expected = torch.zeros(8).mul_(0.999).add_(g, alpha=1.0 - 0.999)
+    assert torch.equal(opt.state[w]["momentum"], expected)
+    with pytest.raises(ValueError, match="float_order"):
+        BSO([w], float_order="fma")
+
+
+def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
+    """The LIF's release order: same spikes and potential as spikingjelly's step, input gradient
+    ((dL/ds * (1 - sg)) * sg) * alpha, and the lean mode's gradient (from the charge) identical."""
+    from bso.neurons import LIFNode, lif_input_gradient
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=g) * 2
+    grad = torch.randn(x.shape, generator=g)
+    out = {}
+    for order in ("release", "fast"):
+        neuron = LIFNode(float_order=order)
+        neuron.detach_state = True
+        neuron(torch.randn(x.shape, generator=torch.Generator().manual_seed(4)))  # a v[t-1]
+        xi = x.clone().requires_grad_()
+        spike = neuron(xi)
+        spike.backward(grad)
+        out[order] = (spike.detach(), neuron.v.detach(), xi.grad, neuron)
+    assert torch.equal(out["release"][0], out["fast"][0]) and torch.equal(out["release"][1], out["fast"][1])
+    spike, v, grad_x, neuron = out["release"]
+    charge = v + spike  # h = v[t] + V_th s[t]
+    sg = torch.sigmoid(4.0 * (charge - 1.0))
+    assert torch.equal(grad_x, ((grad * (1 - sg)) * sg) * 4.0)
+    assert torch.equal(lif_input_gradient(neuron, charge, grad), grad_x)
+    assert not torch.equal(out["fast"][2], grad_x)  # the other rounding: not bit-identical

@@ -6,16 +6,18 @@ image at every time step: direct encoding); event data are ``[B, T, C, H, W]`` (
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from bso.data.cifar import cifar_datasets
+from bso.data.cifar import cifar_datasets, cifar_transform
 from bso.data.digits import digits_datasets
 from bso.data.dvs import dvs_cifar10_datasets
-from bso.data.imagenet import imagenet_datasets
+from bso.data.imagenet import imagenet_datasets, imagenet_transform
 from bso.data.speech import speech_commands_datasets
 from bso.distributed import ShardSampler
 
@@ -24,13 +26,37 @@ def _digits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     return digits_datasets(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
 
 
+def build_transform(cfg: DictConfig, train: bool) -> Callable:
+    """The transform the loaders apply to each image of ``cfg`` (a ``dataset`` config): a callable
+    from a PIL image to the normalised tensor. CIFAR-10/100: the released code's pipeline by default
+    (``dataset.augment``, ``dataset.mean`` / ``.std``; spec section 4.1); ImageNet: RandomResizedCrop
+    + flip / resize + center crop. Its random draws come from Python's ``random``, NumPy's global
+    generator and torch's (seeded per sample by the training loader, :class:`SeededSamples`)."""
+    if cfg.name in ("cifar10", "cifar100"):
+        augment = cfg.get("augment")
+        if augment is None or cfg.get("mean") is None or cfg.get("std") is None:
+            raise ValueError(
+                f"dataset={cfg.name} needs dataset.augment (policy, cutout), dataset.mean and "
+                f"dataset.std (configs/dataset/{cfg.name}.yaml has the released code's)"
+            )
+        return cifar_transform(
+            train, cfg.mean, cfg.std, policy=augment.policy, cutout=augment.cutout
+        )
+    if cfg.name == "imagenet":
+        return imagenet_transform(train, image_size=cfg.image_size, resize=cfg.resize)
+    raise ValueError(
+        f"dataset={cfg.name} has no image transform (build_transform covers cifar10, cifar100 and "
+        "imagenet; the other datasets are tensors built by their own loaders)"
+    )
+
+
 def _cifar(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     return cifar_datasets(
         cfg.name,
         cfg.root,
         download=cfg.download,
-        autoaugment=cfg.autoaugment,
-        cutout_length=cfg.cutout_length,
+        train_transform=build_transform(cfg, train=True),
+        test_transform=build_transform(cfg, train=False),
     )
 
 
@@ -66,6 +92,74 @@ DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
 }
 
 
+class SampleKey(int):
+    """A dataset index that carries the seed of its sample's augmentation (see :class:`SeededSamples`)."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int):
+        key = super().__new__(cls, index)
+        key.seed = seed
+        return key
+
+    def __reduce__(self):  # to the loader's worker processes, seed included
+        return SampleKey, (int(self), self.seed)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` on ``rank`` (NumPy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, epoch, rank, index]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
+class SeededSamples(Dataset):
+    """The training set with reproducible augmentation: before loading sample ``key`` (a
+    :class:`SampleKey` from :class:`EpochSampler`), Python's ``random``, NumPy's global generator and
+    torch's are seeded from (run seed, epoch, rank, sample index).
+
+    So a sample's augmentation is a function of those four numbers alone: the same for a seed
+    whatever the number of loader workers (which a resumed run may change) and whichever worker
+    loads it, different across epochs, ranks and samples, and the same after a resume, also one
+    that continues in the middle of an epoch. In the main process (``num_workers=0``) the generators'
+    states are put back afterwards, so the run's own random stream is untouched; a worker process
+    draws nothing else."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (classes, targets, ...)
+        dataset = self.__dict__.get("dataset")
+        if dataset is None:
+            raise AttributeError(name)
+        return getattr(dataset, name)
+
+    def __getitem__(self, key):
+        seed = getattr(key, "seed", None)
+        if seed is None:  # a plain index (not from EpochSampler): no reseeding
+            return self.dataset[key]
+        if get_worker_info() is not None:
+            seed_generators(seed)
+            return self.dataset[int(key)]
+        saved = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_generators(seed)
+            try:
+                return self.dataset[int(key)]
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+
+
+def seed_generators(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator (32 bits of ``seed``) and torch's."""
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFF_FFFF)
+    torch.manual_seed(seed)
+
+
 class EpochSampler(Sampler[int]):
     """The training order: a permutation that is a pure function of (seed, epoch), split into one
     shard per rank (every rank gets the same number of samples; the last few indices repeat when
@@ -73,11 +167,22 @@ class EpochSampler(Sampler[int]):
 
     Two things make long runs exact and resumable: ``set_epoch`` (the order of epoch e never depends
     on what ran before) and ``skip`` (a run interrupted after k batches of an epoch resumes at batch
-    k + 1 of the same order)."""
+    k + 1 of the same order).
 
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle=True):
+    With ``sample_seeds=True`` each index is a :class:`SampleKey` that also carries its sample's
+    augmentation seed (:func:`sample_seed`), for :class:`SeededSamples`."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle=True,
+        sample_seeds: bool = False,
+    ):
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.shuffle = shuffle
+        self.shuffle, self.sample_seeds = shuffle, sample_seeds
         self.epoch, self.start = 0, 0
         self.per_rank = -(-size // world_size)  # ceil
 
@@ -93,7 +198,11 @@ class EpochSampler(Sampler[int]):
             order = torch.arange(self.size)
         total = self.per_rank * self.world_size
         order = torch.cat([order, order[: total - self.size]])  # pad to a multiple of world_size
-        return iter(order[self.rank :: self.world_size][self.start :].tolist())
+        indices = order[self.rank :: self.world_size][self.start :].tolist()
+        if self.sample_seeds:
+            key = (self.seed, self.epoch, self.rank)
+            indices = [SampleKey(i, sample_seed(*key, i)) for i in indices]
+        return iter(indices)
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -112,9 +221,11 @@ def build_dataloaders(
     cfg: DictConfig, seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> tuple[DataLoader, DataLoader]:
     """The training loader (an :class:`EpochSampler`: call :func:`start_epoch` before each epoch)
-    and the test loader. With ``world_size > 1`` (torchrun) each rank loads its shard: the training set
-    padded with repeats so that every rank runs the same number of batches, the test set through a
-    ``ShardSampler`` (every sample exactly once over the ranks)."""
+    and the test loader. The training set's augmentation is seeded per sample from (``seed``, epoch,
+    rank, index) (:class:`SeededSamples`); the worker processes are seeded from (``seed``, epoch, rank,
+    worker) (:func:`start_epoch`). With ``world_size > 1`` (torchrun) each rank loads its shard: the
+    training set padded with repeats so that every rank runs the same number of batches, the test set
+    through a ``ShardSampler`` (every sample exactly once over the ranks)."""
     if cfg.name not in DATASETS:
         raise ValueError(
             f"unknown dataset.name {cfg.name!r}; available: {sorted(DATASETS)} "
@@ -130,8 +241,8 @@ def build_dataloaders(
     )
     test_sampler = ShardSampler(len(test_set), rank, world_size) if world_size > 1 else None
     train_loader = DataLoader(
-        train_set,
-        sampler=EpochSampler(len(train_set), seed, rank, world_size),
+        SeededSamples(train_set),
+        sampler=EpochSampler(len(train_set), seed, rank, world_size, sample_seeds=True),
         drop_last=False,
         generator=torch.Generator().manual_seed(seed),
         **loader_kwargs,

@@ -1,6 +1,8 @@
-"""CIFAR-10 / CIFAR-100 through torchvision, with the paper's augmentation (spec section 4):
-random crop 32 (padding 4), horizontal flip, optional AutoAugment (on in the released code), Cutout,
-per-channel normalisation.
+"""CIFAR-10 / CIFAR-100 through torchvision, with the released code's augmentation (spec section 4.1):
+random crop 32 (padding 4), horizontal flip, the release's AutoAugment CIFAR-10 policy
+(:mod:`bso.data.augment`; ``augment.policy=torchvision`` for torchvision's, ``none`` for neither),
+to tensor, Cutout 16 (before normalisation, as the release), per-channel normalisation with the
+release's constants (``dataset.mean`` / ``dataset.std``).
 
 Files are checked for presence, not MD5 (torchvision hashes ~170 MB at every start otherwise;
 ``dataset.download=true`` verifies the archive when it fetches it).
@@ -12,13 +14,16 @@ import os
 import pickle
 from pathlib import Path
 
-import torch
 from torchvision import datasets, transforms
 
-STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+from bso.data.augment import Cutout, ReleaseCIFAR10Policy
+
+# the released code's normalisation (configs/dataset/cifar*.yaml hold them as dataset.mean / .std)
+RELEASE_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
+POLICIES = ("release", "torchvision", "none")
 URLS = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -50,21 +55,6 @@ class CIFAR100(_PresenceChecked, datasets.CIFAR100):
 LOADERS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
-class Cutout:
-    """Zero one random ``length`` x ``length`` square (clipped at the border) of a CHW tensor."""
-
-    def __init__(self, length: int = 16):
-        self.length = length
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        y, x = int(torch.randint(h, (1,))), int(torch.randint(w, (1,)))
-        half = self.length // 2
-        img = img.clone()
-        img[..., max(0, y - half) : y + half, max(0, x - half) : x + half] = 0.0
-        return img
-
-
 def expected_files(name: str) -> list[str]:
     loader = LOADERS[name]
     return [loader.base_folder + "/" + f for f, _ in loader.train_list + loader.test_list] + [
@@ -84,28 +74,55 @@ def check_present(name: str, root: Path) -> None:
         )
 
 
+def cifar_transform(
+    train: bool,
+    mean=RELEASE_STATS["cifar10"][0],
+    std=RELEASE_STATS["cifar10"][1],
+    policy: str = "release",
+    cutout: int = 16,
+) -> transforms.Compose:
+    """PIL image -> normalised tensor. Training: crop 32 (pad 4), flip, the AutoAugment ``policy``,
+    to tensor, Cutout ``cutout`` (0: none; before normalisation), normalise. Test: to tensor,
+    normalise."""
+    if policy not in POLICIES:
+        raise ValueError(
+            f"unknown dataset.augment.policy={policy!r}; choose one of {POLICIES} (release: the "
+            "released code's AutoAugment, what the paper rows train; torchvision: torchvision's "
+            "AutoAugment CIFAR10 policy; none: no AutoAugment)"
+        )
+    normalize = transforms.Normalize(tuple(mean), tuple(std))
+    if not train:
+        return transforms.Compose([transforms.ToTensor(), normalize])
+    steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    if policy == "release":
+        steps.append(ReleaseCIFAR10Policy())
+    elif policy == "torchvision":
+        steps.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10))
+    steps.append(transforms.ToTensor())
+    if int(cutout) > 0:
+        steps.append(Cutout(int(cutout)))
+    return transforms.Compose([*steps, normalize])
+
+
 def cifar_datasets(
     name: str,
     root: str | Path,
     download: bool = False,
-    autoaugment: bool = True,
-    cutout_length: int = 16,
+    train_transform=None,
+    test_transform=None,
 ):
+    """The training and test sets of ``name`` (cifar10 | cifar100) under ``root``, with these
+    transforms (default: :func:`cifar_transform` with the release's recipe and constants)."""
     root = Path(root)
     if not download:
         check_present(name, root)
-    mean, std = STATS[name]
-    train_tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    if autoaugment:
-        train_tf.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10))
-    train_tf += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if cutout_length > 0:
-        train_tf.append(Cutout(cutout_length))
-    test_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    mean, std = RELEASE_STATS[name]
+    train_transform = train_transform or cifar_transform(True, mean, std)
+    test_transform = test_transform or cifar_transform(False, mean, std)
     loader = LOADERS[name]
     try:
-        train = loader(root, train=True, transform=transforms.Compose(train_tf), download=download)
-        test = loader(root, train=False, transform=test_tf, download=download)
+        train = loader(root, train=True, transform=train_transform, download=download)
+        test = loader(root, train=False, transform=test_transform, download=download)
     except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
         raise RuntimeError(
             f"{name} files under {root / loader.base_folder} are corrupt or not CIFAR pickles "

@@ -23,27 +23,21 @@ def check_present(root: Path) -> None:
             )
 
 
+def imagenet_transform(train: bool, image_size: int = 224, resize: int = 256):
+    """PIL image -> normalised tensor, as the released code's ImageNet script: training
+    RandomResizedCrop ``image_size`` + horizontal flip; evaluation resize ``resize``, center crop."""
+    normalize = transforms.Normalize(MEAN, STD)
+    if train:
+        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(resize), transforms.CenterCrop(image_size)]
+    return transforms.Compose([*steps, transforms.ToTensor(), normalize])
+
+
 def imagenet_datasets(root, image_size: int = 224, resize: int = 256):
     root = Path(root)
     check_present(root)
-    normalize = transforms.Normalize(MEAN, STD)
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    val_tf = transforms.Compose(
-        [
-            transforms.Resize(resize),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
     return (
-        datasets.ImageFolder(root / "train", transform=train_tf),
-        datasets.ImageFolder(root / "val", transform=val_tf),
+        datasets.ImageFolder(root / "train", transform=imagenet_transform(True, image_size, resize)),
+        datasets.ImageFolder(root / "val", transform=imagenet_transform(False, image_size, resize)),
     )

@@ -8,6 +8,22 @@ One method, :meth:`BinaryOptimizer.flip_rule`, is the per-tensor update (momentu
 the flip mask). ``step`` applies it to every weight that has a ``.grad``; the lean mode
 (``engine.lean``, :mod:`bso.lean`) applies it inside backward through :meth:`fused_update_`, to
 weights held as packed bits, as soon as their gradient exists, and never stores the gradient.
+
+Floating-point order (``float_order``, spec section 4.2). On the full VGG-11 a float32 product
+rounded in another order moves a value by an ulp, a weight that sits at its threshold flips on one
+side only, and two runs part within a few steps. ``"release"`` (the default) computes what the
+released code computes, in its order, so that a run is bit for bit the release's:
+
+* it holds ``b = 1 - beta`` (Python float64) and decays ``b *= factor`` (the ``beta`` keys follow);
+* ``M = (1 - b1) * M + b1 * G``: two float32 products, then the sum (no fused multiply-add);
+* T-BSO: ``v[t] = (1 - b2) * v[t] + mean(b2 * (G * G))``; flip where
+  ``(W * M) / (sqrt(v[t]) + eps) - gamma > 0``;  BSO: flip where ``W * M - gamma > 0``.
+
+A tie (the tested value exactly 0) does not flip. The release computes ``r = -sign(value)`` and
+``W = sign(r * W)``, so a tie writes a 0 weight (neither -1 nor +1) and BSO halves that momentum: a
+defect not copied here. ``"fast"`` is the algebraically equal form with fewer passes over memory
+(``M.mul_(beta).add_(G, alpha=1 - beta)``, ``W * M > gamma * (sqrt(v[t]) + eps)``): the same
+method, other roundings.
 """
 
 from __future__ import annotations
@@ -21,6 +37,8 @@ from torch.optim import Optimizer
 
 from bso.layers import is_packed, pack_bits
 
+FLOAT_ORDERS = ("release", "fast")
+
 
 class BinaryOptimizer(Optimizer):
     """Shared machinery: the +-1 check, in-place sign flips and the hyper-parameter schedule."""
@@ -30,9 +48,15 @@ class BinaryOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict):
         if defaults["gamma"] < 0:
             raise ValueError(f"flip threshold gamma must be >= 0, got {defaults['gamma']}")
+        if defaults.get("float_order") not in FLOAT_ORDERS:
+            raise ValueError(
+                f"unknown float_order {defaults.get('float_order')!r}; choose one of {FLOAT_ORDERS} "
+                "(release: the released code's rounding order, bit for bit; fast: fewer passes)"
+            )
         for key in self.beta_keys:
             if not 0.0 <= defaults[key] < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {defaults[key]}")
+            defaults[complement_key(key)] = 1.0 - defaults[key]  # the release holds 1 - beta
         super().__init__(params, defaults)
         self.time_step: int | None = None  # t of the fused update (set by begin_time_step)
         self._fused_counts: dict[int, torch.Tensor] = {}
@@ -63,8 +87,14 @@ class BinaryOptimizer(Optimizer):
 
     @staticmethod
     def update_momentum_(momentum: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
-        """M <- beta * M + (1 - beta) * G."""
+        """M <- beta * M + (1 - beta) * G (float_order="fast")."""
         momentum.mul_(beta).add_(grad, alpha=1.0 - beta)
+
+    @staticmethod
+    def release_momentum_(momentum: torch.Tensor, grad: torch.Tensor, b: float) -> None:
+        """M <- (1 - b) * M + b * G with b = 1 - beta, rounded as the released code rounds it: each
+        product in float32, then their sum (float_order="release")."""
+        momentum.mul_(1 - b).add_(b * grad)
 
     def flip_rule(
         self, p: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, group: dict, t: int | None
@@ -149,6 +179,7 @@ class BinaryOptimizer(Optimizer):
         for group in self.param_groups:
             group["gamma"] *= factor
             for key in betas:
+                group[complement_key(key)] = complement(group, key) * factor
                 group[key] = 1.0 - (1.0 - group[key]) * factor
 
     def _counts(self, counts: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -157,25 +188,54 @@ class BinaryOptimizer(Optimizer):
         return torch.stack([counts.get(id(p), zero).to(zero.device) for p in weights])
 
 
+def complement_key(beta_key: str) -> str:
+    """The param-group key of ``1 - beta`` as the release holds it (e.g. ``one_minus_beta1``)."""
+    return f"one_minus_{beta_key}"
+
+
+def complement(group: dict, beta_key: str) -> float:
+    """``1 - beta`` of a param group, as held and decayed (a group saved without it: computed)."""
+    return group.get(complement_key(beta_key), 1.0 - group[beta_key])
+
+
+def flip_where_positive(value: torch.Tensor) -> torch.Tensor:
+    """The release's flip test ``-sign(value) == -1``, i.e. ``value > 0``; a tie (exactly 0) does
+    not flip (the release would write a 0 weight there, see the module docstring)."""
+    return value > 0
+
+
 class BSO(BinaryOptimizer):
     """Binary Spiking Online optimizer (paper Eq. 11-12).
 
         M <- beta * M + (1 - beta) * G          (M starts at 0)
         W <- -W  where  W * M > gamma
 
-    ``reset_momentum=True`` (released code) sets M to 0 where a weight flipped.
+    ``reset_momentum=True`` (released code) sets M to 0 where a weight flipped. ``float_order``:
+    see the module docstring.
     """
 
     beta_keys = ("beta",)
 
-    def __init__(self, params, gamma: float = 5e-7, beta: float = 1 - 1e-3, reset_momentum=True):
-        super().__init__(params, dict(gamma=gamma, beta=beta, reset_momentum=reset_momentum))
+    def __init__(
+        self,
+        params,
+        gamma: float = 5e-7,
+        beta: float = 1 - 1e-3,
+        reset_momentum=True,
+        float_order: str = "release",
+    ):
+        defaults = dict(gamma=gamma, beta=beta, reset_momentum=reset_momentum, float_order=float_order)
+        super().__init__(params, defaults)
 
     def flip_rule(self, p, weight, grad, group, t=None):
         """Eq. 11-12; ``t`` is accepted for API symmetry with T-BSO and unused."""
         m = self.momentum(p)
-        self.update_momentum_(m, grad, group["beta"])
-        flip = weight * m > group["gamma"]
+        if group["float_order"] == "release":
+            self.release_momentum_(m, grad, complement(group, "beta"))
+            flip = flip_where_positive(weight * m - group["gamma"])
+        else:
+            self.update_momentum_(m, grad, group["beta"])
+            flip = weight * m > group["gamma"]
         if group["reset_momentum"]:
             m.masked_fill_(flip, 0.0)
         return flip
@@ -191,7 +251,8 @@ class TBSO(BinaryOptimizer):
 
     ``num_steps`` is T: the number of second-moment slots per layer. ``step(t)`` updates slot ``t``
     (0-based); ``step()`` uses slot 0 (for one update per batch). No bias correction; the momentum is
-    not reset after a flip unless ``reset_momentum=True``.
+    not reset after a flip unless ``reset_momentum=True``. ``float_order``: see the module docstring
+    (with ``threshold="paper"`` the release order tests ``(W * M) / sqrt(v_l[t] + eps) - gamma > 0``).
     """
 
     beta_keys = ("beta1", "beta2")
@@ -207,6 +268,7 @@ class TBSO(BinaryOptimizer):
         eps: float = 1e-10,
         threshold: str = "code",
         reset_momentum: bool = False,
+        float_order: str = "release",
     ):
         if threshold not in self.THRESHOLDS:
             raise ValueError(
@@ -222,6 +284,7 @@ class TBSO(BinaryOptimizer):
             eps=eps,
             threshold=threshold,
             reset_momentum=reset_momentum,
+            float_order=float_order,
         )
         super().__init__(params, defaults)
 
@@ -242,16 +305,25 @@ class TBSO(BinaryOptimizer):
 
     def flip_rule(self, p, weight, grad, group, t):
         """Eq. 13-14 at time step ``t``."""
-        m = self.momentum(p)
-        self.update_momentum_(m, grad, group["beta1"])
-        v = self.second_moment(p)
-        beta2 = group["beta2"]
-        v[t] = beta2 * v[t] + (1.0 - beta2) * grad.square().mean()  # mean(G^2)
-        if group["threshold"] == "code":
-            threshold = group["gamma"] * (v[t].sqrt() + group["eps"])
+        m, v = self.momentum(p), self.second_moment(p)
+        if group["float_order"] == "release":
+            b1, b2 = complement(group, "beta1"), complement(group, "beta2")
+            self.release_momentum_(m, grad, b1)
+            v[t] = (1 - b2) * v[t] + (b2 * (grad * grad)).mean()
+            if group["threshold"] == "code":
+                denominator = v[t].sqrt() + group["eps"]
+            else:
+                denominator = (v[t] + group["eps"]).sqrt()
+            flip = flip_where_positive((weight * m) / denominator - group["gamma"])
         else:
-            threshold = group["gamma"] * (v[t] + group["eps"]).sqrt()
-        flip = weight * m > threshold
+            self.update_momentum_(m, grad, group["beta1"])
+            beta2 = group["beta2"]
+            v[t] = beta2 * v[t] + (1.0 - beta2) * grad.square().mean()  # mean(G^2)
+            if group["threshold"] == "code":
+                threshold = group["gamma"] * (v[t].sqrt() + group["eps"])
+            else:
+                threshold = group["gamma"] * (v[t] + group["eps"]).sqrt()
+            flip = weight * m > threshold
         if group["reset_momentum"]:
             m.masked_fill_(flip, 0.0)
         return flip

@@ -1,0 +1,76 @@
+"""The cost of the released code's floating-point order (spec section 4.2): training time per batch of
+the paper's T-BSO VGG-11 with ``optimizer.binary.float_order=release`` (and the LIF's, which follows)
+against ``fast``, interleaved batch by batch so that a shared machine's load falls on both alike.
+
+    python scripts/bench/float_order.py                      # CPU, batch 16, T=4, plain and lean
+    python scripts/bench/float_order.py --batch 128 --device cuda
+
+Prints the median seconds per batch of each order and the ratio release / fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from bso.optim import build_optimizer  # noqa: E402
+from conftest import compose_config  # noqa: E402
+
+
+def build(order: str, lean: bool, T: int, device: torch.device):
+    cfg = compose_config(
+        "experiment=cifar10_tbso", f"engine.T={T}", f"engine.lean={lean}",
+        f"optimizer.binary.float_order={order}",
+    )
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device)
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    model.train()
+    return model, engine, build_optimizer(model, cfg.optimizer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--T", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per order")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    for lean in (False, True):
+        runs = {order: build(order, lean, args.T, device) for order in ("release", "fast")}
+        seconds = {order: [] for order in runs}
+        for i in range(args.batches + 1):  # the first batch of each warms up, untimed
+            for order, (model, engine, optimizer) in runs.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                engine.train_batch(model, optimizer, x, y)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:
+                    seconds[order].append(time.perf_counter() - start)
+        median = {order: statistics.median(s) for order, s in seconds.items()}
+        print(
+            f"{'lean' if lean else 'plain'}: release {median['release']:.3f} s/batch, fast "
+            f"{median['fast']:.3f} s/batch, ratio release/fast {median['release'] / median['fast']:.3f} "
+            f"(batch {args.batch}, T={args.T}, {args.device}, {args.batches} batches each, interleaved)"
+        )
+
+
+if __name__ == "__main__":
+    main()
