@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bso.data.cifar import cifar_datasets, cifar_transform
 from bso.data.digits import digits_datasets
@@ -93,17 +93,18 @@ DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
 
 
 class SampleKey(int):
-    """A dataset index that carries the seed of its sample's augmentation (see :class:`SeededSamples`)."""
+    """A dataset index that also names its epoch: ``run`` = (seed, epoch, rank), from which
+    :class:`SeededSamples` derives the sample's augmentation seed (:func:`sample_seed`)."""
 
-    seed: int
+    run: tuple[int, int, int]
 
-    def __new__(cls, index: int, seed: int):
+    def __new__(cls, index: int, run: tuple[int, int, int]):
         key = super().__new__(cls, index)
-        key.seed = seed
+        key.run = run
         return key
 
-    def __reduce__(self):  # to the loader's worker processes, seed included
-        return SampleKey, (int(self), self.seed)
+    def __reduce__(self):  # to the loader's worker processes, run included
+        return SampleKey, (int(self), self.run)
 
 
 def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:
@@ -115,14 +116,13 @@ def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:
 class SeededSamples(Dataset):
     """The training set with reproducible augmentation: before loading sample ``key`` (a
     :class:`SampleKey` from :class:`EpochSampler`), Python's ``random``, NumPy's global generator and
-    torch's are seeded from (run seed, epoch, rank, sample index).
+    torch's CPU generator are seeded from (run seed, epoch, rank, sample index).
 
     So a sample's augmentation is a function of those four numbers alone: the same for a seed
     whatever the number of loader workers (which a resumed run may change) and whichever worker
     loads it, different across epochs, ranks and samples, and the same after a resume, also one
-    that continues in the middle of an epoch. In the main process (``num_workers=0``) the generators'
-    states are put back afterwards, so the run's own random stream is untouched; a worker process
-    draws nothing else."""
+    that continues in the middle of an epoch. (With ``num_workers=0`` the main process's generators
+    are reseeded the same way; nothing else in a training step draws from them.)"""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -137,27 +137,18 @@ class SeededSamples(Dataset):
         return getattr(dataset, name)
 
     def __getitem__(self, key):
-        seed = getattr(key, "seed", None)
-        if seed is None:  # a plain index (not from EpochSampler): no reseeding
-            return self.dataset[key]
-        if get_worker_info() is not None:
-            seed_generators(seed)
-            return self.dataset[int(key)]
-        saved = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            seed_generators(seed)
-            try:
-                return self.dataset[int(key)]
-            finally:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
+        run = getattr(key, "run", None)
+        if run is not None:  # a plain index (not from EpochSampler) draws unseeded
+            seed_generators(sample_seed(*run, int(key)))
+        return self.dataset[int(key)]
 
 
 def seed_generators(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator (32 bits of ``seed``) and torch's."""
+    """Seed Python's ``random``, NumPy's global generator (32 bits of ``seed``) and torch's CPU
+    generator (``torch.manual_seed`` would also seed every accelerator: 1000x slower per sample)."""
     random.seed(seed)
     np.random.seed(seed & 0xFFFF_FFFF)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 class EpochSampler(Sampler[int]):
@@ -169,8 +160,8 @@ class EpochSampler(Sampler[int]):
     on what ran before) and ``skip`` (a run interrupted after k batches of an epoch resumes at batch
     k + 1 of the same order).
 
-    With ``sample_seeds=True`` each index is a :class:`SampleKey` that also carries its sample's
-    augmentation seed (:func:`sample_seed`), for :class:`SeededSamples`."""
+    With ``sample_seeds=True`` each index is a :class:`SampleKey` that also names (seed, epoch,
+    rank), from which :class:`SeededSamples` seeds its sample's augmentation."""
 
     def __init__(
         self,
@@ -200,8 +191,8 @@ class EpochSampler(Sampler[int]):
         order = torch.cat([order, order[: total - self.size]])  # pad to a multiple of world_size
         indices = order[self.rank :: self.world_size][self.start :].tolist()
         if self.sample_seeds:
-            key = (self.seed, self.epoch, self.rank)
-            indices = [SampleKey(i, sample_seed(*key, i)) for i in indices]
+            run = (self.seed, self.epoch, self.rank)
+            indices = [SampleKey(i, run) for i in indices]
         return iter(indices)
 
     def __len__(self) -> int:

@@ -198,6 +198,12 @@ def complement(group: dict, beta_key: str) -> float:
     return group.get(complement_key(beta_key), 1.0 - group[beta_key])
 
 
+def float_order(group: dict) -> str:
+    """The group's float order; a group saved without one (a checkpoint from before the choice
+    existed) trained, and continues, in the "fast" order."""
+    return group.get("float_order", "fast")
+
+
 def flip_where_positive(value: torch.Tensor) -> torch.Tensor:
     """The release's flip test ``-sign(value) == -1``, i.e. ``value > 0``; a tie (exactly 0) does
     not flip (the release would write a 0 weight there, see the module docstring)."""
@@ -230,7 +236,7 @@ class BSO(BinaryOptimizer):
     def flip_rule(self, p, weight, grad, group, t=None):
         """Eq. 11-12; ``t`` is accepted for API symmetry with T-BSO and unused."""
         m = self.momentum(p)
-        if group["float_order"] == "release":
+        if float_order(group) == "release":
             self.release_momentum_(m, grad, complement(group, "beta"))
             flip = flip_where_positive(weight * m - group["gamma"])
         else:
@@ -306,7 +312,7 @@ class TBSO(BinaryOptimizer):
     def flip_rule(self, p, weight, grad, group, t):
         """Eq. 13-14 at time step ``t``."""
         m, v = self.momentum(p), self.second_moment(p)
-        if group["float_order"] == "release":
+        if float_order(group) == "release":
             b1, b2 = complement(group, "beta1"), complement(group, "beta2")
             self.release_momentum_(m, grad, b1)
             v[t] = (1 - b2) * v[t] + (b2 * (grad * grad)).mean()
