@@ -5,8 +5,8 @@
 A small ReLU network on the embedded digits; bso.convert gives its hidden layers +-1 weights (the
 first conv and the classifier stay full precision) and bso.CaseOptimizer sends them to BSO
 (paper Eq. 11-12: momentum M, flip where W * M > gamma) and the rest to Adam. The loop is the usual
-zero_grad / backward / step. Reaches about 96% test accuracy in 5 epochs (tests/test_examples.py
-asserts >= 88%).
+zero_grad / backward / step. Measured test accuracy: 92.8% after 1 epoch (the run
+tests/test_examples.py makes; it asserts >= 88%), 96.4% after 2, 97.8% after 5.
 """
 
 from __future__ import annotations

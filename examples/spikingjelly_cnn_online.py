@@ -1,14 +1,14 @@
 """(a) A spiking CNN written with spikingjelly, made binary with bso.convert and trained online with
 T-BSO on the embedded handwritten digits (scikit-learn's 8x8 digits: no download, CPU).
 
-    python examples/spikingjelly_cnn_online.py [--epochs 3] [--T 4]
+    python examples/spikingjelly_cnn_online.py [--epochs 2] [--T 4]
 
 Online training (paper section 2): one forward, backward and flip per time step, the neurons' state
 detached between steps, the binary layers' weight gradient from the presynaptic trace. The network
 is spikingjelly's own layers and LIF neurons; bso.convert turns its inner conv into +-1 weights
 (the first conv and the classifier stay full precision, as in the paper) and its LIF neurons into
-ones that keep the trace. Reaches about 94% test accuracy in 3 epochs (tests/test_examples.py
-asserts >= 88%).
+ones that keep the trace. Measured test accuracy: 95.3% after 1 epoch and 98.1% after 2 at T=4;
+94.7% after 1 epoch at T=2, the run tests/test_examples.py makes (it asserts >= 90%).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def accuracy(model: nn.Module, loader: DataLoader, T: int) -> float:
     return correct / total
 
 
-def main(epochs: int = 3, T: int = 4, seed: int = 0) -> float:
+def main(epochs: int = 2, T: int = 4, seed: int = 0) -> float:
     torch.manual_seed(seed)
     train_set, test_set = digits_datasets()
     train = DataLoader(train_set, batch_size=32, shuffle=True)
@@ -81,7 +81,7 @@ def main(epochs: int = 3, T: int = 4, seed: int = 0) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--T", type=int, default=4)
     args = parser.parse_args()
     main(args.epochs, args.T)

@@ -274,3 +274,15 @@ def test_bptt_over_a_multistep_network_trains_binary_weights():
     F.cross_entropy(out.mean(0), y).backward()
     assert model[3].weight.grad is not None and int(opt.step().sum()) > 0
     assert torch.all(model[3].weight.abs() == 1)
+
+
+def test_a_converted_model_pickles_and_its_copy_still_finds_the_traces(tmp_path):
+    model = bso.convert(sj_net())
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded[3].trace_links is loaded[2].trace_links is not model[3].trace_links
+    x, y = batch()
+    opt = router(loaded)
+    for t in range(T):
+        bso.online_step(loaded, opt, x, y, t=t, T=T)
+    assert torch.all(loaded[3].weight.abs() == 1)
