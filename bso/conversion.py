@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from spikingjelly.activation_based import layer as sj_layer
 from spikingjelly.activation_based import neuron as sj_neuron
 from torch import nn
 
@@ -48,6 +49,7 @@ TRACE_TRANSPARENT = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
+DROPOUTS = (nn.modules.dropout._DropoutNd, sj_layer.Dropout)
 _SUPPORTED = "nn.Conv2d and nn.Linear (spikingjelly's layer.Conv2d / layer.Linear), spikingjelly's LIFNode"
 
 
@@ -75,8 +77,11 @@ class TraceLinks:
     def value(self, module: nn.Module, args: tuple, output) -> None:
         """Forward hook of every other leaf module (BatchNorm, ReLU, conv, ...): its output is a
         value, not spikes, so a layer taking it needs no trace."""
-        if isinstance(output, torch.Tensor):
-            self._values[id(output)] = output
+        if not isinstance(output, torch.Tensor):
+            return
+        if isinstance(module, DROPOUTS) and args and self.trace_of(args[0]) is not None:
+            return  # dropped spikes: no trace for them (the mask is unknown), so no value either
+        self._values[id(output)] = output
 
     def is_value(self, x: torch.Tensor) -> bool:
         if id(x) in self._values:
@@ -101,12 +106,14 @@ class TraceLinks:
     def carry(self, module: nn.Module, args: tuple, output) -> None:
         """Forward hook of a trace-transparent module: its output's trace is the module applied to
         its input's trace."""
-        if not self._traces or not args or not isinstance(output, torch.Tensor):
+        if not args or not isinstance(output, torch.Tensor):
             return
         trace = self.trace_of(args[0])
         if trace is not None:
             with torch.no_grad():
                 self.record(output, module.forward(trace))
+        elif self.is_value(args[0]):  # e.g. a conv's output flattened: still a value
+            self._values[id(output)] = output
 
     def __getstate__(self):  # copies and pickles carry no tensors of a forward pass
         return {"_traces": {}, "_values": {}, "fired": None}

@@ -147,6 +147,19 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
     model = bso.convert(Net(lambda s: (2 * s).flatten(1)))
     with pytest.raises(RuntimeError, match=r"fc \(ConvertedLinear\) runs after the spiking neuron lif"):
         bso.online_step(model, router(model), x, y, t=0, T=T)
+    net = Net(lambda s: s)
+    net.op = nn.Sequential(nn.Dropout(0.5), nn.Flatten())  # a dropout mask the trace cannot follow
+    model = bso.convert(net)
+    with pytest.raises(RuntimeError, match=r"fc \(ConvertedLinear\) runs after"):
+        bso.online_step(model, router(model), x, y, t=0, T=T)
+    # a value (a layer's output, not spikes) through a flatten after a neuron fired: no trace needed
+    seq = bso.convert(
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), lif(), nn.Conv2d(2, 2, 3, padding=1),
+                      nn.Flatten(), nn.Linear(128, 5)),
+        full_precision=["0"],
+    )
+    bso.online_step(seq, router(seq), x, y, t=0, T=T)
+    assert seq[4].weight.grad is not None and seq[2].weight.grad is not None
     # evaluation needs no trace
     with torch.no_grad():
         assert model(x).shape == (8, 5)
