@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ help:  ## list the targets
 install: .make-install.stamp  ## install the package and its dependencies (once; again when pyproject.toml changes)
 
 install-dev: .make-dev.stamp  ## install with the dev extras (pytest, ruff)
+
+wheel:  ## build the wheel (the configs inside, as bso/configs) into dist/
+	$(PYTHON) -m pip wheel $(PIP_FLAGS) --no-deps -w dist .
 
 train: install  ## train T-BSO on the embedded digits dataset (CPU, no download); extra Hydra overrides in ARGS="..."
 	$(PYTHON) train.py $(ARGS)
@@ -65,7 +68,7 @@ report: install  ## every paper artefact from the runs under outputs/ beside the
 	done; echo "wrote outputs/reports/{table2,table3,table4,table5,fig5}.{md,csv} and the figures"
 
 lint: install-dev  ## ruff
-	$(PYTHON) -m ruff check bso tests scripts train.py
+	$(PYTHON) -m ruff check bso tests scripts examples train.py
 
 clean:  ## remove install stamps and caches (keeps outputs/)
-	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info
+	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from bso import paper
+from bso.configs_path import config_dir
 from bso.paper import Cell
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = config_dir()  # the checkout's configs/, or the installed package's
 
 # The config keys that make two runs the same setting (besides the seed).
 IDENTITY_KEYS = (

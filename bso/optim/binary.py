@@ -68,8 +68,9 @@ class BinaryOptimizer(Optimizer):
                 raise ValueError(
                     f"{type(self).__name__} flips binary weights and needs every value to be exactly "
                     f"-1 or +1, but got a tensor of shape {tuple(p.shape)} with other values. "
-                    "Give it only binary weights (bso.layers.named_binary_parameters) and use a model "
-                    "with model.weights=binary."
+                    "Give it only binary weights: bso.binary_parameters(model) of a model made binary "
+                    "with bso.convert, or bso.CaseOptimizer(model, ...); in train.py, a model with "
+                    "model.weights=binary."
                 )
 
     def binary_weights(self) -> list[torch.Tensor]:

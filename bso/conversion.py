@@ -1,0 +1,442 @@
+"""Make a user's PyTorch or spikingjelly model binary: :func:`convert` and :func:`make_lean`.
+
+:func:`convert` replaces, in place,
+
+* every ``nn.Conv2d`` / ``nn.Linear`` (spikingjelly's ``layer.Conv2d`` / ``layer.Linear`` included)
+  by a :class:`ConvertedConv2d` / :class:`ConvertedLinear`: a :mod:`bso.layers` synaptic layer whose
+  weight is stored as exactly -1/+1 (paper section 3; the first and last layer stay full precision
+  by default, as in the paper's networks), and whose weight gradient, in online training, comes from
+  the presynaptic trace of its input spikes (paper Eq. 9, ``G[t] = delta[t] a_hat[t]^T``);
+* every spikingjelly ``neuron.LIFNode`` by a :class:`ConvertedLIFNode`, the same neuron (its tau,
+  threshold, reset, surrogate and step mode are kept) that also keeps the presynaptic trace
+  ``a_hat[t] = mu[t] a_hat[t-1] + s[t]`` (:mod:`bso.neurons`) and detaches its state between time
+  steps when trained online.
+
+How a layer finds its trace: while the converted model runs a forward pass with gradients, each
+converted neuron records its output spikes and their trace; pooling, flatten and identity modules
+between a neuron and the next conv/linear apply themselves to the trace too (a forward hook), and a
+view of the spikes (``x.view(B, -1)``) is recognised. A conv/linear whose input is the model's input
+or another module's output (BatchNorm, ReLU, a linear layer) takes the ordinary gradient. Any other
+input -- made by an operation in a ``forward`` method from a neuron's spikes, e.g. ``2 * s`` or
+``F.avg_pool2d(s, 2)`` -- after a neuron has fired in the same forward pass is an error that names
+the layer: its weight gradient would silently come from the spikes instead of the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from spikingjelly.activation_based import layer as sj_layer
+from spikingjelly.activation_based import neuron as sj_neuron
+from torch import nn
+
+from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d, SynapticLinear, binarize_
+from bso.lean import apply_lean
+from bso.neurons import TRACE_RULES, LIFNode, configure_neurons
+
+INITS = ("release", "sign")
+# modules that may sit between a neuron and the next conv/linear: they are applied to the trace too
+TRACE_TRANSPARENT = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+DROPOUTS = (nn.modules.dropout._DropoutNd, sj_layer.Dropout)
+_SUPPORTED = "nn.Conv2d and nn.Linear (spikingjelly's layer.Conv2d / layer.Linear), spikingjelly's LIFNode"
+
+
+class TraceLinks:
+    """The spikes of the forward pass in progress and their presynaptic traces (see the module
+    docstring). One per converted model, shared by its converted modules; emptied when the model's
+    forward pass begins and ends."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self, *args) -> None:
+        """Forward hook of the converted model's root (the end of a forward pass)."""
+        self._traces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._values: dict[int, torch.Tensor] = {}  # outputs of other modules: not spikes
+        self.fired: str | None = None  # the last neuron that recorded spikes in this forward pass
+
+    def begin(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the root: a new forward pass; its inputs are not spikes."""
+        self.clear()
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                self._values[id(arg)] = arg
+
+    def value(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook of every other leaf module (BatchNorm, ReLU, conv, ...): its output is a
+        value, not spikes, so a layer taking it needs no trace."""
+        if not isinstance(output, torch.Tensor):
+            return
+        if isinstance(module, DROPOUTS) and args and self.trace_of(args[0]) is not None:
+            return  # dropped spikes: no trace for them (the mask is unknown), so no value either
+        self._values[id(output)] = output
+
+    def is_value(self, x: torch.Tensor) -> bool:
+        if id(x) in self._values:
+            return True
+        return any(_same_elements(x, v) for v in self._values.values())
+
+    def record(self, spikes: torch.Tensor, trace: torch.Tensor, neuron: str | None = None) -> None:
+        self._traces[id(spikes)] = (spikes, trace)
+        if neuron is not None:
+            self.fired = neuron
+
+    def trace_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The trace of ``x`` if ``x`` is recorded spikes or a view of them with the same elements."""
+        hit = self._traces.get(id(x))
+        if hit is not None:
+            return hit[1]
+        for spikes, trace in self._traces.values():
+            if _same_elements(x, spikes):
+                return trace.reshape(x.shape)
+        return None
+
+    def carry(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook of a trace-transparent module: its output's trace is the module applied to
+        its input's trace."""
+        if not args or not isinstance(output, torch.Tensor):
+            return
+        trace = self.trace_of(args[0])
+        if trace is not None:
+            with torch.no_grad():
+                self.record(output, module.forward(trace))
+        elif self.is_value(args[0]):  # e.g. a conv's output flattened: still a value
+            self._values[id(output)] = output
+
+    def __getstate__(self):  # copies and pickles carry no tensors of a forward pass
+        return {"_traces": {}, "_values": {}, "fired": None}
+
+
+def _same_elements(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``x`` is a view of ``y`` with the same elements in the same order (view, reshape, flatten)."""
+    return (
+        x.numel() == y.numel()
+        and x.data_ptr() == y.data_ptr()
+        and x.is_contiguous()
+        and y.is_contiguous()
+    )
+
+
+class _Converted:
+    """What the converted conv and linear layers share: the name they report errors under, the
+    trace lookup, spikingjelly's step mode."""
+
+    bso_name: str = "?"
+    step_mode: str = "s"
+    trace_links: TraceLinks | None = None
+
+    def input_trace(self, x: torch.Tensor) -> torch.Tensor | None:
+        links = self.trace_links
+        if links is None or not torch.is_grad_enabled():
+            return None
+        trace = links.trace_of(x)
+        if trace is None and links.fired is not None and not links.is_value(x):
+            raise RuntimeError(
+                f"{self.bso_name} ({type(self).__name__}) runs after the spiking neuron "
+                f"{links.fired} in this forward pass, but its input is not a neuron's spikes "
+                "(directly, through nn.AvgPool2d/MaxPool2d/Flatten/Identity modules, or a view "
+                "such as x.view(B, -1)), so bso cannot give it the presynaptic trace its weight "
+                "gradient needs in online training. Express the ops between the neuron and this "
+                "layer as those modules, or train with BPTT (bso.convert(model, trace=None))."
+            )
+        if trace is None and self.is_packed:
+            raise RuntimeError(
+                f"{self.bso_name} holds packed +-1 weights (bso.make_lean) and needs the presynaptic "
+                "trace of its input spikes, but its input is not a neuron's spikes (the network "
+                "input?). Keep it full precision: bso.convert(model, full_precision=[...])."
+            )
+        return trace
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.step_mode == "s" else ", step_mode=m")
+
+
+class ConvertedConv2d(_Converted, SynapticConv2d):
+    """A converted ``nn.Conv2d``: +-1 (or full-precision) weights, trace-based weight gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "m":  # spikingjelly multi-step: [T, B, ...] -> [T * B, ...]
+            return super().forward(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return super().forward(x, self.input_trace(x))
+
+
+class ConvertedLinear(_Converted, SynapticLinear):
+    """A converted ``nn.Linear`` (see :class:`ConvertedConv2d`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trace = self.input_trace(x) if self.step_mode == "s" else None
+        if trace is None or x.dim() == 2:
+            return super().forward(x, trace)
+        flat = super().forward(x.reshape(-1, x.shape[-1]), trace.reshape(-1, x.shape[-1]))
+        return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+
+class ConvertedLIFNode(LIFNode):
+    """A spikingjelly ``LIFNode`` with the same dynamics that keeps the presynaptic trace
+    (:class:`bso.neurons.LIFNode`) and records its spikes for the next converted layer."""
+
+    bso_name: str = "?"
+    trace_links: TraceLinks | None = None
+
+    @classmethod
+    def from_spikingjelly(cls, src: sj_neuron.LIFNode) -> ConvertedLIFNode:
+        new = cls(tau=src.tau, v_threshold=src.v_threshold, detach_reset=src.detach_reset)
+        new.decay_input = src.decay_input
+        new.v_reset = src.v_reset
+        new.surrogate_function = src.surrogate_function
+        new.step_mode = src.step_mode
+        new.store_v_seq = src.store_v_seq
+        v0 = 0.0 if src.v_reset is None else src.v_reset
+        new.set_reset_value("v", v0)
+        new.v = v0
+        return new
+
+    def multi_step_functional_forward(self, inputs, states, **kwargs):
+        """spikingjelly's multi-step mode ([T, B, ...] in one call, for BPTT): the single step T times."""
+        spikes = []
+        for t in range(inputs[0].shape[0]):
+            (spike,), states = self.single_step_functional_forward(
+                tuple(x[t] for x in inputs), states, **kwargs
+            )
+            spikes.append(spike)
+        return (torch.stack(spikes),), states
+
+    def single_step_forward(self, x: torch.Tensor, *args, **kwargs):
+        spikes = super().single_step_forward(x, *args, **kwargs)
+        links = self.trace_links
+        if links is not None and self.trace_rule is not None and torch.is_grad_enabled():
+            links.record(spikes, self.trace, self.bso_name)
+        return spikes
+
+
+def convert(
+    model: nn.Module,
+    *,
+    full_precision: Iterable[str] = ("first", "last"),
+    trace: str | None = "ndot",
+    init: str = "release",
+) -> nn.Module:
+    """Make ``model`` a binary (spiking) network, in place; returns it.
+
+    Args:
+        model: a plain PyTorch or spikingjelly model (single-step for online training).
+        full_precision: names of conv/linear modules (as in ``model.named_modules()``) that keep
+            full-precision weights; ``"first"`` / ``"last"`` name the first / last conv or linear
+            layer in module order (the paper keeps both full precision). Every other conv/linear
+            gets +-1 weights.
+        trace: the presynaptic trace for online training, one of ``bso.neurons.TRACE_RULES``
+            (``"ndot"``: the released code's, ``"ndot_paper"``, ``"ottt"``); neurons then detach their
+            state between time steps. ``None``: BPTT (state kept in the graph, no trace).
+        init: ``"release"``: the released code's init of binary weights, the sign of a Kaiming-normal
+            draw (fan_out, relu) -- +-1 with equal probability; ``"sign"``: the sign of the model's
+            current weights (sign(0) = +1), e.g. to start from a trained full-precision model.
+            Full-precision layers keep their weights either way.
+
+    Raises ``TypeError`` naming the module for layers and neurons it cannot convert (any other
+    spikingjelly neuron, other conv dimensions, non-zero padding modes).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init={init!r}; choose one of {INITS}")
+    if trace is not None and trace not in TRACE_RULES:
+        raise ValueError(f"unknown trace={trace!r}; choose one of {TRACE_RULES} or None (BPTT)")
+    if any(isinstance(m, _Converted | ConvertedLIFNode) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already converted (bso.convert)")
+    synaptic, neurons = _find_convertible(model)
+    if not synaptic:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to make binary"
+        )
+    keep = _resolve_full_precision(full_precision, [name for name, _ in synaptic])
+    if len(keep) == len(synaptic):
+        raise ValueError(
+            f"full_precision={list(full_precision)} keeps every conv/linear layer of "
+            f"{type(model).__name__} full precision: no binary weights would remain"
+        )
+    if trace is not None:
+        multi = [n for n, m in model.named_modules() if getattr(m, "step_mode", "s") == "m"]
+        if multi:
+            raise ValueError(
+                f"online training (trace={trace!r}) runs one time step per forward pass, but "
+                f"{multi[0] or type(model).__name__} is in spikingjelly's multi-step mode: call "
+                "spikingjelly.activation_based.functional.set_step_mode(model, 's') first, or "
+                "convert with trace=None to train with BPTT"
+            )
+    links = TraceLinks()
+    for name, src in synaptic:
+        new = _convert_synaptic(name, src, "full" if name in keep else "binary", init)
+        new.trace_links = links
+        _replace(model, name, new)
+    for name, src in neurons:
+        new = ConvertedLIFNode.from_spikingjelly(src)
+        new.bso_name, new.trace_links = name, links
+        _replace(model, name, new)
+    if trace is not None:
+        for module in model.modules():
+            if isinstance(module, TRACE_TRANSPARENT):
+                module.register_forward_hook(links.carry)
+            elif not isinstance(module, ConvertedLIFNode) and next(module.children(), None) is None:
+                module.register_forward_hook(links.value)
+        model.register_forward_pre_hook(links.begin)
+        model.register_forward_hook(links.clear)
+    if neurons:
+        configure_neurons(model, detach_state=trace is not None, trace_rule=trace)
+    return model
+
+
+def make_lean(model: nn.Module) -> nn.Module:
+    """The lean mode on a converted model (in place; returns it): every +-1 weight is held as packed
+    bits (8 per byte) and BSO / T-BSO flips it inside ``loss.backward()`` as soon as its gradient
+    exists, so no binary-weight gradient is ever stored (:mod:`bso.lean`). Same flips, bit for bit,
+    as the plain mode. Call it before building the optimizer (:class:`bso.CaseOptimizer` binds the
+    packed layers to its binary optimizer); train with :func:`bso.online_step`. Online training
+    with one update per time step only."""
+    converted = [m for m in model.modules() if isinstance(m, _Converted)]
+    if not converted:
+        raise ValueError(
+            f"{type(model).__name__} has no converted layers: call bso.convert(model) first"
+        )
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
+    if not neurons or any(n.trace_rule is None for n in neurons):
+        raise ValueError(
+            "the lean mode flips the +-1 weights inside backward from the presynaptic trace, online: "
+            "convert the model with a trace (bso.convert(model, trace='ndot'))"
+        )
+    binary = [m for m in converted if m.is_binary]
+    with_bias = [m.bso_name for m in binary if isinstance(m, SynapticConv2d) and m.bias is not None]
+    if with_bias:
+        raise ValueError(
+            f"the lean mode's packed convolutions have no bias, but {with_bias[0]} has one: build it "
+            "with bias=False (a BatchNorm after it has one) or keep it full precision"
+        )
+    apply_lean(model, True, "per_step")
+    return model
+
+
+def binary_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, weight) of every stored +-1 weight of ``model``, the parameters BSO / T-BSO take."""
+    from bso.layers import named_binary_parameters
+
+    return named_binary_parameters(model)
+
+
+def _find_convertible(model: nn.Module):
+    synaptic, neurons = [], []
+    for name, module in model.named_modules():
+        label = f"{name or '<root>'} ({type(module).__name__})"
+        if isinstance(module, SYNAPTIC_LAYERS):
+            raise ValueError(
+                f"{label} is already a bso synaptic layer: bso.convert is for plain PyTorch / "
+                "spikingjelly models (bso's model zoo is binary already)"
+            )
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                raise TypeError(
+                    f"cannot convert {label}: padding_mode={module.padding_mode!r}; bso supports "
+                    "zero padding only"
+                )
+            synaptic.append((name, module))
+        elif isinstance(module, nn.modules.conv._ConvNd | nn.Bilinear):
+            raise TypeError(f"cannot convert {label}: bso.convert supports {_SUPPORTED}")
+        elif isinstance(module, LIFNode):
+            raise ValueError(f"{label} is already a bso neuron")
+        elif isinstance(module, sj_neuron.LIFNode) and type(module) is sj_neuron.LIFNode:
+            neurons.append((name, module))
+        elif _is_spiking_neuron(module):
+            raise TypeError(
+                f"cannot convert {label}: bso keeps the presynaptic trace of spikingjelly's LIFNode "
+                f"only (bso.convert supports {_SUPPORTED})"
+            )
+    return synaptic, neurons
+
+
+def _is_spiking_neuron(module: nn.Module) -> bool:
+    bases = tuple(
+        getattr(sj_neuron, n) for n in ("BaseNode", "SimpleBaseNode") if hasattr(sj_neuron, n)
+    )
+    return bool(bases) and isinstance(module, bases)
+
+
+def _resolve_full_precision(names: Iterable[str], order: list[str]) -> set[str]:
+    if isinstance(names, str):
+        names = [names]
+    keep = set()
+    for name in names:
+        if name == "first":
+            keep.add(order[0])
+        elif name == "last":
+            keep.add(order[-1])
+        elif name in order:
+            keep.add(name)
+        else:
+            raise ValueError(
+                f"full_precision names {name!r}, which is not a conv/linear layer of the model; "
+                f"its conv/linear layers are {order} (or use 'first' / 'last')"
+            )
+    return keep
+
+
+def _padding(name: str, src: nn.Conv2d):
+    if src.padding == "valid":
+        return 0
+    if src.padding == "same":
+        if any(k % 2 == 0 for k in src.kernel_size) or src.stride not in (1, (1, 1)):
+            raise TypeError(
+                f"cannot convert {name} (Conv2d): padding='same' with an even kernel or a stride; "
+                "give the padding as numbers"
+            )
+        return tuple(d * (k - 1) // 2 for d, k in zip(src.dilation, src.kernel_size, strict=True))
+    return src.padding
+
+
+@torch.no_grad()
+def _convert_synaptic(name: str, src: nn.Module, weights: str, init: str) -> nn.Module:
+    factory = dict(device=src.weight.device, dtype=src.weight.dtype)
+    if isinstance(src, nn.Conv2d):
+        new = ConvertedConv2d(
+            src.in_channels,
+            src.out_channels,
+            src.kernel_size,
+            stride=src.stride,
+            padding=_padding(name, src),
+            dilation=src.dilation,
+            groups=src.groups,
+            bias=src.bias is not None and weights == "full",
+            weights=weights,
+            **factory,
+        )
+        if src.bias is not None and weights == "binary":  # a full-precision bias beside +-1 weights
+            new.bias = nn.Parameter(src.bias.detach().clone())
+    else:
+        new = ConvertedLinear(
+            src.in_features, src.out_features, bias=src.bias is not None, weights=weights, **factory
+        )
+    new.bso_name = name
+    new.step_mode = getattr(src, "step_mode", "s")
+    if weights == "full" or init == "sign":
+        new.weight.copy_(src.weight)
+    else:
+        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    if weights == "binary":
+        binarize_(new.weight)
+    if src.bias is not None:
+        new.bias.copy_(src.bias)
+    new.train(src.training)
+    return new
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

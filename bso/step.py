@@ -1,0 +1,121 @@
+"""One time step of online training, for a user's own loop: :func:`online_step`.
+
+    for x, y in loader:
+        for t in range(T):
+            out = bso.online_step(model, optimizer, x, y, t=t, T=T)   # forward, loss, backward, flip
+
+It is what :class:`bso.engine.OnlineEngine` does at each time step with ``update=per_step``
+(paper section 2 and Algorithm 1): the graph of step t is freed by its backward, so training memory
+does not grow with T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bso.engine.common import instantaneous_loss
+from bso.layers import SYNAPTIC_LAYERS, named_binary_parameters
+from bso.neurons import LIFNode, reset_neurons
+from bso.optim.binary import TBSO
+from bso.optim.router import OptimizerRouter
+
+
+@dataclass
+class StepOutput:
+    """What :func:`online_step` returns, detached: the model's output at step t, the loss L[t] and
+    the number of sign flips of each binary weight (``optimizer.binary_names`` names them)."""
+
+    output: torch.Tensor
+    loss: torch.Tensor
+    flips: torch.Tensor
+
+
+def online_step(
+    model: nn.Module,
+    optimizer: OptimizerRouter,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    t: int,
+    T: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> StepOutput:
+    """Time step ``t`` (0-based, ``0 <= t < T``) of online training on one batch.
+
+    At ``t == 0`` the neurons' state (membrane potential, trace) is reset: a new batch begins. Then
+    ``output = model(x)`` (``x`` is the input at this step: the same static image at every t, or
+    frame t of an event stream), ``loss = loss_fn(output, target)`` -- by default the paper's
+    ``L[t] = (0.95 CE + 0.05 MSE) / T`` --, ``loss.backward()`` (the binary layers' weight gradient
+    comes from the presynaptic trace, ``G[t] = delta[t] a_hat[t]^T``) and ``optimizer.step(t)``:
+    BSO / T-BSO flip the +-1 weights (T-BSO with its second moment of step t), the default optimizer
+    steps the rest. In the lean mode the flips happen inside ``backward``.
+
+    ``model`` is a converted model (:func:`bso.convert` with a trace) and ``optimizer`` a
+    :class:`bso.CaseOptimizer` built on it.
+    """
+    _check(model, optimizer, t, T)
+    if t == 0:
+        reset_neurons(model)
+    optimizer.zero_grad()
+    optimizer.begin_time_step(t)  # the lean mode's flips run inside backward at step t
+    output = model(x)
+    loss = instantaneous_loss(output, target, 0.05, T) if loss_fn is None else loss_fn(output, target)
+    loss.backward()
+    flips = optimizer.step(t)
+    return StepOutput(output.detach(), loss.detach(), flips)
+
+
+def reset(model: nn.Module) -> None:
+    """Clear every neuron's membrane potential and trace before a new sample (spikingjelly's
+    ``functional.reset_net``); :func:`online_step` does it itself at ``t == 0``."""
+    reset_neurons(model)
+
+
+def _check(model: nn.Module, optimizer, t: int, T: int) -> None:
+    if int(T) < 1:
+        raise ValueError(f"T (time steps per sample) must be >= 1, got {T}")
+    if not 0 <= int(t) < int(T):
+        raise IndexError(f"time step t={t} is outside [0, T) = [0, {T})")
+    if not isinstance(optimizer, OptimizerRouter):
+        raise TypeError(
+            f"online_step needs a bso.CaseOptimizer (BSO / T-BSO for the +-1 weights plus a default "
+            f"optimizer for the rest), got {type(optimizer).__name__}"
+        )
+    binary = optimizer.binary
+    if isinstance(binary, TBSO) and binary.num_steps != int(T):
+        raise ValueError(
+            f"the T-BSO optimizer keeps num_steps={binary.num_steps} second moments per layer, but "
+            f"online_step was given T={T}: build it with bso.TBSO(params, num_steps={T})"
+        )
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
+    if not neurons:
+        raise ValueError(
+            f"{type(model).__name__} has no spiking neurons, so it has no time steps to train "
+            "online: train it in your own loop (loss.backward(); optimizer.step()), or convert a "
+            "spiking network (spikingjelly LIFNode) with bso.convert"
+        )
+    offline = [n for n in neurons if n.trace_rule is None or not n.detach_state]
+    if offline:
+        raise ValueError(
+            f"{type(model).__name__}'s neurons are set up for BPTT (no presynaptic trace): convert "
+            "the model with a trace for online training, bso.convert(model, trace='ndot')"
+        )
+    model_weights = {id(p) for _, p in named_binary_parameters(model)}
+    if model_weights != {id(p) for p in binary.binary_weights()}:
+        raise ValueError(
+            "the optimizer's binary weights are not this model's +-1 weights (an optimizer built "
+            "for another model, or before bso.make_lean replaced the weights by packed bits): build "
+            "the bso.CaseOptimizer after bso.convert / bso.make_lean"
+        )
+    for name, layer in model.named_modules():
+        if isinstance(layer, SYNAPTIC_LAYERS) and layer.is_packed:
+            bound = layer.binary_update() if layer.binary_update is not None else None
+            if bound is None or bound.__self__ is not binary:
+                raise ValueError(
+                    f"{name} holds packed +-1 weights (lean mode) that its BSO / T-BSO flips inside "
+                    "backward, but this optimizer is not bound to it: build the optimizer with "
+                    "bso.CaseOptimizer(model, ...) after bso.make_lean(model)"
+                )

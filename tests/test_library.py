@@ -1,0 +1,301 @@
+"""The library API (docs/library.md): bso.convert, bso.make_lean, bso.CaseOptimizer, bso.online_step
+on user-written spikingjelly / PyTorch models, and the errors for misuse."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+import bso
+from bso.conversion import ConvertedConv2d, ConvertedLIFNode, ConvertedLinear
+from conftest import ROOT
+
+T = 3
+
+
+def lif(**kw):
+    return neuron.LIFNode(**{"tau": 2.0, "v_reset": None, "decay_input": False, **kw})
+
+
+def sj_net() -> nn.Sequential:
+    """conv(image) -> BN -> LIF -> conv -> BN -> LIF -> avgpool -> flatten -> linear."""
+    return nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, bias=False),
+        layer.BatchNorm2d(4),
+        lif(),
+        layer.Conv2d(4, 6, 3, padding=1, bias=False),
+        layer.BatchNorm2d(6),
+        lif(),
+        layer.AvgPool2d(2),
+        layer.Flatten(),
+        layer.Linear(6 * 16, 5),
+    )
+
+
+def batch(n=8):
+    return torch.randn(n, 1, 8, 8), torch.randint(0, 5, (n,))
+
+
+def router(model, gamma=0.0, T=T):
+    return bso.CaseOptimizer(
+        model,
+        binary=lambda p: bso.TBSO(p, num_steps=T, gamma=gamma),
+        default=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+
+
+def test_public_api_and_version():
+    assert set(bso.__all__) >= {"BSO", "TBSO", "CaseOptimizer", "convert", "make_lean", "online_step"}
+    for name in bso.__all__:
+        assert getattr(bso, name) is not None
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert bso.__version__ == version
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        bso.nope  # noqa: B018
+
+
+def test_convert_replaces_layers_keeps_first_and_last_full_precision_and_the_neuron_dynamics():
+    net = sj_net()
+    net[2] = neuron.LIFNode(tau=3.0, v_threshold=0.5, surrogate_function=surrogate.ATan())
+    model = bso.convert(net)
+    assert isinstance(model[0], ConvertedConv2d) and model[0].weights == "full"
+    assert isinstance(model[3], ConvertedConv2d) and model[3].weights == "binary"
+    assert isinstance(model[8], ConvertedLinear) and model[8].weights == "full"
+    assert torch.all(model[3].weight.abs() == 1)
+    # about half of the release init's signs are +1
+    assert 0.3 < (model[3].weight > 0).float().mean() < 0.7
+    n = model[2]
+    assert isinstance(n, ConvertedLIFNode)
+    assert (n.tau, n.v_threshold, n.v_reset, n.decay_input) == (3.0, 0.5, 0.0, True)
+    assert isinstance(n.surrogate_function, surrogate.ATan)
+    assert n.detach_state and n.trace_rule == "ndot" and model[5].trace_rule == "ndot"
+    assert [name for name, _ in bso.binary_parameters(model)] == ["3.weight"]
+
+
+def test_converted_neuron_fires_exactly_as_the_spikingjelly_neuron():
+    src = neuron.LIFNode(tau=2.0)  # spikingjelly's defaults: hard reset, decayed input
+    holder = bso.convert(nn.Sequential(nn.Linear(4, 4), src, nn.Linear(4, 4)), full_precision=[], trace=None)
+    converted = holder[1]
+    reference = neuron.LIFNode(tau=2.0)
+    xs = torch.randn(6, 3, 4) * 2
+    for x in xs:
+        assert torch.equal(converted(x), reference(x))
+        assert torch.equal(converted.v, reference.v)
+
+
+def test_init_sign_takes_the_sign_of_the_current_weights():
+    net = sj_net()
+    before = net[3].weight.detach().clone()
+    model = bso.convert(net, init="sign")
+    assert torch.equal(model[3].weight, torch.where(before >= 0, 1.0, -1.0))
+    assert torch.equal(model[0].weight, net[0].weight) or model[0].weight.shape == (4, 1, 3, 3)
+
+
+def test_weight_gradient_comes_from_the_presynaptic_trace_through_pool_and_flatten():
+    model = bso.convert(sj_net(), full_precision=["0"])  # the linear is binary too
+    grads = {}
+    def keep_grad(key):
+        def hook(module, args, out):
+            out.register_hook(lambda g: grads.update({key: g}))
+
+        return hook
+
+    model[3].register_forward_hook(keep_grad("conv"))
+    model[8].register_forward_hook(keep_grad("fc"))
+    x, _ = batch()
+    model.train()
+    functional.reset_net(model)
+    for _t in range(3):
+        model.zero_grad()
+        model(x).sum().backward()
+        trace1, trace2 = model[2].trace, model[5].trace  # a_hat[t] of the two neurons
+        expect_fc = grads["fc"].t() @ F.avg_pool2d(trace2, 2).flatten(1)
+        assert torch.allclose(model[8].weight.grad, expect_fc, atol=1e-6)
+        expect_conv = conv2d_weight(trace1, model[3].weight.shape, grads["conv"], 1, 1)
+        assert torch.allclose(model[3].weight.grad, expect_conv, atol=1e-5)
+    # by now the traces are not spikes (0/1), so a gradient from the spikes would fail the checks
+    assert not torch.all((trace1 == 0) | (trace1 == 1))
+    assert not torch.all((trace2 == 0) | (trace2 == 1))
+
+
+def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming_the_layer():
+    class Net(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.lif = lif()
+            self.fc = nn.Linear(4 * 64, 10)
+            self.head = nn.Linear(10, 5)
+            self.op = op
+
+        def forward(self, x):
+            return self.head(self.fc(self.op(self.lif(self.conv(x)))))
+
+    x, y = batch()
+    model = bso.convert(Net(lambda s: s.view(s.shape[0], -1)))
+    opt = router(model)
+    bso.online_step(model, opt, x, y, t=0, T=T)
+    assert model.fc.weight.grad is not None
+
+    model = bso.convert(Net(lambda s: (2 * s).flatten(1)))
+    with pytest.raises(RuntimeError, match=r"fc \(ConvertedLinear\) runs after the spiking neuron lif"):
+        bso.online_step(model, router(model), x, y, t=0, T=T)
+    net = Net(lambda s: s)
+    net.op = nn.Sequential(nn.Dropout(0.5), nn.Flatten())  # a dropout mask the trace cannot follow
+    model = bso.convert(net)
+    with pytest.raises(RuntimeError, match=r"fc \(ConvertedLinear\) runs after"):
+        bso.online_step(model, router(model), x, y, t=0, T=T)
+    # a value (a layer's output, not spikes) through a flatten after a neuron fired: no trace needed
+    seq = bso.convert(
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), lif(), nn.Conv2d(2, 2, 3, padding=1),
+                      nn.Flatten(), nn.Linear(128, 5)),
+        full_precision=["0"],
+    )
+    bso.online_step(seq, router(seq), x, y, t=0, T=T)
+    assert seq[4].weight.grad is not None and seq[2].weight.grad is not None
+    # evaluation needs no trace
+    with torch.no_grad():
+        assert model(x).shape == (8, 5)
+
+
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (neuron.IFNode(), r"cannot convert 1 \(IFNode\).*LIFNode only"),
+        (nn.Conv1d(2, 2, 3), r"cannot convert 1 \(Conv1d\)"),
+        (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), r"cannot convert 1 \(Conv2d\).*zero"),
+    ],
+)
+def test_unsupported_layers_and_neurons_are_named(module, match):
+    with pytest.raises(TypeError, match=match):
+        bso.convert(nn.Sequential(nn.Linear(2, 2), module, nn.Linear(2, 2), nn.Linear(2, 2)))
+
+
+def test_convert_argument_errors():
+    with pytest.raises(ValueError, match="full_precision names 'fc'"):
+        bso.convert(sj_net(), full_precision=["fc"])
+    with pytest.raises(ValueError, match="no binary weights would remain"):
+        bso.convert(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="multi-step mode"):
+        net = sj_net()
+        functional.set_step_mode(net, "m")
+        bso.convert(net)
+    with pytest.raises(ValueError, match="already converted"):
+        bso.convert(bso.convert(sj_net()))
+
+
+def test_online_step_trains_and_keeps_weights_binary():
+    model = bso.convert(sj_net())
+    opt = router(model, gamma=0.0)
+    x, y = batch()
+    flips = 0
+    for t in range(T):
+        out = bso.online_step(model, opt, x, y, t=t, T=T)
+        assert out.output.shape == (8, 5) and not out.output.requires_grad
+        flips += int(out.flips.sum())
+    assert flips > 0 and torch.all(model[3].weight.abs() == 1)
+    assert opt.binary_names == ["3.weight"]
+    # t == 0 resets the neurons: the same batch twice gives the same first output
+    first = bso.online_step(model, router(model), x, y, t=0, T=T).output
+    model.eval()
+    with torch.no_grad():
+        bso.reset(model)
+        assert model(x).shape == first.shape
+
+
+def test_misuse_errors():
+    x, y = batch()
+    with pytest.raises(ValueError, match="exactly -1 or \\+1"):
+        bso.BSO(sj_net().parameters())
+    with pytest.raises(ValueError, match="has no stored \\+-1 weights.*bso.convert"):
+        router(sj_net())
+    model = bso.convert(sj_net())
+    with pytest.raises(ValueError, match="full-precision parameters .* give default="):
+        bso.CaseOptimizer(model, binary=lambda p: bso.BSO(p))
+    with pytest.raises(TypeError, match="binary= must build bso.BSO or bso.TBSO"):
+        bso.CaseOptimizer(model, binary=lambda p: torch.optim.SGD(p, lr=1), default=torch.optim.SGD)
+    opt = router(model)
+    for t in (-1, T):
+        with pytest.raises(IndexError, match=rf"t={t} is outside \[0, T\)"):
+            bso.online_step(model, opt, x, y, t=t, T=T)
+    with pytest.raises(ValueError, match="num_steps=3 .* T=4"):
+        bso.online_step(model, opt, x, y, t=0, T=4)
+    with pytest.raises(TypeError, match="needs a bso.CaseOptimizer"):
+        bso.online_step(model, opt.binary, x, y, t=0, T=T)
+    with pytest.raises(ValueError, match="not this model's"):
+        bso.online_step(bso.convert(sj_net()), opt, x, y, t=0, T=T)
+    bptt = bso.convert(sj_net(), trace=None)
+    with pytest.raises(ValueError, match="set up for BPTT"):
+        bso.online_step(bptt, router(bptt), x, y, t=0, T=T)
+    plain = bso.convert(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 5)))
+    with pytest.raises(ValueError, match="no spiking neurons"):
+        bso.online_step(plain, router(plain), x.flatten(1), y, t=0, T=T)
+
+
+def test_lean_model_needs_the_optimizer_bound_to_it():
+    x, y = batch()
+    model = bso.convert(sj_net())
+    before = router(model)
+    bso.make_lean(model)
+    with pytest.raises(ValueError, match="before bso.make_lean"):
+        bso.online_step(model, before, x, y, t=0, T=T)
+    first = router(model)
+    router(model)  # the packed layers are now bound to this second optimizer
+    with pytest.raises(ValueError, match=r"3 holds packed \+-1 weights .* not bound"):
+        bso.online_step(model, first, x, y, t=0, T=T)
+    with pytest.raises(ValueError, match="no converted layers"):
+        bso.make_lean(sj_net())
+    with pytest.raises(ValueError, match="convert the model with a trace"):
+        bso.make_lean(bso.convert(sj_net(), trace=None))
+
+
+def test_lean_mode_flips_exactly_as_the_plain_mode():
+    torch.manual_seed(1)
+    plain = bso.convert(sj_net())
+    lean = bso.make_lean(copy.deepcopy(plain))
+    assert lean[3].is_packed and lean[3].weight.dtype == torch.uint8
+    opt_plain, opt_lean = router(plain, gamma=1e-7), router(lean, gamma=1e-7)
+    total = 0
+    for _ in range(2):
+        x, y = batch()
+        for t in range(T):
+            a = bso.online_step(plain, opt_plain, x, y, t=t, T=T)
+            b = bso.online_step(lean, opt_lean, x, y, t=t, T=T)
+            assert torch.equal(a.output, b.output) and torch.equal(a.flips, b.flips)
+            total += int(a.flips.sum())
+    assert total > 0
+    assert torch.equal(lean[3].sign_values(), plain[3].weight)
+    assert lean[3].weight.grad is None  # no stored binary-weight gradient
+
+
+def test_bptt_over_a_multistep_network_trains_binary_weights():
+    net = sj_net()
+    functional.set_step_mode(net, "m")
+    model = bso.convert(net, trace=None)
+    opt = router(model, T=1)
+    x, y = batch()
+    functional.reset_net(model)
+    out = model(x.unsqueeze(0).repeat(T, 1, 1, 1, 1))
+    assert out.shape == (T, 8, 5)
+    F.cross_entropy(out.mean(0), y).backward()
+    assert model[3].weight.grad is not None and int(opt.step().sum()) > 0
+    assert torch.all(model[3].weight.abs() == 1)
+
+
+def test_a_converted_model_pickles_and_its_copy_still_finds_the_traces(tmp_path):
+    model = bso.convert(sj_net())
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded[3].trace_links is loaded[2].trace_links is not model[3].trace_links
+    x, y = batch()
+    opt = router(loaded)
+    for t in range(T):
+        bso.online_step(loaded, opt, x, y, t=t, T=T)
+    assert torch.all(loaded[3].weight.abs() == 1)
