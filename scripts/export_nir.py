@@ -35,10 +35,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--dt", type=float, default=DT, help="seconds per time step (default 1e-4)")
     parser.add_argument(
+        "--binary-weights", action="store_true",
+        help="keep the binary convs' weights +-1: BatchNorm's scale goes into per-channel "
+        "thresholds (not readable by spikingjelly's importer, so no --check)",
+    )
+    parser.add_argument(
         "--check", type=int, default=0, metavar="N",
         help="compare bso and the exported graph on N test-set samples (reads the run's dataset)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.check and args.binary_weights:
+        parser.error("--check re-imports with spikingjelly's importer, which takes one threshold "
+                     "per layer; check the export without --binary-weights")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         shape = (dataset["in_channels"], dataset["image_size"], dataset["image_size"])
     T = (cfg.get("engine") or {}).get("T")
     try:
-        graph = to_nir(model, shape, args.out, T=T, dt=args.dt)
+        graph = to_nir(model, shape, args.out, T=T, dt=args.dt, binary_weights=args.binary_weights)
     except ValueError as err:  # NIRExportError names the layer
         raise SystemExit(f"export_nir.py: {file}: {err}") from err
     print(f"wrote {args.out}: {len(graph.nodes)} nodes from {file} (input {tuple(shape)}, T={T})")

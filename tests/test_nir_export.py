@@ -120,3 +120,70 @@ def test_command_line_exports_a_1bit_checkpoint(tmp_path):
 def test_what_nir_cannot_express_fails_naming_the_layer(build, layer):
     with pytest.raises(NIRExportError, match=rf"cannot export layer '{layer}'"):
         to_nir(build().eval(), (1, 8, 8))
+
+
+def run_graph(graph: nir.NIRGraph, x: torch.Tensor, T: int) -> tuple[torch.Tensor, list]:
+    """A direct reading of the chain graph: NIR's nodes with per-neuron thresholds, the LIF as the
+    nodes' metadata says (subtract the threshold), v <- (1 - dt/tau) v + (dt r/tau) I."""
+    import torch.nn.functional as F
+
+    order, node = [], "input_1" if "input_1" in graph.nodes else next(iter(graph.nodes))
+    successors = dict(graph.edges)
+    while node in successors:
+        node = successors[node]
+        order.append(node)
+    v = {}
+    summed, spikes = 0.0, []
+    dt = graph.metadata["dt"]
+    for _ in range(T):
+        h, step_spikes = x, []
+        for name in order:
+            n = graph.nodes[name]
+            t = lambda a: torch.as_tensor(np.asarray(a), dtype=x.dtype)  # noqa: E731
+            if isinstance(n, nir.Conv2d):
+                pair = lambda a: tuple(int(k) for k in np.broadcast_to(a, (2,)))  # noqa: E731
+                h = F.conv2d(h, t(n.weight), t(n.bias), pair(n.stride), pair(n.padding))
+            elif isinstance(n, nir.LIF):
+                assert n.metadata["reset"] == "subtract"
+                decay, gain = 1 - dt / t(n.tau), dt * t(n.r) / t(n.tau)
+                u = decay * v.get(name, torch.zeros_like(h)) + gain * h
+                s = (u >= t(n.v_threshold)).to(x.dtype)
+                v[name] = u - s * t(n.v_threshold)
+                h = s
+                step_spikes.append(s)
+            elif isinstance(n, nir.AvgPool2d):
+                size = lambda a: tuple(int(k) for k in np.broadcast_to(a, (2,)))  # noqa: E731
+                h = F.avg_pool2d(h, size(n.kernel_size), size(n.stride))
+            elif isinstance(n, nir.Flatten):
+                h = h.flatten(1)
+            elif isinstance(n, nir.Affine):
+                h = h @ t(n.weight).T + t(n.bias)
+        summed = summed + h
+        spikes.append(step_spikes)
+    return summed, spikes
+
+
+def test_binary_weights_export_keeps_pm1_weights_with_per_channel_thresholds(tmp_path):
+    """binary_weights=True: the binary convs' NIR weights are exactly +-1, BatchNorm's scale is in
+    the LIF thresholds; running the graph as NIR defines it (soft reset from the metadata) gives
+    bso's spikes and logits (float64)."""
+    model, _ = digits_model()
+    path = tmp_path / "binary.nir"
+    to_nir(model, (1, 8, 8), path, T=4, binary_weights=True)
+    graph = nir.read(str(path))
+    for i in (1, 2, 3):
+        assert set(np.unique(graph.nodes[f"blocks_{i}_conv"].weight)) == {-1.0, 1.0}
+        thresholds = graph.nodes[f"blocks_{i}_neuron"].v_threshold
+        assert len(np.unique(thresholds)) == thresholds.shape[0]  # one per channel
+    assert len(np.unique(graph.nodes["blocks_0_conv"].weight)) > 2  # the first conv: real weights
+    x = torch.randn(16, 1, 8, 8, dtype=torch.float64) * 2
+    ours, our_spikes = run_bso(model, x, 4)
+    theirs, their_spikes = run_graph(graph, x, 4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-9, atol=1e-9)
+    for t in range(4):
+        for layer, name in enumerate(our_spikes):
+            assert torch.equal(their_spikes[t][layer], our_spikes[name][t]), (t, name)
+    with pytest.raises(SystemExit):  # spikingjelly's importer takes one threshold per layer
+        import export_nir  # scripts/
+
+        export_nir.parse_args(["run", "out.nir", "--binary-weights", "--check", "8"])

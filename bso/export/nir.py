@@ -104,8 +104,8 @@ def fold_batchnorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of ``bn(conv(x))`` as one conv, with the BatchNorm's inference statistics:
     ``a = gamma / sqrt(var + eps)``, ``W' = a W``, ``b' = a (b - mean) + beta`` (in float64, then
-    ``dtype``, by default the BatchNorm's). ``conv``'s weight is read as the forward pass uses it (+-1 for binary
-    weights, packed or not; sign(latent); standardised)."""
+    ``dtype``, by default the BatchNorm's). ``conv``'s weight is read as the forward pass uses it
+    (+-1 for binary weights, packed or not; sign(latent); standardised)."""
     w = conv.effective_weight().detach().double()
     if dtype is None:
         dtype = bn.weight.dtype if getattr(bn, "weight", None) is not None else torch.float32
@@ -176,10 +176,15 @@ def to_nir(
     *,
     T: int | None = None,
     dt: float = DT,
+    binary_weights: bool = False,
 ) -> nir.NIRGraph:
     """The NIR graph of a trained :class:`bso.models.SpikingVGG` (one time step; see the module
     docstring for what maps how); written to ``path`` (HDF5) when given. ``input_shape``: one
-    sample's (channels, height, width); ``T``: the time steps it was trained with (metadata)."""
+    sample's (channels, height, width); ``T``: the time steps it was trained with (metadata).
+
+    ``binary_weights=True`` keeps the binary convs' weights exactly +-1 (:func:`fold_into_threshold`:
+    BatchNorm's scale goes into per-channel thresholds instead), for targets with 1-bit synapses
+    and per-neuron thresholds."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
@@ -208,9 +213,48 @@ def to_nir(
             "batchnorm": "folded into the preceding conv with the inference statistics",
         }
     )
+    if binary_weights:
+        fold_into_threshold(model, graph)
     if path is not None:
         nir.write(str(path), graph)
     return graph
+
+
+@torch.no_grad()
+def fold_into_threshold(model: SpikingVGG, graph: nir.NIRGraph) -> None:
+    """In ``graph`` (as :func:`to_nir` wrote it), give every binary conv its +-1 weights back: with
+    BatchNorm's scale ``a`` per output channel, ``a W x + b' >= V_th`` is ``sign(a) W x + b'/|a| >=
+    V_th/|a|``, and the membrane potential scaled by 1/|a| leaks and resets (either reset) the same
+    way. So the conv node holds ``sign(a) W`` (exactly +-1) and bias ``b'/|a|``, and the LIF node
+    ``v_threshold = V_th / |a|`` per channel. A channel with ``a = 0`` cannot be scaled: refused."""
+    from bso.layers import BINARY_AT_INFERENCE
+
+    for i, block in enumerate(model.blocks):
+        conv = block.conv
+        if conv.weights not in BINARY_AT_INFERENCE or not isinstance(block.bn, nn.BatchNorm2d):
+            continue
+        bn = block.bn
+        a = bn.running_var.double().add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            a = a * bn.weight.double()
+        if torch.any(a == 0):
+            channel = int(torch.nonzero(a == 0)[0])
+            raise _fail(f"blocks.{i}.bn", bn, f"channel {channel} has a zero scale (gamma = 0); "
+                        "its threshold cannot absorb it (export with binary_weights=False)")
+        _, bias = fold_batchnorm(conv, bn, torch.float64)
+        node, lif = graph.nodes[f"blocks_{i}_conv"], graph.nodes[f"blocks_{i}_neuron"]
+        signs = conv.effective_weight().detach().double() * a.sign().view(-1, 1, 1, 1)
+        node.weight = signs.numpy().astype(node.weight.dtype)
+        node.bias = (bias / a.abs()).numpy().astype(node.bias.dtype)
+        threshold = (block.neuron.v_threshold / a.abs()).numpy()
+        lif.v_threshold = np.broadcast_to(
+            threshold.reshape(-1, *([1] * (lif.v_threshold.ndim - 1))), lif.v_threshold.shape
+        ).astype(lif.v_threshold.dtype)
+        lif.metadata["threshold"] = "per channel: V_th / |BatchNorm scale| (binary_weights)"
+    graph.metadata["batchnorm"] = (
+        "binary convs: BatchNorm's scale a folded into per-channel thresholds V_th/|a|, its sign "
+        "into the +-1 weights, the shift into the bias (b'/|a|); the first conv: folded into it"
+    )
 
 
 def read_nir(path: str | Path) -> nir.NIRGraph:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based.op_counter import SimpleEnergyCostConfig
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 from bso.distributed import all_reduce_sum
 
@@ -85,14 +86,29 @@ def _is_spikes(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
+_COVERAGE: dict = {}
+
+
+def coverage(conv: nn.Conv2d, height: int, width: int, device) -> torch.Tensor:
+    """[H, W] float64: how many of ``conv``'s output positions each input position reaches (its
+    spatial fan-out: k x k inside the image, fewer at the borders, for stride 1 'same' padding),
+    the input gradient of the summed output of an all-ones 1-channel kernel (cached per shape)."""
+    key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, height, width, str(device))
+    if key not in _COVERAGE:
+        ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64, device=device)
+        out = F.conv2d(torch.zeros(1, 1, height, width, dtype=torch.float64, device=device), ones,
+                       None, conv.stride, conv.padding, conv.dilation)
+        _COVERAGE[key] = conv2d_input((1, 1, height, width), ones, torch.ones_like(out),
+                                      conv.stride, conv.padding, conv.dilation)[0, 0]
+    return _COVERAGE[key]
+
+
 def conv_fanout_sum(counts: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """sum over input entries of ``counts x`` the number of outputs that entry reaches (its fan-out,
-    fewer at the borders), as one float64 scalar: ``(C_out / groups) x sum(conv(counts, ones))``."""
-    g = conv.groups
-    cin_g = counts.shape[1] // g
-    ones = counts.new_ones(g, cin_g, *conv.kernel_size, dtype=torch.float64)
-    hits = F.conv2d(counts.double(), ones, None, conv.stride, conv.padding, conv.dilation, g)
-    return hits.sum() * (conv.out_channels // g)
+    """sum over input entries of ``counts x`` the number of outputs that entry reaches (its fan-out)
+    as one float64 scalar: ``(C_out / groups) x sum over positions of counts x coverage``."""
+    per_position = counts.sum(dim=(0, 1), dtype=torch.float64)  # [H, W]
+    cover = coverage(conv, *per_position.shape, counts.device)
+    return (per_position * cover).sum() * (conv.out_channels // conv.groups)
 
 
 def spike_ops(module: nn.Module, x: torch.Tensor, levels: int) -> torch.Tensor:
