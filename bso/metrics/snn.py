@@ -19,7 +19,8 @@ and an energy estimate, counted by forward hooks during an evaluation pass (docs
 
 All counts are per sample, summed over the T time steps of one inference. Whether a layer's input
 is spikes is read from the model where it says so (:attr:`SpikingConvBlock.input_levels`: 1 for
-spikes, n for averages of n spikes) and otherwise from the values (every entry 0 or 1).
+spikes, n for averages of n spikes, None for real values) and otherwise from the values: a layer
+that receives any entry other than 0 and 1 during the evaluation is counted in MACs.
 
 Counting rides on an existing evaluation (:func:`bso.engine.evaluate`): :class:`SNNCounter` adds
 hooks for its duration and removes them after; no model copy, no second pass. Works on packed
