@@ -62,10 +62,10 @@ reproduce-mini: install  ## the paper's Tables 2-4 and Figures 4-5, small, on th
 
 report: install  ## every paper artefact from the runs under outputs/ beside the paper's numbers -> outputs/reports/
 	@mkdir -p outputs/reports
-	@for a in table2 table3 table4 table5 fig5; do \
-	  fig=; case $$a in table3|table4|fig5) fig="--figure outputs/reports/$$a.png";; esac; \
+	@for a in table2 table3 table4 table5 fig5 energy; do \
+	  fig=; case $$a in table3|table4|fig5|energy) fig="--figure outputs/reports/$$a.png";; esac; \
 	  $(PYTHON) scripts/report.py $$a outputs/ --out outputs/reports/$$a.md --csv outputs/reports/$$a.csv $$fig > /dev/null || exit 1; \
-	done; echo "wrote outputs/reports/{table2,table3,table4,table5,fig5}.{md,csv} and the figures"
+	done; echo "wrote outputs/reports/{table2,table3,table4,table5,fig5,energy}.{md,csv} and the figures"
 
 lint: install-dev  ## ruff
 	$(PYTHON) -m ruff check bso tests scripts examples train.py

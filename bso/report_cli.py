@@ -8,6 +8,7 @@ run directories, side by side with the paper's numbers.
     bso-report fig5 outputs/ --figure fig5.png        # accuracy vs T per method
     bso-report fig4 [benchmarks/results/memory_vs_T.json] --figure fig4.png
     bso-report runs outputs/multirun/<sweep> [--by engine.T --figure acc.png]
+    bso-report energy outputs/ --figure firing.png    # firing rates, SOPs, energy
 
 Per paper cell: the paper's value, ours (final-epoch test top-1, mean +- std over seeds; best epoch's
 value and which epoch), the difference final - paper, the number of completed runs (unfinished ones
@@ -16,6 +17,10 @@ are named, never averaged in), and for a cell with no run the exact command that
 
 `runs` lists every run below ROOT, one row per distinct setting: the keys a multirun swept (from
 each run's .hydra/overrides.yaml) are columns, seeds are aggregated.
+
+`energy` lists every setting below ROOT with its accuracy, firing rate, SOPs / MACs and energy per
+sample and the ratio to the full-precision SNN of the same architecture; --figure plots the firing
+rate of each spiking layer (docs/metrics.md).
 
 --digits maps the paper's cells onto the embedded digits (same methods and swept values, vgg_tiny):
 the mini reproduction (`make reproduce-mini`). --with KEY=VALUE adds an override to every cell's
@@ -30,13 +35,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from bso import paper
+from bso import paper, report_energy
 from bso import report as rp
 
 # fig4's default input: the memory benchmark's results (scripts/report.py: the checkout's)
 FIG4_JSON = Path("benchmarks/results/memory_vs_T.json")
-COMMANDS = ("runs", *paper.ARTEFACTS)
-FIGURES = ("table3", "table4", "fig4", "fig5")
+COMMANDS = ("runs", "energy", *paper.ARTEFACTS)
+FIGURES = ("table3", "table4", "fig4", "fig5", "energy")
 
 
 
@@ -73,6 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wandb-project", default="bso")
     args = parser.parse_args(argv)
 
+    if args.artefact == "energy" and (args.digits or args.extra or args.by):
+        parser.error("energy: lists the runs below ROOT; --digits, --with and --by do not apply")
     if args.artefact == "runs":
         if args.figure and not args.by:
             parser.error("runs: --figure needs --by KEY (the x axis, e.g. --by engine.T)")
@@ -110,6 +117,12 @@ def build(args: argparse.Namespace):
         return paper.TITLES["fig4"], rows, None, fig
 
     runs = rp.load_runs(args.root)
+    if args.artefact == "energy":
+        rows = report_energy.energy_rows(runs)
+        if not rows:
+            raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")
+        fig = report_energy.firing_rate_figure(rows, args.figure) if args.figure else None
+        return report_energy.ENERGY_TITLE, rows, None, fig
     if args.artefact == "runs":
         if not runs:
             raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")

@@ -38,6 +38,7 @@ from bso.metrics.memory import (
     persistent_state_bytes,
     reset_cuda_peak,
 )
+from bso.metrics.snn import counter_for  # firing rates, SOPs, energy on the test set
 from bso.models import model_size
 from bso.optim import build_optimizer
 from bso.resume import (
@@ -301,6 +302,7 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
     epochs = int(run.cfg.dataset.epochs)
     metrics_file = MetricsFile(run.run_dir, enabled=run.dist.is_main)
     record: dict = {}
+    snn = counter_for(run.cfg, run.model, run.engine.T)  # metrics.snn: hooks during evaluation
     epochs_left = range(progress.epoch + 1, epochs + 1)
     for epoch in tqdm(epochs_left, desc="epochs", disable=None if run.dist.is_main else True):
         reset_cuda_peak(run.device)
@@ -313,11 +315,13 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
             run.save(progress)
             raise RunInterrupted(f"{interrupted.signal or 'a signal to another rank'} in epoch {epoch}")
         distributed.average_buffers(run.model)  # torchrun: BN running statistics, mean over ranks
-        test_m = evaluate(run.model, run.test_loader, run.engine.T, run.device, run.engine.mse_weight)
+        with snn:
+            test_m = evaluate(run.model, run.test_loader, run.engine.T, run.device, run.engine.mse_weight)
         progress.epoch, progress.tally = epoch, EpochTally()
         improved = progress.update_best(epoch, test_m["acc1"])
 
         record = epoch_record(run, epoch, tally, test_m, lr, gamma)
+        record.update(snn.record())
         record.update({"best/epoch": progress.best_epoch, "best/test_acc1": progress.best_acc1})
         run.schedules.step(epoch)
         run.save(progress, best=improved)
@@ -383,8 +387,10 @@ def evaluate_checkpoint(cfg, model, engine, dist, run_dir: Path, status, blob, s
     )
     if dist.is_main:
         write_run_info(run_dir, cfg, dist.device, {"model_size": model_size(model).as_dict()})
-    metrics = evaluate(model, test_loader, engine.T, dist.device, engine.mse_weight)
-    record = {"checkpoint": str(cfg.checkpoint), **{f"test/{k}": v for k, v in metrics.items()}}
+    with counter_for(cfg, model, engine.T) as snn:
+        metrics = evaluate(model, test_loader, engine.T, dist.device, engine.mse_weight)
+    record = {"checkpoint": str(cfg.checkpoint), **{f"test/{k}": v for k, v in metrics.items()},
+              **snn.record()}
     MetricsFile(run_dir, enabled=dist.is_main).write(record)
     status.write("completed", evaluated=str(cfg.checkpoint))
     log.info(

@@ -6,7 +6,9 @@ Table 3 (T-BSO's gamma sweep at T=2) and Table 4 (its betas), each group of cell
 multirun of train.py, skipping cells that already have a completed run with that seed under --runs;
 then renders them with scripts/report.py into --out: <artefact>.md, <artefact>.csv and, for the
 figures, <artefact>.png. Training seconds per artefact go to <out>/meta.json.
-Figure 4 is rendered from the memory benchmark (benchmarks/results/memory_vs_T.json, `make fig4`).
+Figure 4 is rendered from the memory benchmark (benchmarks/results/memory_vs_T.json, `make fig4`);
+`energy` (firing rates, SOPs, energy per sample and a per-layer firing-rate figure) from Table 2's
+runs (docs/metrics.md).
 
     python scripts/reproduce_mini.py                                  # ~ a few minutes, 2 cores
     python scripts/reproduce_mini.py --epochs 1 --seeds 0 --artefacts table3 \\
@@ -30,11 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import report as report_cli  # noqa: E402  (scripts/report.py)
 
-ARTEFACTS = ("table2", "fig5", "table3", "table4", "fig4")  # fig4: the memory benchmark's JSON
+# fig4: the memory benchmark's JSON; energy: firing rates, SOPs and energy of Table 2's runs
+ARTEFACTS = ("table2", "fig5", "table3", "table4", "fig4", "energy")
 FIXED = ("logger=none", "device=cpu", "save_checkpoint=false")
 
 
 def cells_to_train(artefact: str, args: argparse.Namespace):
+    artefact = "table2" if artefact == "energy" else artefact  # the energy table reads its runs
     cells = rp.prepare_cells(
         artefact, digits=True, extra=[f"dataset.epochs={args.epochs}", *args.extra]
     )
@@ -125,8 +129,9 @@ def main() -> None:
             "--csv",
             str(args.out / f"{artefact}.csv"),
         ]
-        if artefact == "fig4":  # measured by `make fig4`, not trained here
-            argv = ["fig4", "--out", str(args.out / "fig4.md"), "--csv", str(args.out / "fig4.csv")]
+        if artefact in ("fig4", "energy"):  # fig4: measured by `make fig4`, not trained here
+            argv = [artefact, *([str(args.runs)] if artefact == "energy" else []),
+                    "--out", str(args.out / f"{artefact}.md"), "--csv", str(args.out / f"{artefact}.csv")]
         if artefact in report_cli.FIGURES:
             argv += ["--figure", str(args.out / f"{artefact}.png")]
         report_cli.main(argv)
