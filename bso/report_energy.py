@@ -36,6 +36,8 @@ def architecture(run: Run) -> str:
     for key in ("name", "weights", "agmm", "agmm_num_steps", "agmm_statistic",
                 "agmm_learnable_alpha"):
         model.pop(key, None)
+    if isinstance(model.get("neuron"), dict):  # the float order follows the optimizer, not the net
+        model["neuron"].pop("float_order", None)
     return json.dumps([run.cfg.dataset.name, model], sort_keys=True)
 
 
