@@ -31,8 +31,12 @@ def save_atomic(obj, path: str | Path) -> int:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: no partial temp file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path.stat().st_size
 
 
@@ -40,8 +44,12 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy a written checkpoint to ``dst`` the same way: a temporary file, then a rename."""
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path: str | Path) -> dict:
