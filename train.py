@@ -18,7 +18,7 @@ from bso.train import RunDiverged, RunInterrupted, train, user_error
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return train(cfg)["test/acc1"]
+        return train(cfg).get("test/acc1", float("nan"))  # nan: a skipped job without records
     except (RunInterrupted, KeyboardInterrupt):  # the run logged how to resume it
         sys.exit(130)
     except RunDiverged:  # the run logged where (status.json: diverged)

@@ -118,8 +118,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, blob: dict | None = None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4]) + (f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else "")
         raise ValueError(
             f"{path} does not fit this model (check model=..., dataset=... match the run that "
-            f"wrote it): {err}"
-        ) from err
+            f"wrote it): {detail[:600]}"
+        ) from None
     return blob

@@ -188,6 +188,10 @@ def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
         return cfg, run_dir, None
     if resume == "auto":  # e.g. a requeued Slurm job: continue if this run dir has a checkpoint
         if not (run_dir / "last.pt").is_file():
+            if RunStatus(run_dir).read().get("status") == "completed":  # save_checkpoint=false
+                records = [r for r in MetricsFile(run_dir).records() if "epoch" in r]
+                raise AlreadyCompleted(f"resume=auto: {run_dir} already completed; nothing to do",
+                                       records[-1] if records else {})
             return cfg, run_dir, None
         path = run_dir / "last.pt"
     else:

@@ -245,7 +245,7 @@ def hydra_subdir_resolver(resume: str | None, run_dir: str | None = None) -> str
 
 def hydra_subdir_used() -> str | None:
     """The ``.hydra`` subdirectory this process's Hydra wrote (None outside a Hydra run)."""
-    return next(iter(_SUBDIRS.values()), None)
+    return list(_SUBDIRS.values())[-1] if _SUBDIRS else None
 
 
 def register_resolvers() -> None:

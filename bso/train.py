@@ -159,6 +159,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 {"model": blob["model_config"]} if "model_config" in blob else None)
             cfg = config_for_weights(cfg, saved, overrides, weights_from)
             weights = (blob, saved)
+            model, _ = build_model(cfg, torch.device("cpu"))  # another architecture: refused now
+            load_weights(model, weights_from, blob, saved, cfg)
+            del model
         lock = RunLock(run_dir, enabled=main_rank).acquire()  # one live process per run directory
         if checkpoint is None and main_rank:
             rundir.claim(run_dir, overwrite=bool(cfg.get("overwrite")) or _restart_allowed(cfg, run_dir),

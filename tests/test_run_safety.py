@@ -305,11 +305,17 @@ def test_the_runs_report_skips_evaluations_and_its_commands_name_real_files(fini
 # --- 10. a relaunched sweep --------------------------------------------------------------------
 
 
-def test_resume_auto_on_a_completed_run_returns_its_result_and_writes_nothing(finished):
+def test_resume_auto_on_a_completed_run_returns_its_result_and_writes_nothing(finished, tmp_path):
     before = _snapshot(finished)
     record = _train(finished, "resume=auto", "dataset.epochs=1")
     assert record == MetricsFile(finished).records()[-1]
     assert _snapshot(finished) == before
+    no_checkpoints = _copy(finished, tmp_path / "run")  # a save_checkpoint=false run
+    for path in no_checkpoints.glob("*.pt"):
+        path.unlink()
+    before = _snapshot(no_checkpoints)
+    assert _train(no_checkpoints, "resume=auto", "dataset.epochs=1") == record
+    assert _snapshot(no_checkpoints) == before
 
 
 def test_a_relaunched_sweep_skips_finished_jobs_and_exits_0(tmp_path):
