@@ -2,22 +2,19 @@
 
 Configs live in configs/ (one group per axis: dataset, model, optimizer, engine, logger, ...);
 `python train.py --help` lists them. Returns the final test top-1 accuracy (for Hydra sweepers).
+Exit status (bso.cli.run): 0 done, 1 refused or failed (one `error:` line; HYDRA_FULL_ERROR=1 shows
+the traceback), 3 diverged, 130 interrupted (resume it as the log says).
 """
-
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from bso.train import RunInterrupted, train
+from bso.cli import run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
-        return train(cfg)["test/acc1"]
-    except (RunInterrupted, KeyboardInterrupt):  # the run logged how to resume it
-        sys.exit(130)
+    return run(cfg)
 
 
 if __name__ == "__main__":

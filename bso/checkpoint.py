@@ -31,8 +31,12 @@ def save_atomic(obj, path: str | Path) -> int:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: no partial temp file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path.stat().st_size
 
 
@@ -40,8 +44,12 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy a written checkpoint to ``dst`` the same way: a temporary file, then a rename."""
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -110,8 +118,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, blob: dict | None = None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4]) + (f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else "")
         raise ValueError(
             f"{path} does not fit this model (check model=..., dataset=... match the run that "
-            f"wrote it): {err}"
-        ) from err
+            f"wrote it): {detail[:600]}"
+        ) from None
     return blob

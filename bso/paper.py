@@ -182,7 +182,8 @@ def _table2() -> list[Cell]:
             note="CBP (constrained binary parameters, BPTT) is not implemented in bso",
         )
     )
-    pretrain = "python train.py experiment=imagenet_tbso_pretrain"
+    pretrain_dir = "outputs/imagenet_tbso_pretrain"  # a fixed directory: the fine-tuning names its best.pt
+    pretrain = f"python train.py experiment=imagenet_tbso_pretrain hydra.run.dir={pretrain_dir}"
     for T, acc in ((6, 58.86), (4, 57.76)):
         cells.append(
             Cell(
@@ -192,7 +193,7 @@ def _table2() -> list[Cell]:
                 T,
                 acc,
                 "imagenet_tbso_finetune",
-                overrides=(*(() if T == 4 else _T(T)), "init_from=<pretrain run>/checkpoint.pt"),
+                overrides=(*(() if T == 4 else _T(T)), f"init_from={pretrain_dir}/best.pt"),
                 x=T,
                 size_mb=4.22,
                 arch="ResNet-18",

@@ -118,13 +118,13 @@ class Run:
     dir: Path
     cfg: DictConfig
     records: list[dict]
-    status: str  # completed | running | failed | interrupted | unfinished
+    status: str  # completed | running | failed | interrupted | diverged | unfinished
     overrides: list[str] = field(default_factory=list)  # .hydra/overrides.yaml
     size_mb: float | None = None
 
     @property
     def completed(self) -> bool:
-        return self.status == "completed"
+        return self.status == "completed" and bool(self.records)
 
     @property
     def epoch(self) -> int:
@@ -188,15 +188,29 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
+def is_evaluation(run_dir: Path) -> bool:
+    """An ``engine.eval_only=true`` run: a test of a checkpoint, not a training result."""
+    path = run_dir / "status.json"
+    try:
+        if path.is_file() and "evaluated" in json.loads(path.read_text()):
+            return True
+    except ValueError:
+        pass
+    return bool(OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "engine.eval_only"))
+
+
 def load_runs(root: Path) -> list[Run]:
-    """Every run directory below ``root`` (one with config.yaml and metrics.jsonl or status.json)."""
+    """Every training run directory below ``root`` (one with config.yaml and metrics.jsonl or
+    status.json); evaluations of a checkpoint (``engine.eval_only=true``) are not training runs and
+    are left out. Failed, interrupted and diverged runs are kept: they are named, never averaged."""
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist; give the directory your runs are under")
     dirs = {p.parent for p in root.rglob("config.yaml")}
     return [
         load_run(d)
         for d in sorted(dirs)
-        if (d / "metrics.jsonl").is_file() or (d / "status.json").is_file()
+        if ((d / "metrics.jsonl").is_file() or (d / "status.json").is_file())
+        and not is_evaluation(d)
     ]
 
 

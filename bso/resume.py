@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from bso import distributed
 from bso.checkpoint import TRAIN_FORMAT, read_checkpoint
 from bso.engine import EpochTally
-from bso.run import find_resume_checkpoint
+from bso.run import MetricsFile, RunStatus, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,39 @@ def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: 
     return resumed
 
 
-def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
+DATASET_SHAPE = ("in_channels", "num_classes", "image_size")
+
+
+def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str],
+                       path: str | Path = "the checkpoint") -> DictConfig:
     """``eval_only`` / ``init_from``: build the model the checkpoint was trained with (its model
-    config and T), except what the command line sets explicitly."""
+    config and T), except what the command line sets explicitly.
+
+    ``eval_only`` also evaluates on the checkpoint's dataset unless the command line names one
+    (``dataset=...`` or ``dataset.<key>=...``); ``init_from`` trains on this run's dataset. Either
+    way a dataset whose shape (channels, classes, input size) differs from the checkpoint's is
+    refused here, before any work, naming both."""
     if not saved:
         return cfg
     explicit = _overridden_keys(overrides)
     cfg = cfg.copy()
     saved_model = saved.get("model") or {}
+    saved_data = saved.get("dataset") or {}
+    dataset_named = any(k == "dataset" or k.startswith("dataset.") for k in explicit)
+    if cfg.engine.get("eval_only") and saved_data and not dataset_named:
+        cfg.dataset = OmegaConf.create(saved_data)
+    theirs = {key: saved_model.get(key, saved_data.get(key)) for key in DATASET_SHAPE}
+    theirs["image_size"] = saved_data.get("image_size")
+    ours = {key: cfg.dataset.get(key) for key in DATASET_SHAPE}
+    differ = [k for k in DATASET_SHAPE if None not in (theirs[k], ours[k]) and theirs[k] != ours[k]]
+    if differ:
+        describe = lambda name, shape: f"{name} ({', '.join(f'{k}={shape[k]}' for k in DATASET_SHAPE)})"  # noqa: E731
+        raise ValueError(
+            f"{path} was trained on {describe(saved_data.get('name', '?'), theirs)}, but this run "
+            f"uses dataset={describe(cfg.dataset.get('name'), ours)}: {', '.join(differ)} differ. "
+            + ("Leave dataset=... out to evaluate on the checkpoint's dataset, or pick one of the same shape"
+               if cfg.engine.get("eval_only") else "Fine-tune on a dataset of the same shape")
+        )
     if "model" not in explicit:  # `model=<name>` picks another architecture on purpose
         for key, value in saved_model.items():
             if f"model.{key}" not in explicit:
@@ -144,23 +169,29 @@ def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str]
     saved_T = (saved.get("engine") or {}).get("T")
     if saved_T is not None and "engine.T" not in explicit and cfg.engine.get("eval_only"):
         cfg.engine.T = saved_T
-    for key in ("in_channels", "num_classes"):
-        if key in saved_model and saved_model[key] != cfg.model[key]:
-            raise ValueError(
-                f"the checkpoint's model has {key}={saved_model[key]} (dataset "
-                f"{(saved.get('dataset') or {}).get('name', '?')}), but dataset={cfg.dataset.name} has "
-                f"{cfg.model[key]}; evaluate or fine-tune it on a dataset of the same shape"
-            )
     return cfg
 
 
+class AlreadyCompleted(Exception):
+    """``resume=auto`` in the directory of a completed run (a relaunched sweep): nothing to do."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, dict | None]:
-    """For ``resume=``: the run directory to continue, its checkpoint, and its config."""
+    """For ``resume=``: the run directory to continue, its checkpoint, and its config. Every refusal
+    happens here, before anything is written (the run's status stays as it was)."""
     resume, run_dir = cfg.get("resume"), Path(cfg.paths.output_dir)
     if not resume:
         return cfg, run_dir, None
     if resume == "auto":  # e.g. a requeued Slurm job: continue if this run dir has a checkpoint
         if not (run_dir / "last.pt").is_file():
+            if RunStatus(run_dir).read().get("status") == "completed":  # save_checkpoint=false
+                records = [r for r in MetricsFile(run_dir).records() if "epoch" in r]
+                raise AlreadyCompleted(f"resume=auto: {run_dir} already completed; nothing to do",
+                                       records[-1] if records else {})
             return cfg, run_dir, None
         path = run_dir / "last.pt"
     else:
@@ -171,11 +202,44 @@ def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
                          "resume needs the last.pt of a run")
     cfg = config_for_resume(cfg, checkpoint["config"], overrides, path)
     if checkpoint["epoch"] >= cfg.dataset.epochs:
+        status = RunStatus(path.parent).read()
+        if resume == "auto" and status.get("status") == "completed":
+            records = [r for r in MetricsFile(path.parent).records() if "epoch" in r]
+            record = records[-1] if records else checkpoint.get("record") or {}
+            raise AlreadyCompleted(
+                f"resume=auto: {path.parent} already completed {checkpoint['epoch']} epochs; "
+                "nothing to do", record)
         raise ValueError(
             f"{path}: the run already finished {checkpoint['epoch']} epochs (dataset.epochs="
             f"{cfg.dataset.epochs}); pass a larger dataset.epochs=... to train it longer"
         )
+    check_world_size(checkpoint, path)
     return cfg, path.parent, checkpoint
+
+
+def check_world_size(checkpoint: dict, path: Path) -> None:
+    """A checkpoint taken in the middle of an epoch continues only with the processes that wrote
+    it (the epoch's data shards belong to the ranks); at an epoch boundary another number of
+    processes is allowed, with a warning: the global batch (and so the results) change."""
+    env = distributed.torchrun_env()
+    world = env["world_size"] if env else 1
+    saved = len(checkpoint["rng"])
+    if saved == world:
+        return
+    if any(tally.batches for tally in checkpoint["tally"]):
+        from bso.rundir import resume_command
+
+        raise ValueError(
+            f"{path} was written by {saved} process(es) in the middle of an epoch and this run has "
+            f"{world}; resume it with: {resume_command(path.parent, saved)}"
+        )
+    if env is None or env["rank"] == 0:
+        batch = (checkpoint.get("config") or {}).get("dataset", {}).get("batch_size", "?")
+        log.warning(
+            f"{path} was trained by {saved} process(es), this run has {world}: the global batch "
+            f"changes from {saved} x {batch} to {world} x {batch}, so the continued run differs "
+            "from one that kept its world size"
+        )
 
 
 def restore(checkpoint: dict, model, optimizer, schedules, dist) -> Progress:
@@ -183,14 +247,17 @@ def restore(checkpoint: dict, model, optimizer, schedules, dist) -> Progress:
     (this rank's RNG states and cut-short epoch sums under torchrun)."""
     saved_ranks = len(checkpoint["rng"])
     mid_epoch = any(tally.batches for tally in checkpoint["tally"])
-    if saved_ranks != dist.world_size and mid_epoch:
-        raise ValueError(
-            f"the checkpoint was written by {saved_ranks} process(es) in the middle of an epoch and "
-            f"this run has {dist.world_size}; resume it with torchrun --nproc_per_node={saved_ranks} "
-            "(the epoch's data shards belong to the ranks)"
-        )
     rank = min(dist.rank, saved_ranks - 1)  # another world size: exact data order, other RNG draws
     model.load_state_dict(checkpoint["model"])
+    rank_buffers = checkpoint.get("rank_buffers")
+    if mid_epoch and rank_buffers:  # torchrun, mid-epoch: this rank's own BatchNorm statistics
+        state = model.state_dict()
+        for key, value in rank_buffers[rank].items():
+            state[key].copy_(value)
+    threads = checkpoint.get("num_threads")
+    if threads and dist.device.type == "cpu" and threads != torch.get_num_threads() and dist.is_main:
+        log.warning(f"the checkpoint was trained with {threads} CPU threads, this run has "
+                    f"{torch.get_num_threads()}: float sums may round differently from here on")
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedules.load_state_dict(checkpoint["schedules"])
     set_rng_state(checkpoint["rng"][rank])

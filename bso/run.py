@@ -1,7 +1,8 @@
 """The run directory: everything needed to trust and repeat a run.
 
 config.yaml      the resolved config             run_info.json   git commit, package versions, device
-status.json      running / completed / failed / interrupted, last and best epoch
+status.json      running / completed / failed / interrupted / diverged, last and best epoch
+run.lock         while a process works in the directory: its pid and host (bso/rundir.py)
 metrics.jsonl    one JSON record per epoch       last.pt best.pt  training checkpoints (resume from them)
 train.log        the log                         last_1bit.pt best_1bit.pt  1-bit exports
 
@@ -12,6 +13,7 @@ directory (Hydra's files of the resuming command go to ``.hydra/resume_<date>_<t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -92,23 +94,52 @@ class MetricsFile:
         self.enabled = enabled
 
     def write(self, record: dict) -> None:
+        """Append ``record`` and flush it to disk (fsync): an epoch's record is on disk before its
+        checkpoint is written. A failed write (disk full) leaves no partial line behind."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop the records of epochs after ``epoch`` (written after the checkpoint a run resumes
-        from), so that a resumed run never records an epoch twice."""
+    def records(self) -> list[dict]:
+        """The records on disk; a line cut short by a crash is skipped."""
         if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def truncate_after(self, epoch: int, record: dict | None = None) -> None:
+        """Drop the records of epochs after ``epoch`` (written after the checkpoint a run resumes
+        from), so that a resumed run never records an epoch twice; ``record``: the checkpoint's own
+        copy of epoch ``epoch``'s record, appended when the file lacks it (lost to a full disk)."""
+        if not self.path.is_file() and record is None:
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
-        if len(kept) != len(lines):
-            self.path.write_text("".join(line + "\n" for line in kept))
+        records = self.records()
+        kept = [r for r in records if r.get("epoch", 0) <= epoch]
+        if record is not None and record.get("epoch") == epoch and not any(
+            r.get("epoch") == epoch for r in kept
+        ):
+            kept.append(record)
+        lines = [json.dumps(r) for r in kept]
+        on_disk = self.path.read_text().splitlines() if self.path.is_file() else []
+        if lines != on_disk:
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, self.path)
 
 
-STATUSES = ("running", "completed", "failed", "interrupted")
+STATUSES = ("running", "completed", "failed", "interrupted", "diverged")
 CHECKPOINT_NAMES = ("last.pt", "best.pt", "checkpoint.pt")  # checkpoint.pt: written before bso 0.2
 
 
@@ -135,8 +166,12 @@ class RunStatus:
             return record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(".status.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         return record
 
 
@@ -182,14 +217,35 @@ def run_dir_resolver(log_dir: str, resume: str | None) -> str:
     """``hydra.run.dir``: a new unique run directory, or the directory of the run being resumed."""
     if resume in (None, "", "auto"):
         return f"{log_dir}/runs/{new_run_name()}"
-    return str(find_resume_checkpoint(resume, log_dir).parent)
+    try:
+        return str(find_resume_checkpoint(resume, log_dir).parent)
+    except FileNotFoundError as err:
+        # Hydra resolves this before train() runs: one line and exit 1 (SystemExit passes through
+        # Hydra and OmegaConf untouched), not a trace through both; nothing is created
+        raise SystemExit(f"error: {err}") from None
 
 
-def hydra_subdir_resolver(resume: str | None) -> str:
-    """``hydra.output_subdir``: Hydra's own files; a resuming command keeps the original ones."""
-    if resume in (None, "", "auto"):
-        return ".hydra"
-    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+_SUBDIRS: dict[tuple, str] = {}
+
+
+def hydra_subdir_resolver(resume: str | None, run_dir: str | None = None) -> str:
+    """``hydra.output_subdir``: Hydra's own files. A command in a directory that already has them
+    (a resume, a requeue, a refused second run) writes its own ``.hydra/<kind>_<time>`` and keeps the
+    original ones; the answer is remembered, so every read in one process agrees."""
+    key = (resume, run_dir)
+    if key not in _SUBDIRS:
+        kind = "run" if resume in (None, "", "auto") else "resume"
+        if resume in (None, "", "auto") and not (run_dir and (Path(run_dir) / ".hydra").exists()):
+            _SUBDIRS[key] = ".hydra"
+        else:
+            kind = "resume" if resume else kind
+            _SUBDIRS[key] = f".hydra/{kind}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return _SUBDIRS[key]
+
+
+def hydra_subdir_used() -> str | None:
+    """The ``.hydra`` subdirectory this process's Hydra wrote (None outside a Hydra run)."""
+    return list(_SUBDIRS.values())[-1] if _SUBDIRS else None
 
 
 def register_resolvers() -> None:

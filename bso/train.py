@@ -8,7 +8,10 @@ and :mod:`bso.distributed` (torchrun) keep the loop short.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
-from bso import distributed, fastpath
+from bso import distributed, fastpath, rundir
 from bso.checkpoint import (
     TRAIN_FORMAT,
     copy_atomic,
@@ -29,6 +32,7 @@ from bso.checkpoint import (
     save_atomic,
 )
 from bso.data import build_dataloaders, start_epoch
+from bso.divergence import FiniteCheck, RunDiverged
 from bso.engine import EpochTally, evaluate
 from bso.loggers import NullLogger
 from bso.metrics.memory import (
@@ -42,6 +46,7 @@ from bso.metrics.snn import counter_for  # firing rates, SOPs, energy on the tes
 from bso.models import model_size
 from bso.optim import build_optimizer
 from bso.resume import (
+    AlreadyCompleted,
     GracefulInterrupt,
     Progress,
     RunInterrupted,
@@ -51,7 +56,9 @@ from bso.resume import (
     restore,
     rng_state,
 )
-from bso.run import MetricsFile, RunStatus, write_run_info
+from bso.run import MetricsFile, RunStatus, hydra_subdir_used, write_run_info
+from bso.rundir import RunLock, RunRefused
+from bso.validate import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -131,35 +138,122 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     last epoch's metrics record. ``overrides`` are the command line's (read from Hydra if None).
 
     The run directory's ``status.json`` says what became of the run: ``running`` while it trains,
-    then ``completed``, ``failed`` (with the error) or ``interrupted`` (resume it with ``resume=``).
+    then ``completed``, ``failed`` (with the error), ``interrupted`` (resume it with ``resume=``) or
+    ``diverged`` (non-finite loss or weights; epoch and batch). A command refused before any work
+    (a bad value, a directory that holds another run or is in use, a resume that does not fit)
+    raises without touching the run directory (:mod:`bso.rundir`, :mod:`bso.validate`).
     Under torchrun every rank runs this; rank 0 alone writes the run directory, checkpoints and wandb
     (:mod:`bso.distributed`; in one process all of that is a no-op)."""
     overrides = command_line_overrides() if overrides is None else list(overrides)
-    cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
+    hydra_dir = Path(cfg.paths.output_dir)  # what Hydra made for this command (rank > 0: a temp dir)
+    env = distributed.torchrun_env()
+    main_rank = env is None or env["rank"] == 0
+    lock = None
+    try:
+        cfg = validate(cfg, overrides)
+        cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
+        weights = None
+        weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
+        if weights_from and checkpoint is None:  # eval / fine-tuning: does the checkpoint fit?
+            blob = read_checkpoint(weights_from)
+            saved = blob.get("config") or (
+                {"model": blob["model_config"]} if "model_config" in blob else None)
+            cfg = config_for_weights(cfg, saved, overrides, weights_from)
+            weights = (blob, saved)
+            model, _ = build_model(cfg, torch.device("cpu"))  # another architecture: refused now
+            load_weights(model, weights_from, blob, saved, cfg)
+            del model
+        lock = RunLock(run_dir, enabled=main_rank).acquire()  # one live process per run directory
+        if checkpoint is None and main_rank:
+            rundir.claim(run_dir, overwrite=bool(cfg.get("overwrite")) or _restart_allowed(cfg, run_dir),
+                         hydra_subdir=hydra_subdir_used())
+    except AlreadyCompleted as done:  # a relaunched sweep: this job finished before
+        log.info(f"{done}; skipping")
+        _discard(hydra_dir, main_rank)
+        return done.record
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        _discard(hydra_dir, main_rank)
+        raise
+    try:
+        return _run(cfg, overrides, run_dir, checkpoint, hydra_dir, weights)
+    finally:
+        lock.release()
+
+
+def user_error(err: BaseException) -> bool:
+    """Log a user's mistake (a refused command, a bad value, a missing file, a checkpoint that does
+    not fit) as one ``error:`` line, on rank 0 only under torchrun; False for anything else (a bug
+    keeps its traceback). ``HYDRA_FULL_ERROR=1`` keeps tracebacks for everything."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return False
+    if not isinstance(err, (RunRefused, ConfigError, ValueError, OSError, RunDiverged)):
+        return False
+    if distributed.is_main() and (distributed.torchrun_env() or {"rank": 0})["rank"] == 0:
+        log.error(f"error: {err}")
+    return True
+
+
+def _restart_allowed(cfg: DictConfig, run_dir: Path) -> bool:
+    """``resume=auto`` without a last.pt (the job stopped before its first checkpoint): start
+    afresh over its status and records, as long as it left no checkpoint at all."""
+    return cfg.get("resume") == "auto" and not list(run_dir.glob("*.pt"))
+
+
+def _discard(hydra_dir: Path, main_rank: bool) -> None:
+    """A refused command leaves nothing behind (rank > 0: its temp dir; rank 0: an empty run dir)."""
+    if main_rank:
+        rundir.discard_refused(hydra_dir, hydra_subdir_used())
+    elif hydra_dir.name.startswith("bso-rank"):
+        shutil.rmtree(hydra_dir, ignore_errors=True)
+
+
+def _run(cfg, overrides, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weights) -> dict:
     dist = distributed.setup(
         cfg.device, backend=cfg.distributed.backend, timeout_min=cfg.distributed.timeout_min
     )
+    if not dist.is_main and hydra_dir.name.startswith("bso-rank"):
+        dist.temp_dirs.append(hydra_dir)  # rank > 0's throwaway Hydra directory, removed at the end
     run_dir = distributed.agree_on_run_dir(dist, run_dir)
     status = RunStatus(run_dir, enabled=dist.is_main)
     try:
-        record = _train(cfg, overrides, run_dir, status, checkpoint, dist)
+        record = _train(cfg, run_dir, status, checkpoint, dist, weights)
     except (RunInterrupted, KeyboardInterrupt) as err:
-        state = status.write("interrupted", error=str(err) or "KeyboardInterrupt")
+        state = _record_status(status, "interrupted", error=str(err) or "KeyboardInterrupt")
         if dist.is_main:
             log.error(
                 f"interrupted after epoch {state.get('epoch', 0)}; "
-                + (f"resume with: python train.py resume={run_dir}"
+                + (f"resume with: {rundir.resume_command(run_dir, dist.world_size)}"
                    if (run_dir / "last.pt").is_file()
                    else "no checkpoint was written (the first epoch had not finished)")
             )
         distributed.cleanup(dist, barrier=False)
         raise
+    except RunDiverged as err:
+        _record_status(status, "diverged", error=str(err), diverged_epoch=err.epoch,
+                       diverged_batch=err.batch)
+        if dist.is_main:
+            kept = ("last.pt and best.pt hold the last finite epoch" if (run_dir / "last.pt").is_file()
+                    else "no checkpoint was written")
+            log.error(f"diverged: {err} (status.json: diverged; {kept})")
+        distributed.cleanup(dist, barrier=False)
+        raise
     except BaseException as err:
-        status.write("failed", error=f"{type(err).__name__}: {err}")
+        _record_status(status, "failed", error=f"{type(err).__name__}: {err}")
         distributed.cleanup(dist, barrier=False)
         raise
     distributed.cleanup(dist)
     return record
+
+
+def _record_status(status: RunStatus, state: str, **fields) -> dict:
+    """Write the final status; when even that fails (a full disk), say so in the log."""
+    try:
+        return status.write(state, **fields)
+    except OSError as err:
+        log.error(f"could not write {status.path} ({err}); the run ended {state}: {fields.get('error')}")
+        return {**status.read(), "status": state, **fields} if status.enabled else {}
 
 
 @dataclass
@@ -185,12 +279,20 @@ class Run:
     def device(self) -> torch.device:
         return self.dist.device
 
-    def save(self, progress: Progress, best: bool = False) -> None:
+    def save(self, progress: Progress, best: bool = False, record: dict | None = None) -> None:
         """``last.pt`` (+ ``best.pt``) and their 1-bit exports, written atomically by rank 0; what
-        differs between ranks (RNG states, a cut-short epoch's sums) is gathered from every rank."""
+        differs between ranks (RNG states, a cut-short epoch's sums and, mid-epoch under torchrun,
+        BatchNorm running statistics, averaged only at the epoch's end) is gathered from every rank.
+        ``record``: the epoch's metrics record, kept in ``last.pt`` too (re-created on resume if
+        metrics.jsonl lost it)."""
         if not self.cfg.save_checkpoint:
             return
-        per_rank = distributed.all_gather_object({"tally": progress.tally, "rng": rng_state()})
+        mine = {"tally": progress.tally, "rng": rng_state()}
+        if self.dist.enabled and progress.tally.batches:
+            buffers = {name for name, _ in self.model.named_buffers()}
+            mine["buffers"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+                               if k in buffers and v.is_floating_point()}
+        per_rank = distributed.all_gather_object(mine)
         if not self.dist.is_main:
             return
         config = OmegaConf.to_container(self.cfg, resolve=True)
@@ -207,7 +309,12 @@ class Run:
             "binary_weights": self.optimizer.binary_names,
             "config": config,
             "wandb_id": self.logger.run_id,
+            "record": record,
+            "world_size": self.dist.world_size,
+            "num_threads": torch.get_num_threads(),
         }
+        if "buffers" in per_rank[0]:
+            blob["rank_buffers"] = [r["buffers"] for r in per_rank]
         save_atomic(blob, self.run_dir / "last.pt")
         export_1bit(self.model, self.run_dir / "last_1bit.pt", config=config,
                     model_config=config["model"], epoch=progress.epoch)
@@ -216,17 +323,12 @@ class Run:
                 copy_atomic(self.run_dir / f"last{name}.pt", self.run_dir / f"best{name}.pt")
 
 
-def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist) -> dict:
+def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist, weights) -> dict:
     status.write("running", epochs=int(cfg.dataset.epochs), error=None)
     seed_everything(cfg.seed)
     device = dist.device
-
     weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
-    blob = saved = None
-    if weights_from and checkpoint is None:
-        blob = read_checkpoint(weights_from)
-        saved = blob.get("config") or ({"model": blob["model_config"]} if "model_config" in blob else None)
-        cfg = config_for_weights(cfg, saved, overrides)
+    blob, saved = weights or (None, None)
 
     # Build everything that can reject the config before any data is read.
     model, engine = build_model(cfg, device)
@@ -253,8 +355,10 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
     progress = Progress()
     if checkpoint is not None:
         progress = restore(checkpoint, model, optimizer, schedules, dist)
-        if dist.is_main:
-            MetricsFile(run_dir).truncate_after(progress.epoch)
+        if dist.is_main:  # drop records after the checkpoint; re-create its own if it was lost
+            MetricsFile(run_dir).truncate_after(progress.epoch, checkpoint.get("record"))
+            if not progress.tally.batches and cfg.save_checkpoint:
+                restore_exports(run_dir, model, progress, cfg)
         log.info(f"resuming {run_dir} after epoch {progress.epoch}"
                  + (f" and {progress.tally.batches} batches" if progress.tally.batches else ""))
 
@@ -297,19 +401,41 @@ def _train(cfg, overrides, run_dir: Path, status: RunStatus, checkpoint: dict | 
     return record
 
 
+def restore_exports(run_dir: Path, model, progress: Progress, cfg) -> None:
+    """Resuming from an epoch's ``last.pt``: write what a failed save (a full disk) may have left
+    stale or missing: ``last_1bit.pt``, and ``best.pt`` / ``best_1bit.pt`` when that epoch was the
+    best."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    export_1bit(model, run_dir / "last_1bit.pt", config=config, model_config=config["model"],
+                epoch=progress.epoch)
+    best = run_dir / "best.pt"
+    if progress.best_epoch == progress.epoch and (
+        not best.is_file() or read_checkpoint(best).get("epoch") != progress.epoch
+    ):
+        log.warning(f"{best} did not hold the best epoch {progress.epoch}; copied from last.pt")
+        for name in ("", "_1bit"):
+            copy_atomic(run_dir / f"last{name}.pt", run_dir / f"best{name}.pt")
+
+
 def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
     """The epoch loop: train, evaluate, record, step the schedules, checkpoint."""
     epochs = int(run.cfg.dataset.epochs)
     metrics_file = MetricsFile(run.run_dir, enabled=run.dist.is_main)
     record: dict = {}
     snn = counter_for(run.cfg, run.model, run.engine.T)  # metrics.snn: hooks during evaluation
+    divergence = run.cfg.get("divergence") or OmegaConf.create({"stop": False, "check_every": 0})
     epochs_left = range(progress.epoch + 1, epochs + 1)
     for epoch in tqdm(epochs_left, desc="epochs", disable=None if run.dist.is_main else True):
         reset_cuda_peak(run.device)
         lr, gamma = run.optimizer.lr, run.optimizer.gamma  # the values this epoch trains with
         start_epoch(run.train_loader, epoch, skip_batches=progress.tally.batches)
+        check = FiniteCheck(epoch, run.device, divergence.check_every) if divergence.stop else None
         tally = run.engine.train_epoch(run.train_model, run.optimizer, run.train_loader, run.device,
-                                       tally=progress.tally, should_stop=interrupted)
+                                       tally=progress.tally, should_stop=interrupted,
+                                       finite_check=check)
+        if check is not None:  # the epoch's last batches, then every weight (bso/divergence.py)
+            check.check()
+            check.check_model(run.model)
         if tally.interrupted:  # save mid-epoch: a resumed run continues at the next batch
             tally.interrupted = False
             run.save(progress)
@@ -317,6 +443,9 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
         distributed.average_buffers(run.model)  # torchrun: BN running statistics, mean over ranks
         with snn:
             test_m = evaluate(run.model, run.test_loader, run.engine.T, run.device, run.engine.mse_weight)
+        if divergence.stop and not math.isfinite(test_m["loss"]):
+            raise RunDiverged(f"the test loss is {test_m['loss']} after epoch {epoch}; the run stopped",
+                              epoch, None)
         progress.epoch, progress.tally = epoch, EpochTally()
         improved = progress.update_best(epoch, test_m["acc1"])
 
@@ -324,8 +453,8 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
         record.update(snn.record())
         record.update({"best/epoch": progress.best_epoch, "best/test_acc1": progress.best_acc1})
         run.schedules.step(epoch)
-        run.save(progress, best=improved)
-        metrics_file.write(record)
+        metrics_file.write(record)  # first (flushed): a failed checkpoint write loses no record
+        run.save(progress, best=improved, record=record)
         run.logger.log(record, step=epoch)
         run.status.write("running", epoch=epoch, best_epoch=progress.best_epoch,
                          best_test_acc1=progress.best_acc1)

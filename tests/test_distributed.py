@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -267,23 +268,93 @@ def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
 def test_resume_under_torchrun_continues_exactly(tmp_path):
     """2 processes: 1 epoch, then `resume=<run> dataset.epochs=2` under torchrun, ends with the
     weights of a straight 2-epoch torchrun run (per-rank RNG states are gathered into last.pt)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
-    def torchrun(*args):
+    def torchrun(*args, rc=0):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={WORLD}", "train.py", "logger=none", "engine.T=2", *args]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == rc, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torchrun("dataset.epochs=2", f"hydra.run.dir={straight}")
     torchrun("dataset.epochs=1", f"hydra.run.dir={resumed}")
     assert len(torch.load(resumed / "last.pt", weights_only=False)["rng"]) == WORLD
+    # a refused command: its message once (rank 0), the run as it was, no temp directory left
+    out = torchrun(f"resume={resumed}", "dataset.epochs=2", "seed=abc", rc=1)
+    assert out.count("error: seed='abc': expected an integer") == 1, out
     torchrun(f"resume={resumed}", "dataset.epochs=2")
+    assert not list(tmp.glob("bso-rank*"))  # rank 1's Hydra directory of the resume is gone
     a, b = (torch.load(d / "last.pt", weights_only=False) for d in (straight, resumed))
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def _interrupted_worker(rank: int, ports: list[int], out_dir: str) -> None:
+    """Rank ``rank`` of 3 two-process runs of one epoch: straight; SIGINT on rank 0 during its 3rd
+    batch (a mid-epoch checkpoint); resumed from it."""
+    import signal
+    from pathlib import Path
+
+    from bso.engine import OnlineEngine
+    from bso.train import RunInterrupted, train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    tiny = ("dataset.epochs=1", "engine.T=1", "dataset.batch_size=128")
+
+    def run(port, run_dir, *overrides):
+        os.environ["MASTER_PORT"] = str(port)
+        return train(compose_config(*tiny, *overrides, output_dir=run_dir), overrides=list(overrides))
+
+    run(ports[0], out / "straight")
+    original, calls = OnlineEngine.train_batch, []
+
+    def train_batch(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if rank == 0 and len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    OnlineEngine.train_batch = train_batch
+    try:
+        run(ports[1], out / "resumed")
+        raise AssertionError("not interrupted")
+    except RunInterrupted:
+        if rank == 0:
+            shutil.copyfile(out / "resumed" / "last.pt", out / "cut.pt")
+    finally:
+        OnlineEngine.train_batch = original
+    run(ports[2], out / f"hydra_of_rank{rank}", f"resume={out / 'resumed'}")
+
+
+def test_torchrun_mid_epoch_resume_is_bitwise_batchnorm_statistics_included(tmp_path):
+    """Each rank's BatchNorm running statistics (averaged over the ranks only at the epoch's end) go
+    into the mid-epoch last.pt; the resumed run ends bitwise where the straight one did."""
+    mp.spawn(_interrupted_worker, args=([_free_port() for _ in range(3)], str(tmp_path)),
+             nprocs=WORLD, join=True)
+    cut = torch.load(tmp_path / "cut.pt", weights_only=False)
+    assert cut["epoch"] == 0 and [t.batches for t in cut["tally"]] == [3, 3]
+    bn = [k for k in cut["model"] if "running_mean" in k]
+    r0, r1 = cut["rank_buffers"]
+    assert bn and all(not torch.equal(r0[k], r1[k]) for k in bn)  # each rank's own statistics
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("straight", "resumed"))
+    assert b["epoch"] == 1 and "rank_buffers" not in b  # an epoch-end checkpoint: one average
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    records = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+               for d in ("straight", "resumed")]
+    assert [r["epoch"] for r in records[1]] == [1]
+    for key in ("train/loss", "train/acc1", "test/loss", "test/acc1"):
+        assert records[0][0][key] == records[1][0][key], key
+    assert json.loads((tmp_path / "resumed" / "status.json").read_text())["status"] == "completed"

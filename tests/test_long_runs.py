@@ -128,8 +128,10 @@ def test_eval_builds_the_model_the_checkpoint_was_trained_with(tmp_path):
                          output_dir=tmp_path / "eval")
     assert train(cfg, overrides=[])["test/acc1"] == final["test/acc1"]
     wrong = ["model=vgg11", f"checkpoint={run_dir / 'last.pt'}", "engine.eval_only=true"]
-    with pytest.raises(ValueError, match=r"holds model vgg_tiny .* builds model vgg11"):
+    with pytest.raises(ValueError, match=r"holds model vgg_tiny .* builds model vgg11") as err:
         train(compose_config(*wrong, output_dir=tmp_path / "wrong"), overrides=wrong)
+    assert len(str(err.value)) < 1200 and "\n" not in str(err.value)  # one line, not 100
+    assert not (tmp_path / "wrong").exists()  # refused before any work
 
 
 def test_bad_checkpoints_get_clear_errors(tmp_path, straight_run):
@@ -144,7 +146,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, straight_run):
             train(cfg, overrides=[])
     with pytest.raises(FileNotFoundError, match="no last.pt"):
         find_resume_checkpoint(str(tmp_path))
-    assert RunStatus(tmp_path / "e").read()["status"] == "failed"
+    assert not (tmp_path / "e").exists()  # refused before any work: nothing left behind
 
 
 def test_failed_runs_record_the_error_and_zero_epochs_is_refused(tmp_path):

@@ -94,10 +94,12 @@ class Engine:
         desc: str = "train",
         tally: EpochTally | None = None,
         should_stop=None,
+        finite_check=None,
     ) -> EpochTally:
         """One pass over ``loader``. ``tally`` carries the sums of an epoch that an interruption cut
         short (a resumed run continues it); ``should_stop()`` is asked after every batch, and a True
-        answer ends the epoch early with ``tally.interrupted`` set (the batch in flight finishes)."""
+        answer ends the epoch early with ``tally.interrupted`` set (the batch in flight finishes).
+        ``finite_check``: a :class:`bso.divergence.FiniteCheck` (non-finite loss stops the run)."""
         model.train()
         tally = tally or EpochTally()
         # running sums on the device (no sync per batch), continued from a cut-short epoch's
@@ -120,6 +122,10 @@ class Engine:
             correct += (summed.argmax(dim=-1) == y).sum()
             tally.samples += len(y)
             tally.batches += 1
+            if finite_check is not None:  # bso.divergence: a device flag, read only when due
+                finite_check.observe(loss, tally.batches)
+                if finite_check.due(tally.batches):
+                    finite_check.check()
             if should_stop is not None and should_stop():
                 tally.interrupted = True
                 break
