@@ -92,8 +92,8 @@ class LIFNode(sj_neuron.LIFNode):
         v_prev, trace, p_prev = states  # v_prev = u[t-1] - V_th s[t-1]
         if self.detach_state:
             v_prev = v_prev.detach()
-        if self.float_order == "release":
-            spike, v = self.release_step(x, v_prev)
+        if self.float_order == "release" and self.v_reset is None and not self.decay_input:
+            spike, v = self.release_step(x, v_prev)  # the release's neuron (soft reset) only
         else:
             spike, v = sj_functional.lif_step(
                 x,
@@ -112,7 +112,8 @@ class LIFNode(sj_neuron.LIFNode):
     def release_step(self, x: torch.Tensor, v_prev: torch.Tensor):
         """One LIF step (soft reset, undecayed input) as torch operations: the values of
         spikingjelly's step, and the surrogate backward of its sigmoid function, which rounds as the
-        released code does (``float_order="release"``)."""
+        released code does (``float_order="release"``). A neuron with a hard reset or a decayed
+        input is not the release's neuron: it runs spikingjelly's step in either order."""
         h = v_prev - v_prev / self.tau + x  # spikingjelly's charge: v - (v - 0) / tau + x
         spike = self.surrogate_function(h - self.v_threshold)
         reset = spike.detach() if self.detach_reset else spike
@@ -218,7 +219,7 @@ def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.
 
     With ``float_order="release"`` the neuron's step differentiates through its surrogate function
     alone (:meth:`LIFNode.release_step`): that function is differentiated at ``h - V_th``."""
-    if neuron.float_order == "release":
+    if neuron.float_order == "release" and neuron.v_reset is None and not neuron.decay_input:
         with torch.enable_grad():
             x = (charge - neuron.v_threshold).detach().requires_grad_()
             (grad_h,) = torch.autograd.grad(neuron.surrogate_function(x), x, grad_spike)
