@@ -115,7 +115,11 @@ class LIFNode(sj_neuron.LIFNode):
         h = v_prev - v_prev / self.tau + x  # spikingjelly's charge: v - (v - 0) / tau + x
         spike = self.surrogate_function(h - self.v_threshold)
         reset = spike.detach() if self.detach_reset else spike
-        return spike, h - reset * self.v_threshold
+        return spike, h - self.times_threshold(reset)
+
+    def times_threshold(self, x: torch.Tensor) -> torch.Tensor:
+        """V_th * x; x itself for V_th = 1 (the same values, and gradients, without the pass)."""
+        return x if self.v_threshold == 1.0 else x * self.v_threshold
 
     @torch.no_grad()
     def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
@@ -123,7 +127,7 @@ class LIFNode(sj_neuron.LIFNode):
         Returns the trace and, for the released NDOT rule, p[t] for the next step."""
         spike, v = spike.detach(), v.detach()
         if self.trace_rule == "ndot":  # released code: p[t] = v[t] - V_th s[t]
-            p = v - self.v_threshold * spike
+            p = v - self.times_threshold(spike)
             if trace is None:
                 return spike.clone(), p
             return self.bounded_ratio(p, p_prev).mul_(trace).add_(spike), p  # mu * a_hat + s
