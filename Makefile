@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-memopt bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -52,7 +52,13 @@ bench-models: install  ## forward+backward ms per time step and size of every mo
 bench-data: install  ## data-loading samples/s (CIFAR-10, DVS-CIFAR10 synthetic files) -> benchmarks/results/data_loading.*
 	$(PYTHON) scripts/bench/data_loading.py $(ARGS)
 
-bench-gpu: install  ## CUDA only: samples/s, ms per step, peak CUDA memory, loader samples/s -> benchmarks/results/gpu.*
+bench-roofline: install  ## iteration time vs its convolutions alone (lean, plain; VGG-11, batch 16, T=4/6) -> benchmarks/results/roofline.*
+	$(PYTHON) scripts/bench/roofline.py $(ARGS)
+
+bench-memopt: install  ## lean mode vs spikingjelly memopt: tensor memory peak and time -> benchmarks/results/memopt.*
+	$(PYTHON) scripts/bench/memopt.py $(ARGS)
+
+bench-gpu: install  ## CUDA only: throughput, loader, roofline, Figure 4 memory, lean-vs-plain flips -> benchmarks/results/gpu.*
 	$(PYTHON) scripts/bench/gpu.py $(ARGS)
 
 bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)

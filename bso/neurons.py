@@ -37,7 +37,6 @@ from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate
 from torch import nn
-from torch.nn import functional as F
 
 from bso.layers import pack_bits, unpack_bits
 
@@ -117,7 +116,11 @@ class LIFNode(sj_neuron.LIFNode):
         h = v_prev - v_prev / self.tau + x  # spikingjelly's charge: v - (v - 0) / tau + x
         spike = self.surrogate_function(h - self.v_threshold)
         reset = spike.detach() if self.detach_reset else spike
-        return spike, h - reset * self.v_threshold
+        return spike, h - self.times_threshold(reset)
+
+    def times_threshold(self, x: torch.Tensor) -> torch.Tensor:
+        """V_th * x; x itself for V_th = 1 (the same values, and gradients, without the pass)."""
+        return x if self.v_threshold == 1.0 else x * self.v_threshold
 
     @torch.no_grad()
     def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
@@ -125,19 +128,21 @@ class LIFNode(sj_neuron.LIFNode):
         Returns the trace and, for the released NDOT rule, p[t] for the next step."""
         spike, v = spike.detach(), v.detach()
         if self.trace_rule == "ndot":  # released code: p[t] = v[t] - V_th s[t]
-            p = v - self.v_threshold * spike
+            p = v - self.times_threshold(spike)
             if trace is None:
                 return spike.clone(), p
-            return self.bounded_ratio(p, p_prev) * trace + spike, p
+            return self.bounded_ratio(p, p_prev).mul_(trace).add_(spike), p  # mu * a_hat + s
         if trace is None:
             return spike.clone(), None
-        mu = self.decay if self.trace_rule == "ottt" else self.bounded_ratio(v, v_prev.detach())
-        return mu * trace + spike, None
+        if self.trace_rule == "ottt":
+            return self.decay * trace + spike, None
+        return self.bounded_ratio(v, v_prev.detach()).mul_(trace).add_(spike), None
 
     def bounded_ratio(self, numerator, denominator):
-        """clamp(numerator / denominator, -lambda, lambda); lambda where the ratio is not finite."""
+        """clamp(numerator / denominator, -lambda, lambda); lambda where the ratio is not finite.
+        (In place on the ratio: the values of the out-of-place ops, in fewer passes.)"""
         ratio = numerator / denominator
-        ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, self.decay))
+        ratio.masked_fill_(torch.isfinite(ratio).logical_not_(), self.decay)
         return ratio.clamp_(-self.decay, self.decay)
 
     def extra_repr(self) -> str:
@@ -182,29 +187,68 @@ def batchnorm_lif_forward(z, bn, neuron, pool):
     """The fused steps' forward (no graph): ``pool(neuron(bn(z)))``, the spikes as bits, and what
     :func:`batchnorm_lif_backward` reads back besides them: v[t] (held by the neuron until the next
     time step; not a copy) and the spikes' shape and layout."""
-    y = bn(z)  # (no grad here) updates the running statistics as the plain step does
+    y, batch_stats = batchnorm_train_forward(z, bn)  # updates the running statistics
     with torch.enable_grad():  # the neuron computes its trace only when grad is enabled
         spike = neuron(y)  # y and v[t-1] need no grad: no graph is built
-    fired = (neuron.v, spike.shape, memory_format_of(spike))
+    del y
+    fired = (neuron.v, spike.shape, memory_format_of(spike), batch_stats)
     return (spike if pool is None else pool(spike)), pack_bits(spike), fired
+
+
+def batchnorm_train_forward(z: torch.Tensor, bn: nn.BatchNorm2d):
+    """``bn(z)`` in training mode, as :class:`torch.nn.BatchNorm2d` runs it (the momentum, the
+    batch counter and the running statistics alike; the kernel ``F.batch_norm`` picks on this
+    device: ``aten._batch_norm_impl_index``), plus what its backward reads: the batch mean and
+    inverse std (C values each), cuDNN's reserve space and which kernel ran. Backward then runs that
+    kernel's own backward (:func:`batchnorm_lif_backward`) without recomputing the statistics."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    y, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+        z,
+        bn.weight,
+        bn.bias,
+        bn.running_mean,
+        bn.running_var,
+        True,
+        factor,
+        bn.eps,
+        torch.backends.cudnn.enabled,
+    )
+    return y, (mean, invstd, reserve, impl)
 
 
 def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, pool, fired):
     """dL/dz, dL/dgamma, dL/dbeta of :func:`batchnorm_lif_forward`, bit for bit the plain graph's."""
-    v, shape, memory_format = fired
+    v, shape, memory_format, (mean, invstd, reserve, impl) = fired
     grad_spike = grad_out
     if pool is not None:  # in the spikes' layout, as the plain kernel gives it (input's)
         grad_spike = _avg_pool2d_backward(grad_out, pool, shape)
         grad_spike = grad_spike.contiguous(memory_format=memory_format)
     spike = unpack_bits(spike_bits, shape, v.dtype).contiguous(memory_format=memory_format)
-    charge = v + spike * neuron.v_threshold  # h[t], exactly (in the forward's layout)
+    # h[t] = v[t] + V_th s[t], exactly (in the forward's layout); s * 1 = s for V_th = 1
+    charge = v + (spike if neuron.v_threshold == 1.0 else spike * neuron.v_threshold)
+    del spike
     grad_h = lif_input_gradient(neuron, charge, grad_spike)
-    with torch.enable_grad():
-        inputs = [z.detach().requires_grad_()]
-        inputs += [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
-        y = F.batch_norm(inputs[0], None, None, *inputs[1:], True, 0.0, bn.eps)
-        grads = torch.autograd.grad(y, inputs, grad_h)
-    return (*grads, None, None)[:3]
+    del charge
+    # the backward autograd runs for the forward's BatchNorm kernel, from its saved statistics
+    grads = torch.ops.aten._batch_norm_impl_index_backward(
+        impl,
+        z,
+        grad_h,
+        weight,
+        bn.running_mean,
+        bn.running_var,
+        mean,
+        invstd,
+        True,
+        bn.eps,
+        [True, weight is not None, bias is not None],
+        reserve,
+    )
+    return tuple(g if g is not None and g.numel() else None for g in grads)
 
 
 def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.Tensor):
@@ -220,6 +264,10 @@ def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.
     With ``float_order="release"`` the neuron's step differentiates through its surrogate function
     alone (:meth:`LIFNode.release_step`): that function is differentiated at ``h - V_th``."""
     if neuron.float_order == "release" and neuron.v_reset is None and not neuron.decay_input:
+        function = neuron.surrogate_function
+        if isinstance(function, surrogate.Sigmoid) and function.spiking:
+            # what autograd calls for this function's backward, without its forward (heaviside)
+            return surrogate.sigmoid_backward(grad_spike, charge - neuron.v_threshold, function.alpha)[0]
         with torch.enable_grad():
             x = (charge - neuron.v_threshold).detach().requires_grad_()
             (grad_h,) = torch.autograd.grad(neuron.surrogate_function(x), x, grad_spike)

@@ -211,6 +211,14 @@ def flip_where_positive(value: torch.Tensor) -> torch.Tensor:
     return value > 0
 
 
+def flip_where_above(value: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``flip_where_positive(value - gamma)`` in one pass: with IEEE gradual underflow the float32
+    difference ``value - gamma`` is > 0 exactly where ``value > gamma`` (it is 0 only where they
+    are equal, and rounds with the sign of the exact difference; inf and NaN alike), so the flips
+    are the same bit for bit."""
+    return value > gamma
+
+
 class BSO(BinaryOptimizer):
     """Binary Spiking Online optimizer (paper Eq. 11-12).
 
@@ -239,7 +247,7 @@ class BSO(BinaryOptimizer):
         m = self.momentum(p)
         if float_order(group) == "release":
             self.release_momentum_(m, grad, complement(group, "beta"))
-            flip = flip_where_positive(weight * m - group["gamma"])
+            flip = flip_where_above(weight * m, group["gamma"])
         else:
             self.update_momentum_(m, grad, group["beta"])
             flip = weight * m > group["gamma"]
@@ -316,12 +324,16 @@ class TBSO(BinaryOptimizer):
         if float_order(group) == "release":
             b1, b2 = complement(group, "beta1"), complement(group, "beta2")
             self.release_momentum_(m, grad, b1)
-            v[t] = (1 - b2) * v[t] + (b2 * (grad * grad)).mean()
+            squared = grad * grad
+            v[t] = (1 - b2) * v[t] + squared.mul_(b2).mean()  # b2 * G^2, in place (same values)
+            del squared
             if group["threshold"] == "code":
                 denominator = v[t].sqrt() + group["eps"]
             else:
                 denominator = (v[t] + group["eps"]).sqrt()
-            flip = flip_where_positive((weight * m) / denominator - group["gamma"])
+            # (W * M) / denominator - gamma > 0, in fewer passes (same values: in place, and
+            # flip_where_above)
+            flip = flip_where_above(torch.mul(weight, m).div_(denominator), group["gamma"])
         else:
             self.update_momentum_(m, grad, group["beta1"])
             beta2 = group["beta2"]

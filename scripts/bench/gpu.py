@@ -1,20 +1,37 @@
-"""GPU benchmark: is the model or the data loader the bottleneck? (`make bench-gpu`; needs CUDA)
+"""GPU benchmark (`make bench-gpu`; needs CUDA): everything the paper's GPU figures rest on, in one
+results file naming the device.
 
-    python scripts/bench/gpu.py                          # VGG-11, CIFAR shapes, batch 128, T = 1 2 4 6
+    python scripts/bench/gpu.py                          # VGG-11, CIFAR shapes, the paper's batch 128
     python scripts/bench/gpu.py --autocast --workers 4 8 16
+    python scripts/bench/gpu.py --allow-cpu --layers 8C3-AP2-16C3 --batch 4 --T 1 --fig4-T 1 2 \
+        --roofline-batch 4 --roofline-T 2 --workers 0 --cifar-per-file 16 --iters 1 --out /tmp/g
+                                                         # debugging the pieces on a CPU, tiny
 
-For T-BSO, BSO (online, +-1 weights) and BPTT-latent: training samples/s, ms per time step and peak
-CUDA memory (allocated) on synthetic CIFAR-shaped batches, with the fast path's defaults
-(channels_last, cudnn.benchmark; ``--autocast`` adds bf16-autocast rows). Then the CIFAR-10 training
-loader's samples/s with the recipe's augmentation (crop, flip, AutoAugment, Cutout) over synthetic
-files in the real format (bso.data.synthetic), pinned memory, copied to the GPU. Writes <out>.json and
-<out>.md with the device name. Refuses to run (and writes nothing) without CUDA.
+1. Throughput: for T-BSO, BSO (online, +-1 weights, lean mode as trained) and BPTT-latent, training
+   samples/s, ms per time step and peak CUDA memory (allocated) on synthetic CIFAR-shaped batches at
+   ``--batch`` (the paper's 128), with the fast path's defaults (channels_last, cudnn.benchmark;
+   ``--autocast`` adds bf16-autocast rows).
+2. The CIFAR-10 training loader's samples/s with the recipe's augmentation (crop, flip,
+   AutoAugment, Cutout) over synthetic files in the real format, pinned memory, copied to the GPU.
+3. Roofline (scripts/bench/roofline.py): time per iteration against its convolutions alone, lean
+   and plain T-BSO, at ``--roofline-batch`` x ``--roofline-T``.
+4. Figure 4's memory sweep (scripts/bench/memory_vs_T.py, one process per point): BPTT-latent, BSO
+   and T-BSO at ``--fig4-T``, peak CUDA memory and activation memory.
+5. Lean against plain mode on the device: ``--flip-batches`` T-BSO and BSO batches with
+   deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark,
+   CUBLAS_WORKSPACE_CONFIG=:4096:8); the flips of every batch and the final +-1 weights must be
+   equal bit for bit (the results record it; a difference makes the command fail after writing).
+
+Writes <out>.json and <out>.md. Refuses to run (and writes nothing) without CUDA, unless
+``--allow-cpu`` (debugging the pieces on a CPU; the results then name the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,44 +40,119 @@ from pathlib import Path
 import torch
 from _common import METHODS, ROOT, build_method, device_meta, write_results
 from omegaconf import OmegaConf
+from roofline import parse_args as roofline_args
+from roofline import run as roofline_run
 
 from bso import fastpath
 from bso.data import build_dataloaders
 from bso.data.synthetic import write_cifar
+from bso.layers import binary_weight_values
 from bso.models import VGG11
 
 
-def train_speed(method: str, T: int, batch: int, iters: int, device, autocast: bool) -> dict:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_speed(
+    method: str, T: int, batch: int, iters: int, device, autocast: bool, layers: str = VGG11
+) -> dict:
     fast = OmegaConf.create(
-        {"channels_last": True, "cudnn_benchmark": True, "autocast": autocast, "compile": False}
+        {
+            "channels_last": device.type == "cuda",
+            "cudnn_benchmark": device.type == "cuda",
+            "autocast": autocast,
+            "compile": False,
+        }
     )
-    model, engine, optimizer = build_method(method, T, VGG11, device)
+    model, engine, optimizer = build_method(method, T, layers, device, lean=method != "bptt_latent")
     trained = fastpath.apply(model, fast, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(2):  # warm-up: cuDNN's algorithm search, allocator
         engine.train_batch(trained, optimizer, x, y)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(iters):
         engine.train_batch(trained, optimizer, x, y)
-    torch.cuda.synchronize(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / iters
+    peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None
     return {
         "method": method,
         "T": T,
         "batch": batch,
         "autocast": autocast,
+        "lean": method != "bptt_latent",
         "samples_per_s": batch / seconds,
         "ms_per_time_step": seconds / T * 1e3,
-        "peak_cuda_allocated_mb": torch.cuda.max_memory_allocated(device) / 1e6,
+        "peak_cuda_allocated_mb": peak,
     }
+
+
+def deterministic() -> None:
+    """Deterministic kernels for the bitwise lean-vs-plain check (cuBLAS needs its workspace
+    setting before the first cuBLAS call: set in main before any CUDA work)."""
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def flip_check(method: str, T: int, batch: int, batches: int, layers: str, device) -> dict:
+    """Lean and plain mode from the same seed on the same batches: flips of every batch and the
+    final +-1 weights, compared bit for bit."""
+    runs = {}
+    for mode in ("plain", "lean"):
+        model, engine, optimizer = build_method(method, T, layers, device, lean=mode == "lean")
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        flips = []
+        for _ in range(batches):
+            x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+            y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+            flips.append(engine.train_batch(model, optimizer, x, y)[2].cpu())
+        runs[mode] = (flips, [w.cpu() for _, w in binary_weight_values(model)])
+    same_flips = all(torch.equal(a, b) for a, b in zip(runs["plain"][0], runs["lean"][0], strict=True))
+    same_weights = all(
+        torch.equal(a, b) for a, b in zip(runs["plain"][1], runs["lean"][1], strict=True)
+    )
+    return {
+        "method": method,
+        "T": T,
+        "batch": batch,
+        "batches": batches,
+        "flips_per_batch": [f.sum().item() for f in runs["plain"][0]],
+        "same_flips": same_flips,
+        "same_final_weights": same_weights,
+    }
+
+
+def fig4_sweep(args, device) -> dict:
+    """memory_vs_T.py's points (one process each) on this device; its JSON, read back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _fig4_sweep(args, device, Path(tmp) / "fig4")
+
+
+def _fig4_sweep(args, device, out: Path) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).parent / "memory_vs_T.py"),
+        "--T", *map(str, args.fig4_T),
+        "--batch", str(args.batch),
+        "--layers", args.layers,
+        "--device", str(device),
+        "--out", str(out),
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.with_suffix(".json").read_text())
 
 
 def loader_speed(root: Path, workers: int, batch: int, device) -> dict:
     cfg = OmegaConf.load(ROOT / "configs" / "dataset" / "cifar10.yaml")
-    cfg.root, cfg.num_workers, cfg.batch_size, cfg.pin_memory = str(root), workers, batch, True
+    cfg.root, cfg.num_workers, cfg.batch_size = str(root), workers, batch
+    cfg.pin_memory = device.type == "cuda"
     train, _ = build_dataloaders(cfg)
 
     def one_pass() -> tuple[int, float]:
@@ -68,7 +160,7 @@ def loader_speed(root: Path, workers: int, batch: int, device) -> dict:
         for x, _ in train:
             x = x.to(device, non_blocking=True)
             n += len(x)
-        torch.cuda.synchronize(device)
+        sync(device)
         return n, time.perf_counter() - start
 
     one_pass()  # start the workers, warm the page cache
@@ -76,37 +168,50 @@ def loader_speed(root: Path, workers: int, batch: int, device) -> dict:
     return {"workers": workers, "batch": batch, "samples": n, "samples_per_s": n / seconds}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 6])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="the paper's CIFAR batch")
+    parser.add_argument("--layers", default=VGG11)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--autocast", action="store_true", help="also time bf16 autocast")
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
     parser.add_argument(
         "--cifar-per-file", type=int, default=2000, help="5 train files of this size"
     )
+    parser.add_argument("--roofline-batch", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--roofline-T", type=int, nargs="+", default=[4, 6])
+    parser.add_argument("--fig4-T", type=int, nargs="+", default=[1, 2, 4, 8, 16, 35])
+    parser.add_argument("--flip-batches", type=int, default=3)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="debugging only: run the pieces on a non-CUDA --device (tiny sizes)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit(
-            "bench-gpu measures CUDA training and needs a GPU, but torch.cuda.is_available() is "
-            f"False here (torch {torch.__version__}); nothing was written. Run it on a CUDA machine, "
-            "or use `make bench-throughput` / `make bench-data` for the CPU figures."
-        )
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type != "cuda":
-        sys.exit(f"--device must be a CUDA device, got {args.device!r}")
+    if not args.allow_cpu:
+        if not torch.cuda.is_available():
+            sys.exit(
+                "bench-gpu measures CUDA training and needs a GPU, but torch.cuda.is_available() is "
+                f"False here (torch {torch.__version__}); nothing was written. Run it on a CUDA "
+                "machine, or use `make bench-throughput` / `make bench-data` / `make bench-roofline` "
+                "for the CPU figures."
+            )
+        if device.type != "cuda":
+            sys.exit(f"--device must be a CUDA device, got {args.device!r} (or pass --allow-cpu)")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS call
 
     rows = []
     for autocast in (False, True) if args.autocast else (False,):
         for method in args.methods:
             for T in args.T:
-                row = train_speed(method, T, args.batch, args.iters, device, autocast)
+                row = train_speed(method, T, args.batch, args.iters, device, autocast, args.layers)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     loader_rows = []
@@ -116,11 +221,23 @@ def main() -> None:
             row = loader_speed(Path(tmp), workers, args.batch, device)
             loader_rows.append(row)
             print(json.dumps({"loader": row}), flush=True)
+    roofline_argv = ["--batch", *map(str, args.roofline_batch), "--T", *map(str, args.roofline_T)]
+    roofline_argv += ["--layers", args.layers, "--device", str(device), "--iters", "3"]
+    roofline_meta, roofline_rows = roofline_run(roofline_args(roofline_argv))
+    fig4 = fig4_sweep(args, device)
+    deterministic()
+    flips = [
+        flip_check(method, T, args.batch, args.flip_batches, args.layers, device)
+        for method in ("tbso", "bso")
+        for T in (args.roofline_T[0],)
+    ]
+    for f in flips:
+        print(json.dumps({"flip_check": f}), flush=True)
 
-    meta = {**device_meta(device), "torch": torch.__version__, "layers": VGG11}
+    meta = {**device_meta(device), "torch": torch.__version__, "layers": args.layers}
     lines = [
-        f"Device: {meta['device_name']} (torch {torch.__version__}), VGG-11, CIFAR shapes, "
-        f"batch {args.batch}, channels_last + cudnn.benchmark",
+        f"Device: {meta['device_name']} (torch {torch.__version__}), layers `{args.layers}`, CIFAR "
+        f"shapes, batch {args.batch}; throughput with channels_last + cudnn.benchmark",
         "",
         "| method | T | autocast | samples/s | ms per time step | peak CUDA allocated (MB) |",
         "|---|---|---|---|---|---|",
@@ -128,18 +245,46 @@ def main() -> None:
     lines += [
         f"| {r['method']} | {r['T']} | {'bf16' if r['autocast'] else 'off'} "
         f"| {r['samples_per_s']:.0f} | {r['ms_per_time_step']:.2f} "
-        f"| {r['peak_cuda_allocated_mb']:.0f} |"
+        f"| {'-' if r['peak_cuda_allocated_mb'] is None else round(r['peak_cuda_allocated_mb'])} |"
         for r in rows
     ]
     lines += [
         "",
-        "CIFAR-10 training loader (crop, flip, AutoAugment, Cutout; pinned, copied to the GPU):",
+        "CIFAR-10 training loader (crop, flip, AutoAugment, Cutout; pinned, copied to the device):",
         "",
         "| workers | batch | samples/s |",
         "|---|---|---|",
     ]
     lines += [f"| {r['workers']} | {r['batch']} | {r['samples_per_s']:.0f} |" for r in loader_rows]
-    write_results(args.out, meta, [*rows, *({"loader": r} for r in loader_rows)], lines)
+    lines += ["", "Roofline (T-BSO; iteration vs its convolutions alone):", ""]
+    lines += [
+        f"- batch {r['batch']}, T={r['T']}, {r['mode']}: {r['iteration_ms']:.1f} ms per iteration, "
+        f"conv {r['conv_ms']:.1f} ms, share {r['conv_share']:.3f}, x plain {r.get('over_plain', 1):.3f}"
+        for r in roofline_rows
+    ]
+    lines += ["", "Figure 4 memory (peak per point; see memory_vs_T.py):", ""]
+    for p in fig4["points"]:
+        peak = p.get("cuda_peak_allocated_bytes", p.get("peak_rss_bytes", 0))
+        lines.append(
+            f"- {p['method']} T={p['T']}: activation {p['activation_peak_bytes'] / 1e6:.1f} MB, "
+            f"peak {peak / 1e6:.1f} MB"
+        )
+    lines += ["", "Lean vs plain mode, deterministic kernels:", ""]
+    lines += [
+        f"- {f['method']} T={f['T']} batch {f['batch']}, {f['batches']} batches: same flips "
+        f"{f['same_flips']}, same final weights {f['same_final_weights']}"
+        for f in flips
+    ]
+    results = [
+        *({"throughput": r} for r in rows),
+        *({"loader": r} for r in loader_rows),
+        *({"roofline": r} for r in roofline_rows),
+        *({"fig4": p} for p in fig4["points"]),
+        *({"flip_check": f} for f in flips),
+    ]
+    write_results(args.out, {**meta, "roofline": roofline_meta}, results, lines)
+    if not all(f["same_flips"] and f["same_final_weights"] for f in flips):
+        sys.exit("lean and plain mode flipped differently on this device (see the results)")
 
 
 if __name__ == "__main__":
