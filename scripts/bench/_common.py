@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from functools import partial
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def build_method(
         optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
     model.train()
     return model, engine, optimizer
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_batch(engine, model, optimizer, x, y, device: torch.device) -> float:
+    """Seconds of one ``engine.train_batch``, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    engine.train_batch(model, optimizer, x, y)
+    sync(device)
+    return time.perf_counter() - start
 
 
 def resolve_device(name: str) -> torch.device:

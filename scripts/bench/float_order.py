@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import ROOT, timed_batch
 from hydra.utils import instantiate
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from bso.optim import build_optimizer  # noqa: E402
 from conftest import compose_config  # noqa: E402
@@ -56,14 +54,9 @@ def main() -> None:
         seconds = {order: [] for order in runs}
         for i in range(args.batches + 1):  # the first batch of each warms up, untimed
             for order, (model, engine, optimizer) in runs.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                engine.train_batch(model, optimizer, x, y)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                elapsed = timed_batch(engine, model, optimizer, x, y, device)
                 if i:
-                    seconds[order].append(time.perf_counter() - start)
+                    seconds[order].append(elapsed)
         median = {order: statistics.median(s) for order, s in seconds.items()}
         print(
             f"{'lean' if lean else 'plain'}: release {median['release']:.3f} s/batch, fast "

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import METHODS, ROOT, build_method, device_meta, write_results
+from _common import METHODS, ROOT, build_method, device_meta, sync, write_results
 from omegaconf import OmegaConf
 from roofline import parse_args as roofline_args
 from roofline import run as roofline_run
@@ -48,11 +48,6 @@ from bso.data import build_dataloaders
 from bso.data.synthetic import write_cifar
 from bso.layers import binary_weight_values
 from bso.models import VGG11
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_speed(

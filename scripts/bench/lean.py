@@ -22,17 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, device_meta, resolve_device, write_results
+from _common import ROOT, build_method, device_meta, resolve_device, sync, write_results
 
 from bso.metrics.memory import SavedTensorMeter, persistent_state_bytes
 from bso.models import VGG11
 
 MODES = ("plain", "lean", "recompute")  # recompute: lean + engine.recompute_binary_convs=true
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -28,11 +28,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, device_meta, resolve_device, write_results
+from _common import ROOT, build_method, device_meta, resolve_device, timed_batch, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bso.metrics.memory import SavedTensorMeter
@@ -173,13 +172,7 @@ def measure_time(args, device) -> dict:
     seconds = {name: [] for name in args.configs}
     for _ in range(args.iters):
         for name, (model, engine, opt) in built.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            engine.train_batch(model, opt, x, y)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(timed_batch(engine, model, opt, x, y, device))
     return {name: statistics.median(s) for name, s in seconds.items()}, same, seconds
 
 

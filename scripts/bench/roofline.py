@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, cpu_name, resolve_device, write_results
+from _common import ROOT, build_method, cpu_name, resolve_device, sync, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bso.models import VGG11
@@ -35,10 +35,6 @@ from bso.models import VGG11
 aten = torch.ops.aten
 CONV_OPS = (aten.convolution.default, aten.convolution_backward.default)
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def machine(device: torch.device) -> dict:

@@ -15,15 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import METHODS, ROOT, build_method, device_meta, resolve_device, write_results
+from _common import METHODS, ROOT, build_method, device_meta, resolve_device, sync, write_results
 
 from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 from bso.models import VGG11
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_batches(engine, model, opt, x, y, iters, device) -> float:
