@@ -9,7 +9,7 @@ the flip mask). ``step`` applies it to every weight that has a ``.grad``; the le
 (``engine.lean``, :mod:`bso.lean`) applies it inside backward through :meth:`fused_update_`, to
 weights held as packed bits, as soon as their gradient exists, and never stores the gradient.
 
-Floating-point order (``float_order``, spec section 4.2). On the full VGG-11 a float32 product
+Floating-point order (``float_order``, README parity table). On the full VGG-11 a float32 product
 rounded in another order moves a value by an ulp, a weight that sits at its threshold flips on one
 side only, and two runs part within a few steps. ``"release"`` (the default) computes what the
 released code computes, in its order, so that a run is bit for bit the release's:
