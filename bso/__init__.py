@@ -41,7 +41,7 @@ _EXPORTS = {
     "TBSO": "bso.optim.binary",
     "CaseOptimizer": "bso.optim.case",
     "convert": "bso.conversion",
-    "make_lean": "bso.conversion",
+    "make_lean": "bso.lean",
     "binary_parameters": "bso.conversion",
     "online_step": "bso.step",
     "StepOutput": "bso.step",
@@ -49,7 +49,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from bso.conversion import binary_parameters, convert, make_lean
+    from bso.conversion import binary_parameters, convert
+    from bso.lean import make_lean
     from bso.optim.binary import BSO, TBSO
     from bso.optim.case import CaseOptimizer
     from bso.step import StepOutput, online_step, reset

@@ -4,9 +4,10 @@ exactly), and the 1-bit export (``last_1bit.pt`` / ``best_1bit.pt``).
 Every file is written atomically (a temporary file, then a rename), so a crash never leaves a
 truncated checkpoint behind.
 
-The 1-bit export stores every binary (or latent) synaptic weight as its signs, bit-packed 8 per byte,
-and every other tensor of the state dict (first conv, FC, BatchNorm parameters and statistics) as
-is, so a VGG-11 for CIFAR-10 takes ~1.2 MB instead of ~37 MB. Loading restores a model whose
+The 1-bit export stores every binary (or latent) synaptic weight as its signs, bit-packed 8 per byte
+(:mod:`bso.bits`: numpy's ``packbits`` order, most significant bit first, bit 1 = +1), and every
+other tensor of the state dict (first conv, FC, BatchNorm parameters and statistics) as is, so a
+VGG-11 for CIFAR-10 takes ~1.2 MB instead of ~37 MB. Loading restores a model whose
 outputs are bit-identical (latent weights come back as +-1, which has the same sign).
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bso.bits import pack_signs, unpack_signs
 from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 
 FORMAT = "bso-1bit-v1"
@@ -74,20 +76,6 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{TRAIN_FORMAT!r} or {FORMAT!r})"
         )
     return blob
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
-
-
-def pack_signs(weight: torch.Tensor) -> torch.Tensor:
-    """+1 (w >= 0) -> bit 1, -1 -> bit 0; 8 weights per byte, most significant bit first."""
-    bits = (weight.detach().reshape(-1) >= 0).to(torch.uint8).cpu()
-    bits = torch.cat([bits, bits.new_zeros((-len(bits)) % 8)])
-    return (bits.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
-    numel = int(torch.Size(shape).numel())
-    bits = ((packed.unsqueeze(1) >> _SHIFTS) & 1).reshape(-1)[:numel]
-    return torch.where(bits.bool(), 1.0, -1.0).to(dtype).reshape(shape)
 
 
 def export_1bit(model: nn.Module, path: str | Path, **extra) -> int:
@@ -96,7 +84,7 @@ def export_1bit(model: nn.Module, path: str | Path, **extra) -> int:
     binary, tensors = {}, {}
     for key, value in model.state_dict().items():
         if key in names:
-            binary[key] = {"bits": pack_signs(value), "shape": list(value.shape)}
+            binary[key] = {"bits": pack_signs(value).cpu(), "shape": list(value.shape)}
         else:
             tensors[key] = value.detach().cpu()
     return save_atomic({"format": FORMAT, "binary": binary, "tensors": tensors, **extra}, path)
@@ -112,7 +100,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, blob: dict | None = None
         reference = model.state_dict()
         for key, item in blob["binary"].items():
             dtype = reference[key].dtype if key in reference else torch.float32
-            state[key] = unpack_signs(item["bits"], item["shape"], dtype)
+            state[key] = unpack_signs(item["bits"], item["shape"], dtype)  # bit 1 = +1
     else:
         state = blob["model"]
     try:

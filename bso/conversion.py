@@ -1,4 +1,4 @@
-"""Make a user's PyTorch or spikingjelly model binary: :func:`convert` and :func:`make_lean`.
+"""Make a user's PyTorch or spikingjelly model binary: :func:`convert`.
 
 :func:`convert` replaces, in place,
 
@@ -32,7 +32,6 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from torch import nn
 
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d, SynapticLinear, binarize_
-from bso.lean import apply_lean
 from bso.neurons import TRACE_RULES, LIFNode, configure_neurons
 
 INITS = ("release", "sign")
@@ -150,12 +149,6 @@ class _Converted:
                 "such as x.view(B, -1)), so bso cannot give it the presynaptic trace its weight "
                 "gradient needs in online training. Express the ops between the neuron and this "
                 "layer as those modules, or train with BPTT (bso.convert(model, trace=None))."
-            )
-        if trace is None and self.is_packed:
-            raise RuntimeError(
-                f"{self.bso_name} holds packed +-1 weights (bso.make_lean) and needs the presynaptic "
-                "trace of its input spikes, but its input is not a neuron's spikes (the network "
-                "input?). Keep it full precision: bso.convert(model, full_precision=[...])."
             )
         return trace
 
@@ -292,35 +285,6 @@ def convert(
         model.register_forward_hook(links.clear)
     if neurons:
         configure_neurons(model, detach_state=trace is not None, trace_rule=trace)
-    return model
-
-
-def make_lean(model: nn.Module) -> nn.Module:
-    """The lean mode on a converted model (in place; returns it): every +-1 weight is held as packed
-    bits (8 per byte) and BSO / T-BSO flips it inside ``loss.backward()`` as soon as its gradient
-    exists, so no binary-weight gradient is ever stored (:mod:`bso.lean`). Same flips, bit for bit,
-    as the plain mode. Call it before building the optimizer (:class:`bso.CaseOptimizer` binds the
-    packed layers to its binary optimizer); train with :func:`bso.online_step`. Online training
-    with one update per time step only."""
-    converted = [m for m in model.modules() if isinstance(m, _Converted)]
-    if not converted:
-        raise ValueError(
-            f"{type(model).__name__} has no converted layers: call bso.convert(model) first"
-        )
-    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
-    if not neurons or any(n.trace_rule is None for n in neurons):
-        raise ValueError(
-            "the lean mode flips the +-1 weights inside backward from the presynaptic trace, online: "
-            "convert the model with a trace (bso.convert(model, trace='ndot'))"
-        )
-    binary = [m for m in converted if m.is_binary]
-    with_bias = [m.bso_name for m in binary if isinstance(m, SynapticConv2d) and m.bias is not None]
-    if with_bias:
-        raise ValueError(
-            f"the lean mode's packed convolutions have no bias, but {with_bias[0]} has one: build it "
-            "with bias=False (a BatchNorm after it has one) or keep it full precision"
-        )
-    apply_lean(model, True, "per_step")
     return model
 
 

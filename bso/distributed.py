@@ -12,6 +12,9 @@ them the run is one process and every helper here is a no-op, so the same entry 
 * :func:`grad_sync`: the engines turn gradient sync off for all but the last backward of a batch when
   they step once per batch (``engine.update=accumulate``, BPTT) -- nanoGPT's
   ``require_backward_grad_sync``.
+* :func:`average_over_ranks_`: the mean of a gradient DDP's reducer does not see -- the lean mode's
+  packed +-1 weights (bso.lean) need no gradient, so they are not DDP's parameters, and their
+  gradient exists only inside backward, where BSO / T-BSO flips them.
 * :func:`all_reduce_sum` / :func:`all_reduce_max`: epoch totals across ranks.
 * :func:`run_dir_for_rank`: the OmegaConf resolver ``bso_rank_dir`` that sends Hydra's per-process
   run directory of ranks > 0 to the temp directory (removed by :func:`cleanup`); rank 0's run
@@ -271,6 +274,15 @@ def grad_sync(model: nn.Module, enabled: bool) -> None:
     ``require_backward_grad_sync``; DDP reads it at forward time). No-op outside DDP."""
     if isinstance(model, DistributedDataParallel):
         model.require_backward_grad_sync = enabled
+
+
+def average_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: ``tensor`` <- its mean over the ranks (all_reduce, then / world size), so that every
+    rank flips the same weights from it; nothing without a process group. Returns ``tensor``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
 
 
 @torch.no_grad()

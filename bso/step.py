@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bso.engine.common import instantaneous_loss
-from bso.layers import SYNAPTIC_LAYERS, named_binary_parameters
+from bso.layers import named_binary_parameters
 from bso.neurons import LIFNode, reset_neurons
 from bso.optim.binary import TBSO
 from bso.optim.router import OptimizerRouter
@@ -51,7 +51,7 @@ def online_step(
     ``L[t] = (0.95 CE + 0.05 MSE) / T`` --, ``loss.backward()`` (the binary layers' weight gradient
     comes from the presynaptic trace, ``G[t] = delta[t] a_hat[t]^T``) and ``optimizer.step(t)``:
     BSO / T-BSO flip the +-1 weights (T-BSO with its second moment of step t), the default optimizer
-    steps the rest. In the lean mode the flips happen inside ``backward``.
+    steps the rest. In the lean mode (:func:`bso.make_lean`) the flips happen inside ``backward``.
 
     ``model`` is a converted model (:func:`bso.convert` with a trace) and ``optimizer`` a
     :class:`bso.CaseOptimizer` built on it.
@@ -60,11 +60,12 @@ def online_step(
     if t == 0:
         reset_neurons(model)
     optimizer.zero_grad()
-    optimizer.begin_time_step(t)  # the lean mode's flips run inside backward at step t
+    if getattr(optimizer.binary, "flips_in_backward", False):  # lean mode (bso.make_lean):
+        optimizer.binary.begin_time_step(t)  # the time step of the flips inside the next backward
     output = model(x)
     loss = instantaneous_loss(output, target, 0.05, T) if loss_fn is None else loss_fn(output, target)
-    loss.backward()
-    flips = optimizer.step(t)
+    loss.backward()  # lean mode: BSO / T-BSO flips the packed +-1 weights here, inside backward
+    flips = optimizer.step(t)  # plain mode: BSO / T-BSO flips here
     return StepOutput(output.detach(), loss.detach(), flips)
 
 
@@ -110,12 +111,3 @@ def _check(model: nn.Module, optimizer, t: int, T: int) -> None:
             "for another model, or before bso.make_lean replaced the weights by packed bits): build "
             "the bso.CaseOptimizer after bso.convert / bso.make_lean"
         )
-    for name, layer in model.named_modules():
-        if isinstance(layer, SYNAPTIC_LAYERS) and layer.is_packed:
-            bound = layer.binary_update() if layer.binary_update is not None else None
-            if bound is None or bound.__self__ is not binary:
-                raise ValueError(
-                    f"{name} holds packed +-1 weights (lean mode) that its BSO / T-BSO flips inside "
-                    "backward, but this optimizer is not bound to it: build the optimizer with "
-                    "bso.CaseOptimizer(model, ...) after bso.make_lean(model)"
-                )

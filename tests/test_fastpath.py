@@ -69,15 +69,15 @@ def test_bf16_autocast_keeps_gradients_and_flip_rule_in_float32(lean, monkeypatc
         return step(t)
 
     if lean:  # the binary update runs inside backward: check the gradient it is handed
-        import bso.layers
+        import bso.lean.layers
 
-        fused = bso.layers.update_in_backward
+        fused = bso.lean.layers.update_in_backward
 
         def checking_fused(layer, weight, grad):
             grad_dtypes.append(grad.dtype)
             return fused(layer, weight, grad)
 
-        monkeypatch.setattr(bso.layers, "update_in_backward", checking_fused)
+        monkeypatch.setattr(bso.lean.layers, "update_in_backward", checking_fused)
 
     router.step = checking_step
     trained.train()

@@ -1,24 +1,31 @@
 """The lean mode (engine.lean, bso.lean): packed 1-bit weights, the flip rule inside backward, no
-stored binary-weight gradients -- and exactly the flips of the plain mode."""
+stored binary-weight gradients -- and exactly the flips of the plain mode. The lean mode is a layer
+around the core: it swaps in its own modules, and the core never imports it."""
 
 from __future__ import annotations
 
 import logging
-import os
+import subprocess
+import sys
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from bso.checkpoint import export_1bit, load_checkpoint
+from bso.bits import pack_bits, pack_signs, unpack_bits
+from bso.checkpoint import FORMAT, export_1bit, load_checkpoint
 from bso.engine import BPTTEngine, OnlineEngine
-from bso.layers import SynapticConv2d, binary_weight_values, named_binary_parameters, pack_bits
+from bso.layers import SynapticConv2d, binary_weight_values, named_binary_parameters
+from bso.lean import LeanSpikingConvBlock, PackedWeights, pack
+from bso.lean.layers import PackedSynapticConv2d, PackedSynapticLinear
+from bso.lean.optim import LeanBSO, LeanTBSO
 from bso.metrics.memory import persistent_state_bytes
 from bso.models import SpikingResNet19, SpikingVGG, model_size
 from bso.optim import BSO, TBSO, build_optimizer, build_router
-from conftest import compose_config
+from conftest import ROOT, compose_config
 
 
 def _tiny(seed=0):
@@ -50,9 +57,9 @@ def test_fused_update_on_packed_bits_flips_exactly_as_step(make):
     float_w = nn.Parameter(w0.clone())
     layer = SynapticConv2d(3, 5, 3, bias=False)
     layer.weight.data.copy_(w0)
-    layer.pack_weight_()
+    pack(layer)
     plain, lean = make([float_w]), make([layer.weight])
-    lean.bind_fused_updates([layer])
+    layer.bind_binary_optimizer(lean)
     total = 0
     for k in range(40):
         t = k % 3
@@ -60,7 +67,7 @@ def test_fused_update_on_packed_bits_flips_exactly_as_step(make):
         float_w.grad = grad.clone()
         expected = plain.step(t)
         lean.begin_time_step(t)
-        lean.fused_update_(layer.weight, layer.sign_values(), grad.clone())
+        lean.update_in_backward(layer.weight, layer.sign_values(), grad.clone())
         assert lean.step(t).tolist() == expected.tolist(), k  # counts the fused flips
         assert torch.equal(layer.sign_values(), float_w.detach()), k
         total += int(expected.sum())
@@ -74,11 +81,55 @@ def test_pack_bits_round_trips_exactly():
     w = torch.where(torch.randn(13, 7) >= 0, 1.0, -1.0)  # 91 weights: a padded last byte
     layer = SynapticConv2d(7, 13, 1, bias=False)
     layer.weight.data.copy_(w.view(13, 7, 1, 1))
-    layer.pack_weight_()
+    assert pack(layer) is layer  # in place: the layer's class becomes the packed one
+    assert type(layer) is PackedSynapticConv2d and isinstance(layer, SynapticConv2d)
     assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 12
     assert not layer.weight.requires_grad
     assert torch.equal(layer.sign_values(), w.view(13, 7, 1, 1))
     assert torch.equal(pack_bits(w > 0), layer.weight.detach())
+    assert "storage=bits" in repr(layer)
+
+
+def test_one_bit_order_numpys_for_weights_spikes_and_exports():
+    """bso.bits packs as np.packbits does (most significant bit first, zero padded), for any size,
+    layout and offset, and unpacks back exactly."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 91, 1000):
+        mask = torch.rand(n, generator=g) > 0.5
+        assert pack_bits(mask).tolist() == np.packbits(mask.numpy()).tolist()
+        assert torch.equal(unpack_bits(pack_bits(mask), (n,)), mask.float())
+    grid = torch.rand(5, 13, generator=g) > 0.5
+    for view in (grid.t(), grid[:, 3:], grid[1:]):  # not contiguous, offset storage
+        assert pack_bits(view).tolist() == np.packbits(view.numpy()).tolist()
+    w = torch.tensor([1.0, -1, -1, 1, 1, 1, -1, -1, 1, -1])
+    assert pack_signs(w).tolist() == [0b10011100, 0b10000000]
+    assert pack_signs(torch.tensor([0.0, -0.5])).tolist() == [0b10000000]  # sign(0) = +1
+
+
+def test_a_1bit_export_written_by_numpy_loads(tmp_path):
+    """A bso-1bit-v1 file with the signs packed by numpy (the format's bit order, independent of
+    bso.bits) loads into a plain and a lean model with every weight where it was."""
+    model = _tiny()
+    state = model.state_dict()
+    names = {name for name, _ in named_binary_parameters(model)}
+    blob = {
+        "format": FORMAT,
+        "binary": {
+            k: {
+                "bits": torch.from_numpy(np.packbits(state[k].numpy() > 0)),
+                "shape": [*state[k].shape],
+            }
+            for k in names
+        },
+        "tensors": {k: v for k, v in state.items() if k not in names},
+    }
+    torch.save(blob, tmp_path / "old_1bit.pt")
+    for lean in (False, True):
+        loaded = _tiny(seed=5)
+        OnlineEngine(T=2, lean=lean).prepare(loaded)
+        load_checkpoint(loaded, tmp_path / "old_1bit.pt")
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, state[key]), (lean, key)
 
 
 # ------------------------------------------------- training: lean == plain, on the digits
@@ -173,8 +224,9 @@ def test_lean_fuses_batchnorm_lif_and_saves_less_for_backward():
         lean = mode != "plain"
         engine = OnlineEngine(T=2, lean=lean, recompute_binary_convs=mode == "recompute")
         engine.prepare(model)
-        assert [b.fuse_batchnorm_lif for b in model.blocks] == [lean] * 3
-        assert [b.recompute_conv for b in model.blocks] == [lean, *[mode == "recompute"] * 2]
+        assert [isinstance(b, LeanSpikingConvBlock) for b in model.blocks] == [lean] * 3
+        recompute = [getattr(b, "recompute_conv", False) for b in model.blocks]
+        assert recompute == [lean, *[mode == "recompute"] * 2]
         router = build_router(model, partial(TBSO, num_steps=2), partial(torch.optim.SGD, lr=0.1))
         with SavedTensorMeter() as meter:
             flips = engine.train_batch(model, router, x, y)[2]
@@ -218,15 +270,16 @@ def test_batchnorm_lif_pool_step_is_the_plain_graph_bit_for_bit_and_saves_bits(
     step (a nonzero v[t-1]): same spikes, trace and running statistics, the same gradients for the
     BatchNorm input and affine parameters, bit for bit -- and, saved for backward, exactly the
     BatchNorm input, its two parameters and one bit per spike (a max pool keeps its own indices).
-    Both ways of differentiating the LIF step (bso.neurons.lif_input_gradient) are checked."""
-    import bso.neurons
+    Both ways of differentiating the LIF step (bso.lean.fused.lif_input_gradient) are checked."""
+    import bso.lean.fused
+    from bso.lean.fused import batchnorm_lif_step
     from bso.metrics.memory import SavedTensorMeter
-    from bso.neurons import LIFNode, batchnorm_lif_step, configure_neurons, reset_neurons
+    from bso.neurons import LIFNode, configure_neurons, reset_neurons
 
     if lif_gradient == "rerun":  # the path every device but the CPU takes
-        monkeypatch.setattr(bso.neurons, "_surrogate_spec", None)
+        monkeypatch.setattr(bso.lean.fused, "_surrogate_spec", None)
     else:
-        assert bso.neurons._surrogate_spec is not None  # spikingjelly 2.0's layout
+        assert bso.lean.fused._surrogate_spec is not None  # spikingjelly 2.0's layout
 
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
@@ -311,7 +364,9 @@ def test_lean_refuses_what_it_cannot_do_and_auto_says_why(caplog):
     # recompute_binary_convs is a lean-mode option: refused where the lean mode is off
     for lean, update in ((False, "per_step"), ("auto", "accumulate")):
         with pytest.raises(ValueError, match="recompute_binary_convs=true .* off here"):
-            OnlineEngine(T=2, lean=lean, update=update, recompute_binary_convs=True).prepare(_tiny())
+            OnlineEngine(T=2, lean=lean, update=update, recompute_binary_convs=True).prepare(
+                _tiny()
+            )
     with pytest.raises(ValueError, match="no binary conv block whose input is known"):
         torch.manual_seed(0)
         resnet = SpikingResNet19(in_channels=1, num_classes=10, widths=(8, 8, 8))
@@ -343,24 +398,94 @@ def test_lean_is_the_default_for_bso_and_tbso_per_step():
 # ------------------------------------------------- torch.distributed: the fused update averages
 
 
-def test_fused_update_averages_the_gradient_over_ranks(tmp_path):
-    """World size 1 (gloo, in this process): the all_reduce path runs and changes nothing."""
+def test_fused_update_averages_the_gradient_over_ranks(monkeypatch):
+    """Two ranks that computed the same gradient (all_reduce doubles it, world size 2): the lean
+    mode's in-backward update divides the sum by the world size, so it flips exactly what the plain
+    mode flips from the gradient itself. BSO's fixed threshold: a sum left undivided flips more."""
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        runs = {}
-        for lean in (False, True):
-            model = _tiny()
-            engine = OnlineEngine(T=2, lean=lean)
-            engine.prepare(model)
-            router = build_router(model, partial(TBSO, num_steps=2, gamma=1e-9), None)
-            runs[lean] = (engine.train_batch(model, router, *_batch())[2], model.state_dict())
-    finally:
-        dist.destroy_process_group()
-    assert runs[True][0].tolist() == runs[False][0].tolist()
+    reduced = []
+
+    def all_reduce(tensor, *args, **kwargs):  # the other rank's gradient is this rank's
+        reduced.append(tensor.shape)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
+    runs = {}
+    for lean in (False, True):
+        model = _tiny()
+        engine = OnlineEngine(T=2, lean=lean)
+        engine.prepare(model)
+        router = build_router(model, partial(BSO, gamma=2e-5, beta=0.5), None)
+        runs[lean] = (engine.train_batch(model, router, *_batch())[2], model.state_dict())
+    assert len(reduced) == 2 * 2  # two packed layers, two time steps
+    assert runs[True][0].tolist() == runs[False][0].tolist()  # an undivided sum flips more
     assert int(runs[True][0].sum()) > 0
     for key, value in runs[False][1].items():
         assert torch.equal(value, runs[True][1][key]), key
+
+
+# ------------------------------------------------- a layer around the core
+
+
+def test_lean_mode_swaps_in_its_own_modules_and_optimizer():
+    model = SpikingVGG("8C3-16C3", in_channels=1, num_classes=10)
+    OnlineEngine(T=2, lean=True).prepare(model)
+    assert [type(b) for b in model.blocks] == [LeanSpikingConvBlock] * 2
+    assert type(model.blocks[1].conv) is PackedSynapticConv2d
+    assert not isinstance(model.blocks[0].conv, PackedWeights)  # the full-precision first conv
+    for make, lean_class in ((partial(BSO), LeanBSO), (partial(TBSO, num_steps=2), LeanTBSO)):
+        router = build_router(model, make, None)
+        assert type(router.binary) is lean_class  # bound: it flips the packed layers in backward
+        assert model.blocks[1].conv.bound_optimizer() is router.binary
+
+
+def test_a_binary_linear_layer_packs_and_flips_like_the_plain_one():
+    from bso.layers import SynapticLinear
+
+    torch.manual_seed(0)
+    plain = SynapticLinear(6, 4, weights="binary", bias=True)
+    lean = pack(SynapticLinear(6, 4, weights="binary", bias=True))
+    lean.load_state_dict(plain.state_dict())
+    assert type(lean) is PackedSynapticLinear
+    make = partial(BSO, gamma=1e-3, beta=0.5)
+    opts = {m: build_router(torch.nn.Sequential(m), make, None) for m in (plain, lean)}
+    g = torch.Generator().manual_seed(1)
+    total = 0
+    for _ in range(3):
+        # spikes from the layers below (they need the input gradient), and their trace
+        spikes = (torch.rand(5, 6, generator=g) > 0.5).float()
+        trace = torch.rand(5, 6, generator=g)
+        grad = torch.randn(5, 4, generator=g)
+        flips, outs, input_grads = [], [], []
+        for m, router in opts.items():
+            router.zero_grad()
+            if m is lean:
+                router.binary.begin_time_step(None)
+            x = spikes.clone().requires_grad_()
+            out = m(x, trace)
+            out.backward(grad)  # lean: the flip happens here
+            flips.append(router.step())
+            outs.append(out.detach())
+            input_grads.append(x.grad)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(input_grads[0], input_grads[1])
+        assert torch.equal(flips[0], flips[1])
+        assert torch.equal(plain.weight, lean.sign_values())
+        total += int(flips[0].sum())
+    assert total > 0
+    assert lean.weight.grad is None and plain.weight.grad is not None
+
+
+def test_the_core_does_not_import_the_lean_mode():
+    """Importing the core (layers, neurons, models, optimizers, checkpoints, conversion, export) loads
+    nothing of bso.lean; only the online engine's prepare() switches it on."""
+    core = (
+        "bso.bits, bso.layers, bso.neurons, bso.models, bso.optim, bso.checkpoint, bso.conversion, "
+        "bso.distributed, bso.metrics.memory, bso.export"
+    )
+    code = f"import sys, {core}; print(sorted(m for m in sys.modules if m.startswith('bso.lean')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from bso.checkpoint import export_1bit
 from bso.export import NIRExportError, load_trained, to_nir
 from bso.export.nir import compare, run_bso, simulate
+from bso.lean import pack
 from bso.models import BiRealResNet18, SpikingResNet19, SpikingVGG
 from conftest import ROOT, compose_config
 
@@ -37,7 +38,7 @@ def digits_model(dtype=torch.float64, packed: bool = False):
     model = model.to(dtype).eval()
     if packed:
         for block in list(model.blocks)[1:]:
-            block.conv.pack_weight_()
+            pack(block.conv)
     return model, cfg
 
 

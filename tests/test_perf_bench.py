@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bso.neurons import batchnorm_train_forward
+from bso.lean.fused import batchnorm_train_forward
 from bso.optim.binary import flip_where_above, flip_where_positive
 from conftest import ROOT
 

@@ -445,7 +445,8 @@ def test_fast_order_is_the_fused_form_and_unknown_orders_are_refused():
 def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
     """The LIF's release order: same spikes and potential as spikingjelly's step, input gradient
     ((dL/ds * (1 - sg)) * sg) * alpha, and the lean mode's gradient (from the charge) identical."""
-    from bso.neurons import LIFNode, lif_input_gradient
+    from bso.lean.fused import lif_input_gradient
+    from bso.neurons import LIFNode
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=g) * 2

@@ -10,6 +10,7 @@ from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpC
 from torch import nn
 
 from bso.engine import evaluate
+from bso.lean import pack
 from bso.metrics.snn import EnergyModel, SNNCounter, conv_fanout_sum, counter_for, measure
 from bso.models import SpikingVGG
 from conftest import compose_config
@@ -51,7 +52,7 @@ def tiny_model(packed: bool = False) -> SpikingVGG:
         model.blocks[0].conv.bias.zero_()
         model.blocks[1].conv.weight.fill_(1.0)
     if packed:
-        model.blocks[1].conv.pack_weight_()
+        pack(model.blocks[1].conv)
     return model.eval()
 
 

@@ -1,5 +1,5 @@
-"""Online training through time (spec section 2): no graph spans two time steps, so training memory
-does not grow with T.
+"""Online training through time (paper Algorithm 1): no graph spans two time steps, so training
+memory does not grow with T.
 
 For each batch and t = 0..T-1 (the paper's t = 1..T):
   forward one step (the membrane potential carried from t-1 is detached inside the neurons),
@@ -9,17 +9,20 @@ For each batch and t = 0..T-1 (the paper's t = 1..T):
 ``update="accumulate"`` sums the T gradients and steps once per batch.
 Under torchrun (DistributedDataParallel) every backward all-reduces the gradients before the step, so
 every rank flips the same weights; with ``accumulate`` only the last step's backward does.
-``lean`` (bso.lean, per-step only): the binary weights are packed bits and BSO/T-BSO flips them
-inside ``loss.backward()``; ``optimizer.step(t)`` then steps the full-precision parameters and
-returns the flips made during backward (under torchrun it averages each gradient over the ranks
-itself, since the packed weights are not DDP's parameters).
+
+Where BSO / T-BSO flips the +-1 weights:
+  plain mode: in ``optimizer.step(t)``, from the stored ``.grad`` (bso/optim/binary.py: ``step``);
+  lean mode (``engine.lean``, bso/lean/; per-step only, the default for BSO / T-BSO): inside
+  ``loss.backward()``, in each packed layer's backward as soon as its gradient exists
+  (bso/lean/optim.py: ``update_in_backward``); ``optimizer.step(t)`` then steps the full-precision
+  parameters and returns the flips made during backward.
 """
 
 from __future__ import annotations
 
+from bso import lean as lean_mode  # the lean mode: a layer around the core, applied in prepare()
 from bso.distributed import grad_sync
 from bso.engine.common import Engine, input_at, instantaneous_loss
-from bso.lean import apply_lean, parse_lean
 from bso.neurons import TRACE_RULES, configure_neurons, reset_neurons
 
 UPDATES = ("per_step", "accumulate")
@@ -42,15 +45,18 @@ class OnlineEngine(Engine):
             raise ValueError(f"unknown engine.update={update!r}; choose one of {UPDATES}")
         super().__init__(T, update, mse_weight, eval_only)
         self.trace = trace
-        self.lean = parse_lean(lean)
+        self.lean = lean_mode.parse(lean)
         self.recompute_binary_convs = bool(recompute_binary_convs)
         self.fused_update = False  # set by prepare: the lean mode is on for this model
 
     def prepare(self, model):
         """Online mode: detached membrane state and the chosen presynaptic trace; the lean mode
-        (packed weights, update inside backward) where ``lean`` asks for it and it applies."""
+        (bso.lean swaps in packed layers and fused blocks) where ``lean`` asks for it and it applies.
+        Call before the optimizer is built."""
         configure_neurons(model, detach_state=True, trace_rule=self.trace)
-        self.fused_update = apply_lean(model, self.lean, self.update, self.recompute_binary_convs)
+        self.fused_update = lean_mode.apply(
+            model, self.lean, self.update, self.recompute_binary_convs
+        )
 
     def train_batch(self, model, optimizer, x, y):
         per_step = self.update == "per_step"
@@ -65,11 +71,11 @@ class OnlineEngine(Engine):
             loss = instantaneous_loss(out, y, self.mse_weight, self.T)
             if per_step:
                 optimizer.zero_grad()
-            if self.fused_update:
-                optimizer.begin_time_step(t)  # the binary update runs inside backward
-            loss.backward()  # frees step t's graph
+            if self.fused_update:  # lean mode: the time step of the flips inside the next backward
+                lean_mode.begin_time_step(optimizer, t)
+            loss.backward()  # frees step t's graph. Lean mode: BSO/T-BSO flips here, in backward
             if per_step:
-                flips = flips + optimizer.step(t)
+                flips = flips + optimizer.step(t)  # plain mode: BSO/T-BSO flips here
             summed = summed + out.detach()
             loss_sum = loss_sum + loss.detach()
         if not per_step:

@@ -1,13 +1,11 @@
-"""Binary optimizers without latent weights: BSO and T-BSO (spec section 3).
+"""Binary optimizers without latent weights: BSO and T-BSO (paper Eq. 11-14).
 
 Both keep the binary weights exactly -1/+1 and change them only by flipping signs, in place, under
 ``no_grad``. ``step`` returns how many weights flipped, one count per parameter (a tensor, so that
 no device synchronisation happens inside the training loop).
 
 One method, :meth:`BinaryOptimizer.flip_rule`, is the per-tensor update (momentum, T-BSO's v_l[t],
-the flip mask). ``step`` applies it to every weight that has a ``.grad``; the lean mode
-(``engine.lean``, :mod:`bso.lean`) applies it inside backward through :meth:`fused_update_`, to
-weights held as packed bits, as soon as their gradient exists, and never stores the gradient.
+the flip mask). ``step`` applies it to every weight that has a ``.grad``.
 
 Floating-point order (``float_order``, README parity table). On the full VGG-11 a float32 product
 rounded in another order moves a value by an ulp, a weight that sits at its threshold flips on one
@@ -28,14 +26,12 @@ method, other roundings.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
-from bso.layers import is_packed, pack_bits
+from bso.bits import PackedSigns
 
 FLOAT_ORDERS = ("release", "fast")
 
@@ -58,11 +54,8 @@ class BinaryOptimizer(Optimizer):
                 raise ValueError(f"{key} must be in [0, 1), got {defaults[key]}")
             defaults[complement_key(key)] = 1.0 - defaults[key]  # the release holds 1 - beta
         super().__init__(params, defaults)
-        self.time_step: int | None = None  # t of the fused update (set by begin_time_step)
-        self._fused_counts: dict[int, torch.Tensor] = {}
-        self.transient_gradient_peak_bytes = 0  # largest gradient a fused update held at once
         for p in self.binary_weights():
-            if is_packed(p):  # packed bits are +-1 by construction
+            if isinstance(p, PackedSigns):  # +-1 weights held as bits: +-1 by construction
                 continue
             if not torch.all(p.detach().abs() == 1):
                 raise ValueError(
@@ -77,13 +70,10 @@ class BinaryOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def momentum(self, p: torch.Tensor) -> torch.Tensor:
-        """M of weight ``p``: float32 of the weight's shape (also when ``p`` is packed bits)."""
+        """M of weight ``p``: of the weight's shape and dtype."""
         state = self.state[p]
         if "momentum" not in state:
-            if is_packed(p):
-                state["momentum"] = torch.zeros(p.binary_shape, device=p.device)
-            else:
-                state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
 
     @staticmethod
@@ -106,60 +96,17 @@ class BinaryOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, t: int | None = None) -> torch.Tensor:
-        """Apply the flip rule to every weight with a ``.grad``; returns the flips of each weight
-        (including those the fused update made in backward since the last ``step``)."""
+        """Apply the flip rule to every weight with a ``.grad``; returns each weight's flips."""
         t = self.check_time_step(t)
         counts = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     counts[id(p)] = self.flip_(p, self.flip_rule(p, p, p.grad, group, t))
-        counts.update(self._fused_counts)
-        self._fused_counts = {}
-        return self._counts(counts)
+        return self.flip_counts(counts)
 
     def check_time_step(self, t: int | None) -> int | None:
         return t
-
-    def begin_time_step(self, t: int | None) -> None:
-        """Tell the fused update which time step the next backward belongs to (T-BSO's v_l[t])."""
-        self.time_step = self.check_time_step(t)
-
-    @torch.no_grad()
-    def fused_update_(self, bits: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        """The flip rule for a packed weight, called from its layer's backward as soon as ``grad``
-        exists; flips ``bits`` in place (XOR) and records the count for the next ``step``.
-
-        Under torch.distributed the gradient is first averaged over the ranks here (all_reduce, then
-        / world size), because packed weights are not DDP parameters (they need no gradient), so
-        DDP's reducer never sees this gradient; every rank then flips the same weights."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(grad)
-            grad /= dist.get_world_size()
-        group = self._group_of(bits)
-        flip = self.flip_rule(bits, weight, grad, group, self.check_time_step(self.time_step))
-        bits.bitwise_xor_(pack_bits(flip))
-        count = flip.sum()
-        previous = self._fused_counts.get(id(bits))
-        self._fused_counts[id(bits)] = count if previous is None else previous + count
-        self.transient_gradient_peak_bytes = max(
-            self.transient_gradient_peak_bytes, grad.numel() * grad.element_size()
-        )
-
-    def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("this weight is not one of the optimizer's parameters")
-
-    def bind_fused_updates(self, layers) -> None:
-        """Let packed layers call :meth:`fused_update_` from backward (a weak reference, so the
-        model does not keep the optimizer alive or carry it into a pickle)."""
-        mine = {id(p) for p in self.binary_weights()}
-        for layer in layers:
-            if id(layer.weight) not in mine:
-                raise ValueError("a packed layer's weight is not one of this optimizer's weights")
-            layer.binary_update = weakref.WeakMethod(self.fused_update_)
 
     @staticmethod
     def flip_(weight: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -183,7 +130,8 @@ class BinaryOptimizer(Optimizer):
                 group[complement_key(key)] = complement(group, key) * factor
                 group[key] = 1.0 - (1.0 - group[key]) * factor
 
-    def _counts(self, counts: dict[int, torch.Tensor]) -> torch.Tensor:
+    def flip_counts(self, counts: dict[int, torch.Tensor]) -> torch.Tensor:
+        """One count per binary weight, in order, from ``{id(weight): count}`` (0 where none)."""
         weights = self.binary_weights()
         zero = torch.zeros((), dtype=torch.long, device=weights[0].device if weights else None)
         return torch.stack([counts.get(id(p), zero).to(zero.device) for p in weights])
@@ -307,8 +255,7 @@ class TBSO(BinaryOptimizer):
         """v_l[0..T-1] of the layer whose weight is ``p`` (T scalars)."""
         state = self.state[p]
         if "v" not in state:
-            dtype = torch.float32 if is_packed(p) else p.dtype
-            state["v"] = torch.zeros(self.num_steps, dtype=dtype, device=p.device)
+            state["v"] = torch.zeros(self.num_steps, dtype=p.dtype, device=p.device)
         return state["v"]
 
     def check_time_step(self, t: int | None) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from bso.layers import SYNAPTIC_LAYERS, binary_numel, named_binary_parameters
+from bso.layers import binary_numel, named_binary_parameters
 from bso.optim.binary import BinaryOptimizer
 
 
@@ -52,13 +52,8 @@ class OptimizerRouter:
         if self.other is not None:
             self.other.zero_grad(set_to_none=set_to_none)
 
-    def begin_time_step(self, t: int | None) -> None:
-        """Lean mode: the binary update runs inside the next backward and needs its time step."""
-        self.binary.begin_time_step(t)
-
     def step(self, t: int | None = None) -> torch.Tensor:
-        """Update every parameter; returns the number of flips of each binary weight (those the
-        lean mode already flipped inside backward included)."""
+        """Update every parameter; returns the number of flips of each binary weight."""
         if self.other is not None:
             self.other.step()
         return self.binary.step(t)
@@ -107,8 +102,9 @@ def build_router(
     rest = [p for p in model.parameters() if id(p) not in binary_ids and p.requires_grad]
     other_opt = other(rest) if (other is not None and rest) else None
     binary_opt = binary([p for _, p in named])
-    packed = [m for m in model.modules() if isinstance(m, SYNAPTIC_LAYERS) and m.is_packed]
-    binary_opt.bind_fused_updates(packed)  # lean mode: flips inside backward
+    for module in model.modules():  # layers whose weights it flips inside backward (bso.lean)
+        if hasattr(module, "bind_binary_optimizer"):
+            module.bind_binary_optimizer(binary_opt)
     return OptimizerRouter(binary_opt, other_opt, [n for n, _ in named])
 
 
@@ -131,9 +127,6 @@ class PlainOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.other.zero_grad(set_to_none=set_to_none)
-
-    def begin_time_step(self, t: int | None) -> None:
-        """Nothing to do: plain optimizers only update in ``step``."""
 
     @torch.no_grad()
     def step(self, t: int | None = None) -> torch.Tensor:
