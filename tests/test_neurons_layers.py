@@ -37,7 +37,7 @@ def test_lif_follows_the_paper_dynamics():
 
 @pytest.mark.parametrize("rule", ["ottt", "ndot", "ndot_paper"])
 def test_presynaptic_trace_rules(rule):
-    """a_hat[t] = mu[t] a_hat[t-1] + s[t], a_hat[1] = s[1], with mu[t] by rule (spec section 2):
+    """a_hat[t] = mu[t] a_hat[t-1] + s[t], a_hat[1] = s[1], with mu[t] by rule (paper Eq. 9):
     ottt: lambda; ndot_paper: v[t] / v[t-1]; ndot (released code): p[t] / p[t-1] with
     p = v - V_th s (V_th s subtracted a second time); clamped to [-lambda, lambda], lambda where the
     ratio is not finite."""

@@ -229,7 +229,7 @@ def test_router_state_dict_round_trip():
     ],
 )
 def test_average_regret_vanishes_on_an_online_linear_problem(make, beta_key):
-    """Spec section 3 (theory): online convex losses f_k(W) = <g_k, W> over W in {-1, +1}^n with
+    """The paper's regret analysis: online convex losses f_k(W) = <g_k, W> over W in {-1, +1}^n with
     bounded noisy gradients g_k = mu + noise; the best fixed decision is W* = -sign(mu). With gamma
     and (1 - beta) decaying like 1/sqrt(k), as the regret analysis assumes, R(K)/K shrinks."""
     import math

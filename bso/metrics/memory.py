@@ -160,6 +160,7 @@ def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float
                 per["gradients"] += _nbytes(p.grad)
     roles["buffers"] = sum(_nbytes(b) for b in model.buffers())
     if optimizer.binary is not None:
+        # the lean mode's BSO / T-BSO (bso.lean.optim) measures it; none exists in the plain mode
         roles["transient_gradients"] = getattr(optimizer.binary, "transient_gradient_peak_bytes", 0)
     for opt in (optimizer.binary, optimizer.other):
         if opt is None:

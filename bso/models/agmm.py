@@ -1,4 +1,4 @@
-"""AGMM's adaptive gradient modulation gate (Liang et al., AAAI 2025; spec section 6).
+"""AGMM's adaptive gradient modulation gate (Liang et al., AAAI 2025).
 
 After a binary conv + BN:  X'[t] = alpha[t] * sigmoid(E(X[t])) * X[t].
 

@@ -1,6 +1,6 @@
 """Spiking ResNets.
 
-* :class:`BiRealResNet18` (the paper's ImageNet model, spec section 1; Liu et al. 2018 style):
+* :class:`BiRealResNet18` (the paper's ImageNet model; Liu et al. 2018 style):
   full-precision stem (3x3 conv 64, BN, max-pool), 4 stages x 4 blocks of widths 64/128/256/512
   (stride 2 at the first block of stages 2-4). Each block is LIF -> binary 3x3 conv -> BN, plus a
   real-valued shortcut of the block's input; the downsample shortcut is avg-pool 2 -> full-precision

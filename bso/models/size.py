@@ -1,6 +1,6 @@
-"""Model size as the paper counts it (spec section 1): binary weights 1 bit, every other parameter
-(first conv, FC, BatchNorm weight and bias) 32 bits; MB = 10^6 bytes. Latent-weight models are
-binary at inference, so their latent weights count 1 bit too. Buffers (BN running statistics) are not
+"""Model size as the paper's tables count it: binary weights 1 bit, every other parameter (first
+conv, FC, BatchNorm weight and bias) 32 bits; MB = 10^6 bytes. Latent-weight models are binary at
+inference, so their latent weights count 1 bit too. Buffers (BN running statistics) are not
 counted."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class ModelSize:
 
 def model_size(model: nn.Module) -> ModelSize:
     binary_ids = {id(p) for _, p in named_binary_parameters(model, BINARY_AT_INFERENCE)}
-    n_binary = sum(binary_numel(p) for p in model.parameters() if id(p) in binary_ids)  # packed: 8/byte
+    # binary_numel: the count of +-1 weights, also where they are held as bits (8 per byte)
+    n_binary = sum(binary_numel(p) for p in model.parameters() if id(p) in binary_ids)
     n_full = sum(p.numel() for p in model.parameters() if id(p) not in binary_ids)
     return ModelSize(
         binary_params=n_binary,
