@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-memopt bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train eval test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-memopt bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -26,6 +26,10 @@ wheel:  ## build the wheel (the configs inside, as bso/configs) into dist/
 
 train: install  ## train T-BSO on the embedded digits dataset (CPU, no download); extra Hydra overrides in ARGS="..."
 	$(PYTHON) train.py $(ARGS)
+
+eval: install  ## evaluate a saved model on its test set: make eval CKPT=outputs/runs/<run>/best.pt [ARGS="..."]
+	@test -n "$(CKPT)" || { echo "make eval: give the checkpoint, e.g. make eval CKPT=outputs/runs/<run>/best.pt" >&2; exit 1; }
+	$(PYTHON) eval.py checkpoint=$(CKPT) $(ARGS)
 
 test: install-dev  ## run the test suite (CPU, no network; `slow` checks deselected); fails if no test runs
 	@$(PYTHON) -m pytest -m "not slow" $(ARGS); rc=$$?; \
@@ -74,7 +78,7 @@ report: install  ## every paper artefact from the runs under outputs/ beside the
 	done; echo "wrote outputs/reports/{table2,table3,table4,table5,fig5,energy}.{md,csv} and the figures"
 
 lint: install-dev  ## ruff
-	$(PYTHON) -m ruff check bso tests scripts examples train.py
+	$(PYTHON) -m ruff check bso tests scripts examples train.py eval.py
 
 clean:  ## remove install stamps and caches (keeps outputs/)
 	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist

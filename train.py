@@ -2,14 +2,15 @@
 
 Configs live in configs/ (one group per axis: dataset, model, optimizer, engine, logger, ...);
 `python train.py --help` lists them. Returns the final test top-1 accuracy (for Hydra sweepers).
-Exit status (bso.cli.run): 0 done, 1 refused or failed (one `error:` line; HYDRA_FULL_ERROR=1 shows
-the traceback), 3 diverged, 130 interrupted (resume it as the log says).
+Evaluate a saved model with eval.py. Exit status (bso.cli.run): 0 done, 1 refused or failed (one
+`error:` line; HYDRA_FULL_ERROR=1 shows the traceback), 3 diverged, 130 interrupted (resume it as
+the log says).
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from bso.cli import run
+from bso.cli import refuse_old_spellings, run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -18,4 +19,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    refuse_old_spellings("train")
     main()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def config_dir() -> Path:
-    """The directory holding ``train.yaml`` and the config groups."""
+    """The directory holding ``train.yaml``, ``eval.yaml`` and the config groups."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "configs", package.parent / "configs"):
         if (candidate / "train.yaml").is_file():

@@ -1,8 +1,10 @@
-"""Long runs: what a run remembers to continue exactly, which config a resumed run (or an evaluation)
-trains with, and how SIGINT / SIGTERM stop a run cleanly. :mod:`bso.train` uses these around its loop."""
+"""Long runs: what a run remembers to continue exactly, which config a resumed run (or an
+evaluation, or a fine-tuning) works with, and how SIGINT / SIGTERM stop a run cleanly.
+:mod:`bso.train` uses these around its loop."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import signal
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bso import distributed
 from bso.checkpoint import TRAIN_FORMAT, read_checkpoint
+from bso.data import IMAGE_SIZE
 from bso.engine import EpochTally
 from bso.run import MetricsFile, RunStatus, find_resume_checkpoint
 
@@ -105,9 +108,22 @@ def _overridden_keys(overrides: list[str]) -> set[str]:
     return {item.split("=", 1)[0].lstrip("+~") for item in overrides}
 
 
+def upgrade_saved_config(saved: dict) -> dict:
+    """A checkpoint's config in the current spelling (resuming a run that an earlier bso wrote):
+    ``optimizer.other`` becomes ``optimizer.full_precision``; ``engine.eval_only`` and
+    ``checkpoint`` (keys of evaluation, which is eval.py's) are dropped."""
+    saved = copy.deepcopy(saved)
+    optimizer = saved.get("optimizer") or {}
+    if "other" in optimizer:
+        optimizer["full_precision"] = optimizer.pop("other")
+    (saved.get("engine") or {}).pop("eval_only", None)
+    saved.pop("checkpoint", None)
+    return saved
+
+
 def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: Path) -> DictConfig:
     """The checkpoint's own config, with the few keys a resumed run may change taken from ``cfg``."""
-    resumed = OmegaConf.create(saved)
+    resumed = OmegaConf.create(upgrade_saved_config(saved))
     keys = _overridden_keys(overrides)
     allowed = {key for key in keys
                if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)}
@@ -129,15 +145,18 @@ def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: 
     return resumed
 
 
+# What a checkpoint's dataset must share with the dataset it is evaluated or fine-tuned on
 DATASET_SHAPE = ("in_channels", "num_classes", "image_size")
 
 
 def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str],
-                       path: str | Path = "the checkpoint") -> DictConfig:
-    """``eval_only`` / ``init_from``: build the model the checkpoint was trained with (its model
-    config and T), except what the command line sets explicitly.
+                       path: str | Path = "the checkpoint", evaluate: bool = False) -> DictConfig:
+    """Evaluation (``evaluate=True``, eval.py) and ``init_from``: build the model the checkpoint was
+    trained with (its model config; for an evaluation also its T), except what the command line
+    sets explicitly (``model=<name>`` builds another architecture, ``model.<key>=...`` changes a
+    key, ``engine.T=...`` another T).
 
-    ``eval_only`` also evaluates on the checkpoint's dataset unless the command line names one
+    An evaluation also uses the checkpoint's dataset unless the command line names one
     (``dataset=...`` or ``dataset.<key>=...``); ``init_from`` trains on this run's dataset. Either
     way a dataset whose shape (channels, classes, input size) differs from the checkpoint's is
     refused here, before any work, naming both."""
@@ -148,26 +167,30 @@ def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str]
     saved_model = saved.get("model") or {}
     saved_data = saved.get("dataset") or {}
     dataset_named = any(k == "dataset" or k.startswith("dataset.") for k in explicit)
-    if cfg.engine.get("eval_only") and saved_data and not dataset_named:
+    if evaluate and saved_data and not dataset_named:
         cfg.dataset = OmegaConf.create(saved_data)
     theirs = {key: saved_model.get(key, saved_data.get(key)) for key in DATASET_SHAPE}
-    theirs["image_size"] = saved_data.get("image_size")
+    theirs["image_size"] = saved_data.get("image_size") or IMAGE_SIZE.get(saved_data.get("name"))
     ours = {key: cfg.dataset.get(key) for key in DATASET_SHAPE}
+    ours["image_size"] = ours["image_size"] or IMAGE_SIZE.get(cfg.dataset.get("name"))
     differ = [k for k in DATASET_SHAPE if None not in (theirs[k], ours[k]) and theirs[k] != ours[k]]
     if differ:
-        describe = lambda name, shape: f"{name} ({', '.join(f'{k}={shape[k]}' for k in DATASET_SHAPE)})"  # noqa: E731
+        def describe(name, shape):
+            return f"{name} ({', '.join(f'{k}={v}' for k, v in shape.items() if v is not None)})"
+
         raise ValueError(
             f"{path} was trained on {describe(saved_data.get('name', '?'), theirs)}, but this run "
             f"uses dataset={describe(cfg.dataset.get('name'), ours)}: {', '.join(differ)} differ. "
             + ("Leave dataset=... out to evaluate on the checkpoint's dataset, or pick one of the same shape"
-               if cfg.engine.get("eval_only") else "Fine-tune on a dataset of the same shape")
+               if evaluate else "Fine-tune on a dataset of the same shape")
         )
     if "model" not in explicit:  # `model=<name>` picks another architecture on purpose
-        for key, value in saved_model.items():
-            if f"model.{key}" not in explicit:
-                OmegaConf.update(cfg, f"model.{key}", value, merge=False)
+        model = OmegaConf.create(saved_model)
+        for key in sorted(k for k in explicit if k.startswith("model.")):
+            OmegaConf.update(model, key[len("model."):], OmegaConf.select(cfg, key), merge=False)
+        cfg.model = model
     saved_T = (saved.get("engine") or {}).get("T")
-    if saved_T is not None and "engine.T" not in explicit and cfg.engine.get("eval_only"):
+    if saved_T is not None and "engine.T" not in explicit and evaluate:
         cfg.engine.T = saved_T
     return cfg
 

@@ -8,7 +8,9 @@ train.log        the log                         last_1bit.pt best_1bit.pt  1-bi
 
 Run directories are ``<log_dir>/runs/<date>_<time>_<6 hex digits>``, so two runs started in the same
 second never share one. ``resume=<run dir | checkpoint | latest>`` continues a run inside its own
-directory (Hydra's files of the resuming command go to ``.hydra/resume_<date>_<time>``).
+directory (Hydra's files of the resuming command go to ``.hydra/resume_<date>_<time>``). An
+evaluation (eval.py) gets ``<log_dir>/evals/<date>_<time>_<6 hex digits>``: config.yaml,
+run_info.json, status.json, metrics.jsonl (one record) and eval.log.
 """
 
 from __future__ import annotations
@@ -213,10 +215,11 @@ def find_resume_checkpoint(resume: str, log_dir: str | Path = "outputs") -> Path
     return path
 
 
-def run_dir_resolver(log_dir: str, resume: str | None) -> str:
-    """``hydra.run.dir``: a new unique run directory, or the directory of the run being resumed."""
+def run_dir_resolver(log_dir: str, resume: str | None, kind: str = "runs") -> str:
+    """``hydra.run.dir``: a new unique directory under ``<log_dir>/<kind>`` (``runs``: training,
+    ``evals``: eval.py), or the directory of the run being resumed."""
     if resume in (None, "", "auto"):
-        return f"{log_dir}/runs/{new_run_name()}"
+        return f"{log_dir}/{kind}/{new_run_name()}"
     try:
         return str(find_resume_checkpoint(resume, log_dir).parent)
     except FileNotFoundError as err:

@@ -34,8 +34,8 @@ LOCK_NAME = "run.lock"
 # a run's own files: a directory holding any of them belongs to a run
 RUN_FILES = ("status.json", "metrics.jsonl", "last.pt", "best.pt", "last_1bit.pt", "best_1bit.pt",
              "checkpoint.pt")
-# what Hydra writes into a run directory before train() starts
-HYDRA_FILES = (".hydra", "train.log")
+# what Hydra writes into a run directory before the run starts (the log: hydra.job.name + .log)
+HYDRA_FILES = (".hydra", "train.log", "eval.log")
 
 
 class RunRefused(Exception):

@@ -144,6 +144,21 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     raises without touching the run directory (:mod:`bso.rundir`, :mod:`bso.validate`).
     Under torchrun every rank runs this; rank 0 alone writes the run directory, checkpoints and wandb
     (:mod:`bso.distributed`; in one process all of that is a no-op)."""
+    return _start(cfg, overrides, _train, evaluating=False)
+
+
+def evaluate_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """``eval.py checkpoint=...`` (configs/eval.yaml): the test-set metrics of a saved model (a run's
+    ``best.pt`` / ``last.pt`` or a 1-bit export), no training; returns the record it writes to the
+    evaluation's ``metrics.jsonl``. The model and T are the checkpoint's, and so is the dataset
+    unless the command line names one (:func:`bso.resume.config_for_weights`); a checkpoint that
+    does not fit is refused before any work. Under torchrun each rank evaluates a shard of the test
+    set; rank 0 writes."""
+    return _start(cfg, overrides, _evaluate, evaluating=True)
+
+
+def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) -> dict:
+    """Everything that can refuse the command, then ``job`` in its run directory."""
     overrides = command_line_overrides() if overrides is None else list(overrides)
     hydra_dir = Path(cfg.paths.output_dir)  # what Hydra made for this command (rank > 0: a temp dir)
     env = distributed.torchrun_env()
@@ -151,14 +166,18 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     lock = None
     try:
         cfg = validate(cfg, overrides)
-        cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
+        if evaluating:
+            checkpoint, weights_from = None, _checkpoint_to_evaluate(cfg)
+            run_dir = hydra_dir
+        else:
+            cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
+            weights_from = cfg.get("init_from")
         weights = None
-        weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
-        if weights_from and checkpoint is None:  # eval / fine-tuning: does the checkpoint fit?
+        if weights_from and checkpoint is None:  # evaluation / fine-tuning: does the checkpoint fit?
             blob = read_checkpoint(weights_from)
             saved = blob.get("config") or (
                 {"model": blob["model_config"]} if "model_config" in blob else None)
-            cfg = config_for_weights(cfg, saved, overrides, weights_from)
+            cfg = config_for_weights(cfg, saved, overrides, weights_from, evaluate=evaluating)
             weights = (blob, saved)
             model, _ = build_model(cfg, torch.device("cpu"))  # another architecture: refused now
             load_weights(model, weights_from, blob, saved, cfg)
@@ -177,9 +196,16 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         _discard(hydra_dir, main_rank)
         raise
     try:
-        return _run(cfg, overrides, run_dir, checkpoint, hydra_dir, weights)
+        return _run(cfg, job, run_dir, checkpoint, hydra_dir, weights)
     finally:
         lock.release()
+
+
+def _checkpoint_to_evaluate(cfg: DictConfig) -> str:
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
+        raise ConfigError("eval.py needs checkpoint=<a run's best.pt or last.pt, or a *_1bit.pt export>, "
+                          "e.g. python eval.py checkpoint=outputs/runs/<run>/best.pt")
+    return str(cfg.checkpoint)
 
 
 def user_error(err: BaseException) -> bool:
@@ -209,7 +235,9 @@ def _discard(hydra_dir: Path, main_rank: bool) -> None:
         shutil.rmtree(hydra_dir, ignore_errors=True)
 
 
-def _run(cfg, overrides, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weights) -> dict:
+def _run(cfg, job, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weights) -> dict:
+    """``job`` (:func:`_train` or :func:`_evaluate`) with the process group set up, and the run's
+    final status written whatever happens."""
     dist = distributed.setup(
         cfg.device, backend=cfg.distributed.backend, timeout_min=cfg.distributed.timeout_min
     )
@@ -218,7 +246,7 @@ def _run(cfg, overrides, run_dir: Path, checkpoint: dict | None, hydra_dir: Path
     run_dir = distributed.agree_on_run_dir(dist, run_dir)
     status = RunStatus(run_dir, enabled=dist.is_main)
     try:
-        record = _train(cfg, run_dir, status, checkpoint, dist, weights)
+        record = job(cfg, run_dir, status, checkpoint, dist, weights)
     except (RunInterrupted, KeyboardInterrupt) as err:
         state = _record_status(status, "interrupted", error=str(err) or "KeyboardInterrupt")
         if dist.is_main:
@@ -327,17 +355,15 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
     status.write("running", epochs=int(cfg.dataset.epochs), error=None)
     seed_everything(cfg.seed)
     device = dist.device
-    weights_from = cfg.get("checkpoint") if cfg.engine.get("eval_only") else cfg.get("init_from")
+    weights_from = cfg.get("init_from")
     blob, saved = weights or (None, None)
 
     # Build everything that can reject the config before any data is read.
     model, engine = build_model(cfg, device)
-    if engine.eval_only:
-        return evaluate_checkpoint(cfg, model, engine, dist, run_dir, status, blob, saved)
     epochs = int(cfg.dataset.epochs)
     if epochs < 1:
         raise ValueError(f"dataset.epochs must be >= 1 to train, got {epochs} "
-                         "(engine.eval_only=true checkpoint=... evaluates without training)")
+                         "(python eval.py checkpoint=... evaluates a saved model without training)")
     if weights_from and checkpoint is None:  # e.g. ImageNet fine-tuning at T=4 from T=1
         load_weights(model, weights_from, blob, saved, cfg)
     # fast path (channels_last, cudnn.benchmark, compile, autocast), then DDP under torchrun
@@ -503,13 +529,12 @@ def epoch_record(run: Run, epoch: int, tally: EpochTally, test_m: dict, lr, gamm
     return record
 
 
-def evaluate_checkpoint(cfg, model, engine, dist, run_dir: Path, status, blob, saved) -> dict:
-    """``engine.eval_only=true checkpoint=...``: test-set metrics of a saved model, no training
-    (under torchrun each rank evaluates a shard; rank 0 writes)."""
-    if not cfg.get("checkpoint"):
-        raise ValueError(
-            "engine.eval_only=true needs checkpoint=<a run's best.pt, last.pt or *_1bit.pt>"
-        )
+def _evaluate(cfg, run_dir: Path, status: RunStatus, checkpoint: None, dist, weights) -> dict:
+    """The test-set metrics of ``cfg.checkpoint`` (read as ``weights``), one record."""
+    status.write("running", evaluating=str(cfg.checkpoint), error=None)
+    seed_everything(cfg.seed)
+    blob, saved = weights
+    model, engine = build_model(cfg, dist.device)
     load_weights(model, cfg.checkpoint, blob, saved, cfg)
     _, test_loader = build_dataloaders(
         cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size

@@ -14,6 +14,12 @@ Two mechanisms, neither a hand-kept list of every key:
   argument of a ``_target_`` (instantiation checks those); otherwise the run is refused with the
   closest known keys (``+dataset.batchsize=8`` -> ``dataset.batch_size``). The known keys are read
   from the config files themselves, so a key added to a config file is known at once.
+* **Former spellings**: ``optimizer.other.<key>`` is ``optimizer.full_precision.<key>``,
+  ``model=for_<dataset>`` is no option (each dataset selects its model), and evaluating a checkpoint
+  is ``python eval.py checkpoint=...`` (not ``engine.eval_only=true`` / ``train.py checkpoint=...``).
+  :func:`old_spelling` answers with the spelling to use; the entry points ask it before Hydra parses
+  the command line (Hydra would only say that the key is unknown), :func:`check_renamed_keys` looks
+  for the former keys in the composed config.
 """
 
 from __future__ import annotations
@@ -40,14 +46,12 @@ class ConfigError(ValueError):
 class _Engine:
     T: Optional[int] = None  # noqa: UP045 - OmegaConf's structured configs read typing.Optional
     mse_weight: Optional[float] = None  # noqa: UP045
-    eval_only: Optional[bool] = None  # noqa: UP045
 
 
 @dataclass
 class _Dataset:
     epochs: Optional[int] = None  # noqa: UP045
     batch_size: Optional[int] = None  # noqa: UP045
-    test_batch_size: Optional[int] = None  # noqa: UP045
     num_workers: Optional[int] = None  # noqa: UP045
     in_channels: Optional[int] = None  # noqa: UP045
     num_classes: Optional[int] = None  # noqa: UP045
@@ -75,7 +79,7 @@ class _Binary:
 
 
 @dataclass
-class _Other:
+class _FullPrecision:
     lr: Optional[float] = None  # noqa: UP045
     momentum: Optional[float] = None  # noqa: UP045
     weight_decay: Optional[float] = None  # noqa: UP045
@@ -90,7 +94,7 @@ class _Decay:
 @dataclass
 class _Optimizer:
     binary: _Binary = field(default_factory=_Binary)
-    other: _Other = field(default_factory=_Other)
+    full_precision: _FullPrecision = field(default_factory=_FullPrecision)
     hparam_decay: _Decay = field(default_factory=_Decay)
 
 
@@ -102,7 +106,8 @@ class _Divergence:
 
 @dataclass
 class Schema:
-    """The typed values of configs/train.yaml and its groups (see the module docstring)."""
+    """The typed values of configs/train.yaml, configs/eval.yaml and their groups (see the module
+    docstring)."""
 
     seed: Optional[int] = None  # noqa: UP045
     save_checkpoint: Optional[bool] = None  # noqa: UP045
@@ -130,7 +135,6 @@ RANGES = (
     ("engine.T", lambda v: v >= 1, ">= 1"),
     ("dataset.epochs", lambda v: v >= 0, ">= 0"),
     ("dataset.batch_size", lambda v: v >= 1, ">= 1"),
-    ("dataset.test_batch_size", lambda v: v >= 1, ">= 1"),
     ("dataset.num_workers", lambda v: v >= 0, ">= 0"),
     ("engine.mse_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("model.neuron.tau", lambda v: v > 0, "> 0 (the membrane time constant; lambda = 1 - 1/tau)"),
@@ -139,7 +143,7 @@ RANGES = (
     ("optimizer.binary.beta", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optimizer.binary.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optimizer.binary.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.other.lr", lambda v: v >= 0, ">= 0"),
+    ("optimizer.full_precision.lr", lambda v: v >= 0, ">= 0"),
     ("optimizer.hparam_decay.every_epochs", lambda v: v >= 0, ">= 0 (0 disables)"),
     ("divergence.check_every", lambda v: v >= 1, ">= 1"),
 )
@@ -221,6 +225,7 @@ def known_keys(dirs: list[Path] | None = None) -> set[str]:
     for root in config_dirs() if dirs is None else dirs:
         for path in root.rglob("*.yaml"):
             group = path.relative_to(root).parent.as_posix()
+            group = "" if group == "." else group  # train.yaml, eval.yaml: the root package
             text = path.read_text()
             package = group.replace("/", ".")
             for line in text.splitlines()[:5]:
@@ -264,7 +269,74 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         )
 
 
+# --- other spellings ----------------------------------------------------------------------------
+
+EVAL_COMMAND = "python eval.py checkpoint=<run dir>/best.pt (bso-eval when installed)"
+
+
+def _renamed_key(key: str, value: str | None) -> str | None:
+    """What to write instead of the key ``key`` (set to ``value``), or None when it is current."""
+    shown = key if value is None else f"{key}={value}"
+    if key == "optimizer.other" or key.startswith("optimizer.other."):
+        new = "optimizer.full_precision" + key[len("optimizer.other"):]
+        return (f"{shown}: the optimizer of the full-precision parameters (first conv, FC, BatchNorm) "
+                f"is optimizer.full_precision; write {new}" + (f"={value}" if value is not None else ""))
+    if key == "engine.eval_only" or key.startswith("engine.eval_only."):
+        return f"{shown}: evaluating a checkpoint is its own command: {EVAL_COMMAND}"
+    return None
+
+
+def _dataset_model(dataset: str | None, dirs: list[Path]) -> str | None:
+    """The model configs/dataset/<dataset>.yaml selects (its defaults list), if it can be read."""
+    for root in dirs:
+        path = root / "dataset" / f"{dataset}.yaml"
+        if dataset and path.is_file():
+            for entry in OmegaConf.load(path).get("defaults") or []:
+                if isinstance(entry, DictConfig):
+                    for key, value in entry.items():
+                        if str(key).split("@")[0].strip("/") == "model":
+                            return str(value)
+    return None
+
+
+def old_spelling(overrides: list[str], entry: str = "train") -> str | None:
+    """The first command-line item that uses a spelling bso no longer reads, as one message that
+    names the spelling to use; None if there is none. ``entry``: ``train`` (train.py, bso-train) or
+    ``eval`` (eval.py, bso-eval)."""
+    dirs = config_dirs()
+    items = [item for item in overrides if "=" in item and not item.startswith("-")]
+    for item in items:
+        key, value = item.split("=", 1)
+        key = key.lstrip("+~")
+        renamed = _renamed_key(key, value)
+        if renamed:
+            return renamed
+        if key == "model" and any(v.strip().startswith("for_") for v in value.split(",")):
+            dataset = value.strip().split(",")[0].strip()[len("for_"):]
+            model = _dataset_model(dataset, dirs)
+            return (f"model={value}: there are no for_<dataset> models; each dataset selects its own "
+                    + (f"(dataset={dataset} trains {model}); " if model else "; ")
+                    + "leave model= out, or name a model: "
+                    + (f"model={model}" if model else "model=<a file in configs/model/>"))
+        if key == "checkpoint" and entry == "train":
+            return (f"{item}: train.py trains; evaluate a checkpoint with python eval.py {item} "
+                    f"(bso-eval when installed), or start a new run from its weights with init_from={value}")
+    return None
+
+
+def check_renamed_keys(cfg: DictConfig) -> None:
+    """A composed config that still holds a key under its former name (e.g. from a config file of
+    one's own) is refused with the name to use."""
+    for key in ("optimizer.other", "engine.eval_only"):
+        if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is not None:
+            raise ConfigError(_renamed_key(key, None) + " (in a config file of this command)")
+
+
 def validate(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Both checks; returns ``cfg`` with typed values."""
+    """Every check; returns ``cfg`` with typed values."""
+    message = old_spelling(overrides, "eval" if "checkpoint" in cfg else "train")
+    if message:
+        raise ConfigError(message)
+    check_renamed_keys(cfg)
     check_added_keys(cfg, overrides)
     return check_types(cfg)

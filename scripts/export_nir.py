@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bso.data import input_shape
 from bso.export import load_trained, to_nir
 from bso.export.nir import DT, compare
 
@@ -31,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("out", type=Path, help="the NIR file to write (HDF5, e.g. model.nir)")
     parser.add_argument(
         "--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
-        help="one sample's shape (default: the run's dataset.in_channels and image_size)",
+        help="one sample's shape (default: the run's dataset: its in_channels and image size)",
     )
     parser.add_argument("--dt", type=float, default=DT, help="seconds per time step (default 1e-4)")
     parser.add_argument(
@@ -56,14 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
         model, cfg, file = load_trained(args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"export_nir.py: {err}") from err
-    dataset = cfg.get("dataset") or {}
-    shape = args.input_shape
+    shape = args.input_shape or input_shape(cfg.get("dataset") or {})
     if shape is None:
-        if "in_channels" not in dataset or "image_size" not in dataset:
-            raise SystemExit(
-                f"export_nir.py: {file} does not record the input shape; pass --input-shape C H W"
-            )
-        shape = (dataset["in_channels"], dataset["image_size"], dataset["image_size"])
+        raise SystemExit(
+            f"export_nir.py: {file} does not record the input shape; pass --input-shape C H W"
+        )
     T = (cfg.get("engine") or {}).get("T")
     try:
         graph = to_nir(model, shape, args.out, T=T, dt=args.dt, binary_weights=args.binary_weights)

@@ -13,13 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 
 
-def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-    """Compose configs/train.yaml with ``overrides``, logging nowhere but ``output_dir``."""
-    base = ["logger=none", "device=cpu"]
+def compose_config(
+    *overrides: str, output_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
+    """Compose configs/train.yaml (or ``config_name``: ``eval``) with ``overrides``, logging nowhere
+    but ``output_dir``."""
+    base = ["logger=none", "device=cpu"] if config_name == "train" else ["device=cpu"]
     if output_dir is not None:
         base.append(f"paths.output_dir={output_dir}")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=[*base, *overrides])
+        return compose(config_name=config_name, overrides=[*base, *overrides])
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,15 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import open_dict
 
+from bso.data import input_shape
 from bso.models import VGG11
 from bso.optim import build_optimizer
+from bso.validate import ConfigError, old_spelling, validate
 from conftest import CONFIG_DIR, ROOT, compose_config
 
 GROUPS = ("dataset", "model", "optimizer", "engine", "logger")
@@ -79,7 +83,8 @@ def test_bso_on_a_full_precision_model_is_refused(tmp_path):
 
 
 def test_command_line_trains_and_writes_the_run_directory(tmp_path):
-    """The design's command line, with the default (offline) wandb logger, one short epoch."""
+    """The design's command line, with the default (offline) wandb logger, one short epoch; then
+    `python eval.py checkpoint=<run>/best.pt` evaluates it into an evaluation directory of its own."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
@@ -123,6 +128,122 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
         assert key in record, key
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
 
+    evaluation = subprocess.run(
+        [sys.executable, "eval.py", f"checkpoint={run_dir / 'best.pt'}", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    (eval_dir,) = (tmp_path / "evals").iterdir()
+    (evaluated,) = [json.loads(line) for line in (eval_dir / "metrics.jsonl").read_text().splitlines()]
+    assert evaluated["checkpoint"] == str(run_dir / "best.pt")
+    assert evaluated["test/acc1"] == record["test/acc1"] and "firing_rate/all" in evaluated
+    status = json.loads((eval_dir / "status.json").read_text())
+    assert status["status"] == "completed" and status["evaluated"] == str(run_dir / "best.pt")
+    assert "test loss" in (eval_dir / "eval.log").read_text()
+    assert (eval_dir / "config.yaml").is_file() and not (eval_dir / "best.pt").exists()
+
+
+def test_the_former_eval_switch_fails_with_one_line_naming_eval_py():
+    proc = subprocess.run(
+        [sys.executable, "train.py", "engine.eval_only=true", "checkpoint=outputs/runs/a/best.pt"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: engine.eval_only=true: evaluating a checkpoint is its own command: "
+        "python eval.py checkpoint=<run dir>/best.pt (bso-eval when installed)"
+    ]
+
+
+@pytest.mark.parametrize("entry,argv,message", [
+    ("train", ["optimizer.other.lr=0.2"], "the optimizer of the full-precision parameters (first conv, "
+     "FC, BatchNorm) is optimizer.full_precision; write optimizer.full_precision.lr=0.2"),
+    ("train", ["-m", "+optimizer.other.nesterov=true"], "write optimizer.full_precision.nesterov=true"),
+    ("train", ["dataset=cifar10", "model=for_cifar10"], "model=for_cifar10: there are no for_<dataset> "
+     "models; each dataset selects its own (dataset=cifar10 trains vgg11); leave model= out, or name "
+     "a model: model=vgg11"),
+    ("train", ["model=for_imagenet,vgg11"], "(dataset=imagenet trains resnet18)"),
+    ("eval", ["checkpoint=a/best.pt", "engine.eval_only=true"], "python eval.py checkpoint="),
+    ("train", ["checkpoint=runs/a/best.pt"], "checkpoint=runs/a/best.pt: train.py trains; evaluate a "
+     "checkpoint with python eval.py checkpoint=runs/a/best.pt (bso-eval when installed), or start a "
+     "new run from its weights with init_from=runs/a/best.pt"),
+])
+def test_former_spellings_are_refused_with_the_spelling_to_use(entry, argv, message):
+    assert message in old_spelling(argv, entry)
+
+
+def test_current_spellings_pass_the_former_spelling_check():
+    argv = ["-m", "optimizer.full_precision.lr=0.2", "model=vgg11", "engine.T=2,4", "hydra.run.dir=x"]
+    assert old_spelling(argv, "train") is None
+    assert old_spelling(["checkpoint=runs/a/best.pt", "dataset=cifar10"], "eval") is None
+
+
+def test_a_config_that_still_holds_a_former_key_is_refused():
+    cfg = compose_config()
+    with open_dict(cfg):
+        cfg.optimizer.other = {"lr": 0.2}  # e.g. from an experiment file of one's own
+    with pytest.raises(ConfigError, match="is optimizer.full_precision; write optimizer.full_precision"):
+        validate(cfg, [])
+    with pytest.raises(ConfigError, match="write optimizer.full_precision.lr=0.2"):
+        validate(compose_config("+optimizer.other.lr=0.2"), ["+optimizer.other.lr=0.2"])
+
+
+# Every (optimizer, dataset) pair's gamma, full-precision lr and decay period, as composed: the
+# dataset files set the values that differ per dataset (configs/dataset/*.yaml: `bso:`, `tbso:`).
+PAIR_VALUES = {  # dataset: (BSO's (gamma, lr, every_epochs), T-BSO's)
+    "digits": ((5e-7, 0.1, 2), (5e-7, 0.1, 2)),
+    "cifar10": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
+    "cifar100": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
+    "dvs_cifar10": ((1e-6, 0.1, 50), (1e-6, 0.1, 50)),
+    "gsc": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
+    "imagenet": ((5e-7, 0.1, 50), (1e-6, 0.2, 20)),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(PAIR_VALUES))
+def test_each_dataset_sets_its_binary_optimizer_values(dataset):
+    for optimizer, expected in zip(("bso", "tbso"), PAIR_VALUES[dataset], strict=True):
+        cfg = compose_config(f"optimizer={optimizer}", f"dataset={dataset}").optimizer
+        got = (cfg.binary.gamma, cfg.full_precision.lr, cfg.hparam_decay.every_epochs)
+        assert got == expected, (optimizer, dataset)
+        assert cfg.hparam_decay.factor == 0.1
+    for optimizer, lr in (("sgd", 0.1), ("adam", 1e-3)):  # one optimizer for every parameter
+        cfg = compose_config(f"optimizer={optimizer}", f"dataset={dataset}").optimizer
+        assert cfg.binary is None and cfg.full_precision.lr == lr and "hparam_decay" not in cfg
+    # the command line (and an experiment file) still sets any of them
+    cfg = compose_config("optimizer=tbso", f"dataset={dataset}", "optimizer.binary.gamma=2e-6",
+                         "optimizer.full_precision.lr=0.3").optimizer
+    assert (cfg.binary.gamma, cfg.full_precision.lr) == (2e-6, 0.3)
+
+
+def test_the_imagenet_experiments_train_the_released_values():
+    pretrain = compose_config("experiment=imagenet_tbso_pretrain")
+    assert (pretrain.engine.T, pretrain.dataset.epochs, pretrain.optimizer.binary.gamma) == (1, 100, 1e-6)
+    assert (pretrain.optimizer.full_precision.lr, pretrain.optimizer.hparam_decay.every_epochs) == (0.2, 20)
+    finetune = compose_config("experiment=imagenet_tbso_finetune")
+    assert (finetune.engine.T, finetune.dataset.epochs) == (4, 30)
+    assert (finetune.optimizer.binary.gamma, finetune.optimizer.binary.beta1) == (1e-11, 0.99999999)
+    assert finetune.model.name == "resnet18" and finetune.optimizer.full_precision.lr == 0.2
+
+
+@pytest.mark.parametrize("dataset,shape", [
+    ("digits", (1, 8, 8)), ("cifar10", (3, 32, 32)), ("cifar100", (3, 32, 32)),
+    ("dvs_cifar10", (2, 48, 48)), ("gsc", (1, 32, 32)), ("imagenet", (3, 224, 224)),
+])
+def test_every_dataset_knows_its_input_shape(dataset, shape):
+    assert input_shape(compose_config(f"dataset={dataset}").dataset) == shape
+
+
+def test_train_and_eval_write_to_their_own_directories():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        train_cfg = compose("train", overrides=["paths.log_dir=logs"], return_hydra_config=True)
+        eval_cfg = compose("eval", overrides=["paths.log_dir=logs", "checkpoint=a.pt"],
+                           return_hydra_config=True)
+    assert train_cfg.hydra.run.dir.startswith("logs/runs/") and train_cfg.hydra.job.name == "train"
+    assert eval_cfg.hydra.run.dir.startswith("logs/evals/") and eval_cfg.hydra.job.name == "eval"
+    assert "checkpoint" not in train_cfg and "optimizer" not in eval_cfg
+    assert eval_cfg.metrics == train_cfg.metrics  # one file: configs/metrics/default.yaml
+
 
 @pytest.mark.parametrize(
     "dataset,model,in_channels,classes",
@@ -133,6 +254,13 @@ def test_a_dataset_brings_its_paper_model_unless_model_is_given(dataset, model, 
     cfg = compose_config(f"dataset={dataset}")
     assert (cfg.model.name, cfg.model.in_channels, cfg.model.num_classes) == (model, in_channels, classes)
     assert compose_config(f"dataset={dataset}", "model=resnet19").model.name == "resnet19"
+    assert compose_config("model=resnet19", f"dataset={dataset}").model.name == "resnet19"
+
+
+def test_an_experiment_names_its_model_and_the_command_line_may_change_it():
+    assert compose_config("experiment=cifar10_tbso").model.name == "vgg11"
+    assert compose_config("experiment=cifar10_tbso", "model=vgg_tiny").model.name == "vgg_tiny"
+    assert not list((CONFIG_DIR / "model").glob("for_*.yaml"))  # no per-dataset alias files
 
 
 def test_headline_command_trains_the_released_recipe():
@@ -142,6 +270,6 @@ def test_headline_command_trains_the_released_recipe():
     assert cfg.model.name == "vgg11" and cfg.model.layers == VGG11 and cfg.model.init == "release"
     assert cfg.engine.trace == "ndot" and cfg.engine["update"] == "per_step"
     assert cfg.engine.mse_weight == 0.05
-    assert cfg.optimizer.lr_schedule == "constant" and cfg.optimizer.other.lr == 0.1
+    assert cfg.optimizer.lr_schedule == "constant" and cfg.optimizer.full_precision.lr == 0.1
     assert dict(cfg.optimizer.hparam_decay) == {"every_epochs": 50, "factor": 0.1, "betas": ["beta1"]}
     assert (cfg.optimizer.binary.gamma, cfg.optimizer.binary.threshold) == (5e-7, "code")

@@ -15,7 +15,7 @@ import bso.train as bso_train
 from bso.data import EpochSampler
 from bso.engine import OnlineEngine
 from bso.run import RunStatus, find_resume_checkpoint, run_dir_resolver
-from bso.train import RunInterrupted, train
+from bso.train import RunInterrupted, evaluate_checkpoint, train
 from conftest import ROOT, compose_config
 
 FAST = ("engine.T=2", "dataset.batch_size=128")
@@ -114,9 +114,9 @@ def test_best_and_last_checkpoints_and_their_1bit_exports(straight_run, tmp_path
     assert (status["status"], status["best_epoch"]) == ("completed", best["epoch"])
     assert status["best_test_acc1"] == best["test/acc1"]
     for name, expected in (("best", best), ("last", records[-1])):
-        cfg = compose_config("engine.eval_only=true", f"checkpoint={straight_run / f'{name}_1bit.pt'}",
-                             output_dir=tmp_path / name)
-        assert train(cfg, overrides=[])["test/acc1"] == expected["test/acc1"]
+        cfg = compose_config(f"checkpoint={straight_run / f'{name}_1bit.pt'}",
+                             output_dir=tmp_path / name, config_name="eval")
+        assert evaluate_checkpoint(cfg, overrides=[])["test/acc1"] == expected["test/acc1"]
 
 
 def test_eval_builds_the_model_the_checkpoint_was_trained_with(tmp_path):
@@ -124,12 +124,13 @@ def test_eval_builds_the_model_the_checkpoint_was_trained_with(tmp_path):
     run_dir = tmp_path / "latent"
     final = train(compose_config("engine=bptt", "optimizer=adam", "model.weights=latent",
                                  "engine.T=3", "dataset.epochs=1", output_dir=run_dir), overrides=[])
-    cfg = compose_config("engine.eval_only=true", f"checkpoint={run_dir / 'last.pt'}",
-                         output_dir=tmp_path / "eval")
-    assert train(cfg, overrides=[])["test/acc1"] == final["test/acc1"]
-    wrong = ["model=vgg11", f"checkpoint={run_dir / 'last.pt'}", "engine.eval_only=true"]
+    cfg = compose_config(f"checkpoint={run_dir / 'last.pt'}", output_dir=tmp_path / "eval",
+                         config_name="eval")
+    assert evaluate_checkpoint(cfg, overrides=[])["test/acc1"] == final["test/acc1"]
+    wrong = ["model=vgg11", f"checkpoint={run_dir / 'last.pt'}"]
     with pytest.raises(ValueError, match=r"holds model vgg_tiny .* builds model vgg11") as err:
-        train(compose_config(*wrong, output_dir=tmp_path / "wrong"), overrides=wrong)
+        evaluate_checkpoint(compose_config(*wrong, output_dir=tmp_path / "wrong", config_name="eval"),
+                            overrides=wrong)
     assert len(str(err.value)) < 1200 and "\n" not in str(err.value)  # one line, not 100
     assert not (tmp_path / "wrong").exists()  # refused before any work
 
@@ -141,9 +142,9 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, straight_run):
     data = (straight_run / "last.pt").read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     for path in (garbage, truncated):
-        cfg = compose_config("engine.eval_only=true", f"checkpoint={path}", output_dir=tmp_path / "e")
+        cfg = compose_config(f"checkpoint={path}", output_dir=tmp_path / "e", config_name="eval")
         with pytest.raises(ValueError, match="is not a readable checkpoint"):
-            train(cfg, overrides=[])
+            evaluate_checkpoint(cfg, overrides=[])
     with pytest.raises(FileNotFoundError, match="no last.pt"):
         find_resume_checkpoint(str(tmp_path))
     assert not (tmp_path / "e").exists()  # refused before any work: nothing left behind

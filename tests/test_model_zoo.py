@@ -9,7 +9,7 @@ from bso.layers import binary_weight_values, named_binary_parameters
 from bso.models import VGG11, BiRealResNet18, SpikingResNet19, SpikingVGG, model_size
 from bso.neurons import reset_neurons
 from bso.optim import build_optimizer
-from bso.train import train
+from bso.train import evaluate_checkpoint, train
 from conftest import compose_config
 
 MODELS = ["vgg11", "vgg11_ws", "resnet18", "resnet19", "vgg_tiny"]
@@ -135,13 +135,13 @@ def test_vgg11_export_is_about_1_2_mb_against_37_mb_float(tmp_path):
     assert (tmp_path / "float.pt").stat().st_size > 36e6
 
 
-def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
+def test_eval_reproduces_the_final_test_accuracy(tmp_path):
     final = train(compose_config("dataset.epochs=1", "engine.T=2", output_dir=tmp_path / "run"))
     for name in ("last_1bit.pt", "last.pt"):  # T=2 comes from the checkpoint's own config
         cfg = compose_config(
-            "engine.eval_only=true", f"checkpoint={tmp_path / 'run' / name}", output_dir=tmp_path / name
+            f"checkpoint={tmp_path / 'run' / name}", output_dir=tmp_path / name, config_name="eval"
         )
-        record = train(cfg, overrides=[])
+        record = evaluate_checkpoint(cfg, overrides=[])
         assert record["test/acc1"] == final["test/acc1"]
-    with pytest.raises(ValueError, match="checkpoint="):
-        train(compose_config("engine.eval_only=true", output_dir=tmp_path / "none"))
+    with pytest.raises(ValueError, match="eval.py needs checkpoint="):
+        evaluate_checkpoint(compose_config(output_dir=tmp_path / "none", config_name="eval"))

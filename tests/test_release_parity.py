@@ -284,7 +284,7 @@ def full_width_replay(lean: bool) -> tuple[dict, dict]:
     assert (binary_cfg.gamma, binary_cfg.beta1, binary_cfg.beta2, binary_cfg.eps) == (
         h["gamma"], h["beta1"], h["beta2"], h["eps"]
     )
-    assert cfg.optimizer.other.lr == h["lr_fp"] and cfg.engine.mse_weight == h["mse_weight"]
+    assert cfg.optimizer.full_precision.lr == h["lr_fp"] and cfg.engine.mse_weight == h["mse_weight"]
     assert cfg.model.neuron.tau == h["tau"] and cfg.model.neuron.v_threshold == h["v_threshold"]
     assert binary_cfg.reset_momentum == h["bso_reset_momentum"]
 

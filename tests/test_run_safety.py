@@ -25,7 +25,7 @@ from bso.paper import cells
 from bso.resume import config_for_weights
 from bso.run import MetricsFile, RunStatus, run_dir_resolver
 from bso.rundir import RunLock, RunRefused, claim, resume_command
-from bso.train import train
+from bso.train import evaluate_checkpoint, train
 from bso.validate import ConfigError
 from conftest import ROOT, compose_config
 
@@ -149,7 +149,7 @@ def test_another_world_size_at_an_epoch_boundary_warns_that_the_global_batch_cha
 
 
 def test_a_diverging_run_stops_as_diverged_and_is_never_a_result(tmp_path):
-    nan = ["model.weights=full", "optimizer=sgd", "optimizer.other.lr=1e8", "dataset.epochs=2"]
+    nan = ["model.weights=full", "optimizer=sgd", "optimizer.full_precision.lr=1e8", "dataset.epochs=2"]
     with pytest.raises(RunDiverged, match=r"non-finite .* epoch 1, batch \d+") as err:
         _train(tmp_path / "nan", *nan)
     status = RunStatus(tmp_path / "nan").read()
@@ -248,15 +248,39 @@ def test_a_checkpoint_of_another_dataset_is_refused_before_any_work(finished, tm
     blob["config"]["model"]["in_channels"] = 3
     path = tmp_path / "cifar_best_1bit.pt"
     torch.save(blob, path)
-    for overrides in (["engine.eval_only=true", f"checkpoint={path}", "dataset=digits"],
-                      [f"init_from={path}"]):
-        with pytest.raises(ValueError, match=r"trained on cifar10 \(in_channels=3, num_classes=10, "
-                                             r"image_size=32\).*dataset=digits \(in_channels=1"):
-            _train(tmp_path / "refused", *overrides)
-        assert not (tmp_path / "refused").exists()
-    # eval without dataset=...: the checkpoint's own dataset
-    evaluated = config_for_weights(compose_config("engine.eval_only=true"), blob["config"], [], path)
+    refused = tmp_path / "refused"
+    shapes = (r"trained on cifar10 \(in_channels=3, num_classes=10, image_size=32\).*"
+              r"dataset=digits \(in_channels=1, num_classes=10, image_size=8\): in_channels, "
+              r"image_size differ")
+    evaluation = [f"checkpoint={path}", "dataset=digits"]
+    with pytest.raises(ValueError, match=shapes + ". Leave dataset=... out"):
+        evaluate_checkpoint(compose_config(*evaluation, output_dir=refused, config_name="eval"),
+                            overrides=evaluation)
+    assert not refused.exists()
+    with pytest.raises(ValueError, match=shapes + ". Fine-tune on a dataset of the same shape"):
+        _train(refused, f"init_from={path}")
+    assert not refused.exists()
+    # eval without dataset=...: the checkpoint's own dataset, model and T
+    evaluated = config_for_weights(compose_config(config_name="eval"), blob["config"], [], path,
+                                   evaluate=True)
     assert (evaluated.dataset.name, evaluated.model.in_channels) == ("cifar10", 3)
+    assert evaluated.engine.T == blob["config"]["engine"]["T"] == 1
+
+
+def test_a_run_saved_with_the_former_key_names_resumes(finished, tmp_path):
+    """A last.pt whose config says optimizer.other and engine.eval_only (as bso wrote them before
+    optimizer.full_precision and eval.py) continues with the current names."""
+    run_dir = _copy(finished, tmp_path / "former")
+    blob = torch.load(run_dir / "last.pt", weights_only=False)
+    optimizer = blob["config"]["optimizer"]
+    optimizer["other"] = optimizer.pop("full_precision")
+    blob["config"]["engine"]["eval_only"] = False
+    blob["config"]["checkpoint"] = None
+    torch.save(blob, run_dir / "last.pt")
+    assert _train(tmp_path / "x", f"resume={run_dir}", "dataset.epochs=2")["epoch"] == 2
+    config = torch.load(run_dir / "last.pt", weights_only=False)["config"]
+    assert config["optimizer"]["full_precision"]["lr"] == 0.1 and "other" not in config["optimizer"]
+    assert "eval_only" not in config["engine"] and "checkpoint" not in config
 
 
 # --- 8. config values --------------------------------------------------------------------------
@@ -279,8 +303,8 @@ def test_bad_values_and_unread_keys_are_refused_with_their_key(override, message
 def test_typed_values_are_converted_and_constructor_arguments_may_be_added(tmp_path):
     from bso.validate import validate
 
-    cfg = compose_config("seed='3'", "+optimizer.other.nesterov=false")
-    cfg = validate(cfg, ["seed='3'", "+optimizer.other.nesterov=false"])
+    cfg = compose_config("seed='3'", "+optimizer.full_precision.nesterov=false")
+    cfg = validate(cfg, ["seed='3'", "+optimizer.full_precision.nesterov=false"])
     assert cfg.seed == 3 and isinstance(cfg.seed, int)
     assert isinstance(cfg.optimizer.binary.gamma, float)
 
@@ -290,8 +314,8 @@ def test_typed_values_are_converted_and_constructor_arguments_may_be_added(tmp_p
 
 def test_the_runs_report_skips_evaluations_and_its_commands_name_real_files(finished, tmp_path):
     run_dir = _copy(finished, tmp_path / "runs" / "trained")
-    train(compose_config("engine.eval_only=true", f"checkpoint={run_dir / 'best.pt'}",
-                         output_dir=tmp_path / "runs" / "evaluated"), overrides=[])
+    evaluate_checkpoint(compose_config(f"checkpoint={run_dir / 'best.pt'}", config_name="eval",
+                                       output_dir=tmp_path / "runs" / "evaluated"), overrides=[])
     sys.path.insert(0, str(ROOT / "scripts"))
     import report as report_cli
 

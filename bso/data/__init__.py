@@ -82,6 +82,18 @@ def _gsc(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     return speech_commands_datasets(cfg.root, size=cfg.image_size)
 
 
+# The side of the (square) images of the datasets that have one size; the others read dataset.image_size.
+IMAGE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
+
+
+def input_shape(cfg) -> tuple[int, int, int] | None:
+    """One sample's (channels, height, width) at one time step for a ``dataset`` config (a run's
+    saved config too); None when the config does not say."""
+    size = cfg.get("image_size") or IMAGE_SIZE.get(cfg.get("name"))
+    channels = cfg.get("in_channels")
+    return None if size is None or channels is None else (int(channels), int(size), int(size))
+
+
 DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
     "digits": _digits,
     "cifar10": _cifar,

@@ -14,16 +14,14 @@ from bso.neurons import configure_neurons, reset_neurons
 
 
 class BPTTEngine(Engine):
-    def __init__(
-        self, T: int, update: str = "accumulate", mse_weight: float = 0.05, eval_only: bool = False
-    ):
+    def __init__(self, T: int, update: str = "accumulate", mse_weight: float = 0.05):
         if update != "accumulate":
             raise ValueError(
                 f"engine=bptt computes one gradient per batch through all T steps, so it cannot "
                 f"update per time step (got engine.update={update!r}); use engine=online for "
                 "per-step updates, or engine.update=accumulate"
             )
-        super().__init__(T, update, mse_weight, eval_only)
+        super().__init__(T, update, mse_weight)
 
     def prepare(self, model):
         """BPTT mode: the membrane state stays in the graph; no traces."""

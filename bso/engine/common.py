@@ -41,7 +41,8 @@ def topk_correct(scores: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) -> dict:
-    """Prediction = argmax of the sum over time steps of the output layer (spec section 1).
+    """Prediction = argmax of the sum over time steps of the output layer (direct encoding: the
+    same input at every step, as in the paper).
     Reports the loss (summed over steps, as in training), top-1, and top-5 when classes > 10."""
     model.eval()
     total, loss_sum, correct, classes = 0, 0.0, {1: 0, 5: 0}, 0
@@ -71,10 +72,10 @@ def evaluate(model: nn.Module, loader, T: int, device, mse_weight: float = 0.0) 
 class Engine:
     """Base of the engines: ``train_batch`` is theirs, the epoch loop around it is shared."""
 
-    def __init__(self, T: int, update: str, mse_weight: float, eval_only: bool):
+    def __init__(self, T: int, update: str, mse_weight: float):
         if int(T) < 1:
             raise ValueError(f"engine.T must be >= 1, got {T}")
-        self.T, self.update, self.mse_weight, self.eval_only = int(T), update, mse_weight, eval_only
+        self.T, self.update, self.mse_weight = int(T), update, mse_weight
 
     def prepare(self, model: nn.Module) -> None:
         raise NotImplementedError

@@ -35,7 +35,6 @@ class OnlineEngine(Engine):
         trace: str = "ndot",
         update: str = "per_step",
         mse_weight: float = 0.05,
-        eval_only: bool = False,
         lean: str | bool = False,
         recompute_binary_convs: bool = False,
     ):
@@ -43,7 +42,7 @@ class OnlineEngine(Engine):
             raise ValueError(f"unknown engine.trace={trace!r}; choose one of {TRACE_RULES}")
         if update not in UPDATES:
             raise ValueError(f"unknown engine.update={update!r}; choose one of {UPDATES}")
-        super().__init__(T, update, mse_weight, eval_only)
+        super().__init__(T, update, mse_weight)
         self.trace = trace
         self.lean = lean_mode.parse(lean)
         self.recompute_binary_convs = bool(recompute_binary_convs)

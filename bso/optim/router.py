@@ -160,10 +160,12 @@ class PlainOptimizer:
 
 
 def build_optimizer(model: nn.Module, cfg) -> OptimizerRouter | PlainOptimizer:
-    """From an ``optimizer`` config: ``binary`` (a flip optimizer, or null) and ``other``."""
+    """From an ``optimizer`` config: ``binary`` (a flip optimizer, or null) and ``full_precision``
+    (the optimizer of every other parameter)."""
     from hydra.utils import instantiate
 
-    other = instantiate(cfg.other) if cfg.get("other") is not None else None
+    full = cfg.get("full_precision")
+    other = instantiate(full) if full is not None else None
     if cfg.get("binary") is not None:
         return build_router(model, instantiate(cfg.binary), other, name=f"optimizer={cfg.name}")
     if named_binary_parameters(model, "binary"):
@@ -172,7 +174,7 @@ def build_optimizer(model: nn.Module, cfg) -> OptimizerRouter | PlainOptimizer:
             "Use optimizer=bso|tbso for model.weights=binary, or model.weights=latent|full."
         )
     if other is None:
-        raise ValueError(f"optimizer={cfg.name} defines neither `binary` nor `other`")
+        raise ValueError(f"optimizer={cfg.name} defines neither `binary` nor `full_precision`")
     params = [p for p in model.parameters() if p.requires_grad]
     latent = named_binary_parameters(model, "latent")
     return PlainOptimizer(other(params), latent, clip_latent=cfg.get("clip_latent", False))
