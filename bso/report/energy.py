@@ -21,6 +21,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METRICS = ("firing_rate/all", "spikes/per_sample", "sops/total", "macs/total", "energy/total_uj")
+# model keys a full-precision twin may differ in: the weights and the gate of the binary methods
+NOT_ARCHITECTURE = (
+    "name",
+    "weights",
+    "agmm",
+    "agmm_num_steps",
+    "agmm_statistic",
+    "agmm_learnable_alpha",
+)
 
 
 def final_metrics(run: RunRecord) -> dict | None:
@@ -37,14 +46,7 @@ def final_metrics(run: RunRecord) -> dict | None:
 def architecture(run: RunRecord) -> str:
     """The model config without its weight mode and name: what a full-precision twin shares."""
     model = OmegaConf.to_container(run.cfg.model, resolve=True)
-    for key in (
-        "name",
-        "weights",
-        "agmm",
-        "agmm_num_steps",
-        "agmm_statistic",
-        "agmm_learnable_alpha",
-    ):
+    for key in NOT_ARCHITECTURE:
         model.pop(key, None)
     if isinstance(model.get("neuron"), dict):  # the float order follows the optimizer, not the net
         model["neuron"].pop("float_order", None)
