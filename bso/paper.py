@@ -1,11 +1,18 @@
-"""The paper's numbers as data (spec section 5), each tied to the command that reproduces it.
+"""The paper's methods and numbers, each written once: Table 2's methods as train.py overrides,
+every number of Tables 2-5 and Figures 4-5 tied to the command that reproduces it. The benchmarks
+(scripts/bench/methods_digits.py, memory_vs_T.py), the tests and the report (bso.report) read them
+from here; the experiment files (configs/experiment/) spell the same methods out per dataset, and a
+test checks that they agree.
+
+A ``Method`` is one row label of Table 2: its overrides on top of any dataset (on the digits these
+are the whole method), and whether it trains online and keeps 1-bit weights (Table 2's columns).
 
 A ``Cell`` is one number of one artefact (Table 2, 3, 4, 5, Figure 4, Figure 5): the paper's value,
 the experiment file and the overrides that train it (``Cell.command``), and the swept quantity it
-sits at (``x``: T, gamma, or the (1 - beta1, 1 - beta2) pair). ``scripts/report.py`` matches run
-directories to cells by the configuration those overrides compose (bso.report), so a run counts
-for a cell however it was launched. ``Cell.on_digits`` maps a cell onto the embedded digits (same
-method and swept value, vgg_tiny) for the mini reproduction (``make reproduce-mini``).
+sits at (``x``: T, gamma, or the (1 - beta1, 1 - beta2) pair). ``bso-report`` matches run
+directories to cells by the configuration those overrides compose (bso.report.matching), so a run
+counts for a cell however it was launched. ``Cell.on_digits`` maps a cell onto the embedded digits
+(same method and swept value, vgg_tiny) for the mini reproduction (``make reproduce-mini``).
 
 Table 3's gammas are in the paper's units of 1e-5 (0.005 -> 5e-8); Table 4's pairs are
 (1 - beta1, 1 - beta2) of T-BSO -> optimizer.binary.beta1 / beta2.
@@ -15,41 +22,85 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-# Each method of Table 2 as train.py overrides on top of a dataset (the experiment files spell the
-# same choices out per dataset; on the digits these are the whole method).
+
+@dataclass(frozen=True)
+class Method:
+    """A method of Table 2 (or a baseline beside it) and the overrides that train it."""
+
+    name: str  # its label in tables and figures
+    overrides: tuple[str, ...]  # train.py overrides on any dataset; () = not implemented in bso
+    online: bool  # Table 2's "online" column: trained online through time, no BPTT
+    binary: bool  # Table 2's "binary" column: 1-bit weights at inference
+
+
+METHODS: dict[str, Method] = {
+    "fp_snn": Method(
+        "FP-SNN (BPTT)",
+        overrides=("engine=bptt", "optimizer=sgd", "model.weights=full"),
+        online=False,
+        binary=False,
+    ),
+    # OTTT and NDOT: the T time steps' gradients summed, one SGD step per batch
+    "ottt": Method(
+        "OTTT",
+        overrides=(
+            "engine=online",
+            "engine.trace=ottt",
+            "engine.update=accumulate",
+            "optimizer=sgd",
+            "model.weights=full",
+        ),
+        online=True,
+        binary=False,
+    ),
+    "ndot": Method(
+        "NDOT",
+        overrides=(
+            "engine=online",
+            "engine.trace=ndot",
+            "engine.update=accumulate",
+            "optimizer=sgd",
+            "model.weights=full",
+        ),
+        online=True,
+        binary=False,
+    ),
+    "qsnn": Method(
+        "Q-SNN (BPTT, latent)",
+        overrides=("engine=bptt", "optimizer=adam", "model.weights=latent"),
+        online=False,
+        binary=True,
+    ),
+    # AGMM (Liang et al., AAAI 2025): Q-SNN's recipe plus the adaptive gradient modulation gate;
+    # not a row of Table 2 (its paper reports ImageNet ResNet-18 only)
+    "agmm": Method(
+        "AGMM (BPTT, latent)",
+        overrides=("engine=bptt", "optimizer=adam", "model.weights=latent", "model.agmm=true"),
+        online=False,
+        binary=True,
+    ),
+    # CBP: Table 2's ImageNet baseline (constrained binary parameters, BPTT); not implemented here
+    "cbp": Method("CBP", overrides=(), online=False, binary=True),
+    "bso": Method(
+        "BSO",
+        overrides=("engine=online", "optimizer=bso", "model.weights=binary"),
+        online=True,
+        binary=True,
+    ),
+    "tbso": Method(
+        "T-BSO",
+        overrides=("engine=online", "optimizer=tbso", "model.weights=binary"),
+        online=True,
+        binary=True,
+    ),
+}
+# Views of METHODS: the methods bso trains, their labels, Table 2's online / binary columns.
 METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "fp_snn": ("engine=bptt", "optimizer=sgd", "model.weights=full"),
-    "ottt": (
-        "engine=online",
-        "engine.trace=ottt",
-        "engine.update=accumulate",
-        "optimizer=sgd",
-        "model.weights=full",
-    ),
-    "ndot": (
-        "engine=online",
-        "engine.trace=ndot",
-        "engine.update=accumulate",
-        "optimizer=sgd",
-        "model.weights=full",
-    ),
-    "qsnn": ("engine=bptt", "optimizer=adam", "model.weights=latent"),
-    "bso": ("engine=online", "optimizer=bso", "model.weights=binary"),
-    "tbso": ("engine=online", "optimizer=tbso", "model.weights=binary"),
+    key: m.overrides for key, m in METHODS.items() if m.overrides
 }
-METHOD_NAMES = {
-    "fp_snn": "FP-SNN (BPTT)",
-    "ottt": "OTTT",
-    "ndot": "NDOT",
-    "qsnn": "Q-SNN (BPTT, latent)",
-    "cbp": "CBP",
-    "bso": "BSO",
-    "tbso": "T-BSO",
-    "agmm": "AGMM (BPTT, latent)",
-    "bptt_latent": "BPTT (latent weights)",
-}
-ONLINE = ("ottt", "ndot", "bso", "tbso")  # Table 2's "online" column
-BINARY = ("qsnn", "cbp", "bso", "tbso", "agmm")  # Table 2's "binary" column (1-bit weights)
+METHOD_NAMES: dict[str, str] = {key: m.name for key, m in METHODS.items()}
+ONLINE = tuple(key for key, m in METHODS.items() if m.online)
+BINARY = tuple(key for key, m in METHODS.items() if m.binary)
 DATASET_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
@@ -83,7 +134,7 @@ class Cell:
 
     artefact: str
     dataset: str  # cfg.dataset.name
-    method: str  # key of METHOD_NAMES
+    method: str  # key of METHODS
     T: int
     value: float  # top-1 % (memory: GB)
     experiment: str | None  # configs/experiment/<name>.yaml; None: not reproducible here
@@ -182,7 +233,8 @@ def _table2() -> list[Cell]:
             note="CBP (constrained binary parameters, BPTT) is not implemented in bso",
         )
     )
-    pretrain_dir = "outputs/imagenet_tbso_pretrain"  # a fixed directory: the fine-tuning names its best.pt
+    # a fixed directory: the fine-tuning names its best.pt
+    pretrain_dir = "outputs/imagenet_tbso_pretrain"
     pretrain = f"python train.py experiment=imagenet_tbso_pretrain hydra.run.dir={pretrain_dir}"
     for T, acc in ((6, 58.86), (4, 57.76)):
         cells.append(
@@ -292,11 +344,13 @@ def _table5() -> list[Cell]:
 class MemoryPoint:
     """Figure 4: the paper's training memory (GB, CIFAR-10 VGG-11, batch as the paper's)."""
 
-    method: str  # bptt_latent | bso | tbso (scripts/bench/memory_vs_T.py's names)
+    method: str  # key of FIG4_METHODS
     T: int | None  # None: the same at every T
     gb: float
 
 
+# Figure 4's methods (scripts/bench/memory_vs_T.py measures them under these names) and labels
+FIG4_METHODS = {"bptt_latent": "BPTT (latent weights)", "bso": "BSO", "tbso": "T-BSO"}
 FIG4: tuple[MemoryPoint, ...] = (
     MemoryPoint("bptt_latent", 1, 2.86),
     MemoryPoint("bptt_latent", 35, 58.18),
@@ -306,6 +360,16 @@ FIG4: tuple[MemoryPoint, ...] = (
 FIG4_COMMAND = (
     "make fig4   # python scripts/bench/memory_vs_T.py -> benchmarks/results/memory_vs_T.json"
 )
+
+
+def fig4_paper_gb() -> dict[str, dict[int | str, float]]:
+    """Figure 4's paper points per method: {T: GB}, or {"all": GB} where one value holds at every
+    T (the memory benchmark writes this into its JSON)."""
+    out: dict[str, dict[int | str, float]] = {}
+    for mp in FIG4:
+        out.setdefault(mp.method, {})["all" if mp.T is None else mp.T] = mp.gb
+    return out
+
 
 CELLS: dict[str, list[Cell]] = {
     "table2": _table2(),

@@ -4,7 +4,7 @@ Trains, on the digits with vgg_tiny and a few epochs (CPU), one run per seed (--
 of Table 2 (CIFAR-10's six methods at the paper's T), Figure 5 (BSO / T-BSO vs T, up to --max-T),
 Table 3 (T-BSO's gamma sweep at T=2) and Table 4 (its betas), each group of cells as one Hydra
 multirun of train.py, skipping cells that already have a completed run with that seed under --runs;
-then renders them with scripts/report.py into --out: <artefact>.md, <artefact>.csv and, for the
+then renders them with bso-report (bso.report) into --out: <artefact>.md, <artefact>.csv and, for the
 figures, <artefact>.png. Training seconds per artefact go to <out>/meta.json.
 Figure 4 is rendered from the memory benchmark (benchmarks/results/memory_vs_T.json, `make fig4`);
 `energy` (firing rates, SOPs, energy per sample and a per-layer firing-rate figure) from Table 2's
@@ -26,11 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from bso import report as rp
+from bso.report import cli as report_cli
+from bso.report.matching import match, prepare_cells
+from bso.report.runs import load_runs
+from bso.report.tables import sort_value
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import report as report_cli  # noqa: E402  (scripts/report.py)
+FIG4_JSON = ROOT / "benchmarks/results/memory_vs_T.json"
 
 # fig4: the memory benchmark's JSON; energy: firing rates, SOPs and energy of Table 2's runs
 ARTEFACTS = ("table2", "fig5", "table3", "table4", "fig4", "energy")
@@ -39,7 +41,7 @@ FIXED = ("logger=none", "device=cpu", "save_checkpoint=false")
 
 def cells_to_train(artefact: str, args: argparse.Namespace):
     artefact = "table2" if artefact == "energy" else artefact  # the energy table reads its runs
-    cells = rp.prepare_cells(
+    cells = prepare_cells(
         artefact, digits=True, extra=[f"dataset.epochs={args.epochs}", *args.extra]
     )
     if artefact == "fig5":
@@ -58,7 +60,7 @@ def multiruns(cells) -> list[list[str]]:
     out = []
     for (_, keys), members in groups.items():
         values = [
-            sorted({c.overrides[i].split("=", 1)[1] for c in members}, key=rp._sort_value)
+            sorted({c.overrides[i].split("=", 1)[1] for c in members}, key=sort_value)
             for i in range(len(keys))
         ]
         if len(list(itertools.product(*values))) == len(members):
@@ -97,7 +99,7 @@ def main() -> None:
     timings = {}
     for artefact in [a for a in args.artefacts if a != "fig4"]:
         cells = cells_to_train(artefact, args)
-        summaries = rp.match(cells, rp.load_runs(args.runs))
+        summaries = match(cells, load_runs(args.runs))
         t0, trained = time.perf_counter(), 0
         for seed in args.seeds:  # the cells that lack a completed run with this seed
             todo = [c for c, s in zip(cells, summaries, strict=True)
@@ -130,11 +132,17 @@ def main() -> None:
             str(args.out / f"{artefact}.csv"),
         ]
         if artefact in ("fig4", "energy"):  # fig4: measured by `make fig4`, not trained here
-            argv = [artefact, *([str(args.runs)] if artefact == "energy" else []),
-                    "--out", str(args.out / f"{artefact}.md"), "--csv", str(args.out / f"{artefact}.csv")]
+            argv = [
+                artefact,
+                *([str(args.runs)] if artefact == "energy" else []),
+                "--out",
+                str(args.out / f"{artefact}.md"),
+                "--csv",
+                str(args.out / f"{artefact}.csv"),
+            ]
         if artefact in report_cli.FIGURES:
             argv += ["--figure", str(args.out / f"{artefact}.png")]
-        report_cli.main(argv)
+        report_cli.main(argv, fig4_json=FIG4_JSON)
     # Training time per artefact, summed over invocations with the same epochs and overrides.
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

@@ -3,8 +3,6 @@ importer and simulate; the same spikes and logits as bso, with either reset."""
 
 from __future__ import annotations
 
-import sys
-
 import nir
 import numpy as np
 import pytest
@@ -17,9 +15,7 @@ from bso.export import NIRExportError, load_trained, to_nir
 from bso.export.nir import compare, run_bso, simulate
 from bso.lean import pack
 from bso.models import BiRealResNet18, SpikingResNet19, SpikingVGG
-from conftest import ROOT, compose_config
-
-sys.path.insert(0, str(ROOT / "scripts"))
+from conftest import compose_config
 
 
 def digits_model(dtype=torch.float64, packed: bool = False):

@@ -36,11 +36,11 @@ def test_the_wheel_holds_every_config_and_the_console_scripts(tmp_path):
     assert len(configs) > 50
     missing = [c for c in configs if f"bso/configs/{c}" not in names]
     assert not missing, f"configs missing from the wheel: {missing}"
-    for module in ("__init__", "cli", "conversion", "step", "report_cli", "optim/case", "train"):
+    for module in ("__init__", "cli", "conversion", "step", "report/cli", "optim/case", "train"):
         assert f"bso/{module}.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
-    assert "bso-train = bso.cli:train" in text and "bso-report = bso.report_cli:main" in text
+    assert "bso-train = bso.cli:train" in text and "bso-report = bso.report.cli:main" in text
     assert "bso-eval = bso.cli:evaluate" in text
     assert {"bso/configs/train.yaml", "bso/configs/eval.yaml"} <= names  # both entry points' configs
     assert bso.__version__ == version

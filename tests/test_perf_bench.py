@@ -4,17 +4,14 @@ lean step's shortcuts, on tiny models (CPU)."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from bso.lean.fused import batchnorm_train_forward
 from bso.optim.binary import flip_where_above, flip_where_positive
-from conftest import ROOT
 
-TINY = "8C3-AP2-16C3"
-sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+TINY = "8C3-AP2-16C3"  # the scripts/bench modules are importable in tests (pyproject: pythonpath)
 
 
 def test_flip_where_above_is_the_release_test_bit_for_bit():
@@ -54,8 +51,20 @@ def test_roofline_records_the_iterations_convolutions(tmp_path):
 
     out = tmp_path / "roof"
     roofline.main(
-        ["--layers", TINY, "--batch", "2", "--T", "1", "--iters", "1", "--device", "cpu",
-         "--out", str(out)]
+        [
+            "--layers",
+            TINY,
+            "--batch",
+            "2",
+            "--T",
+            "1",
+            "--iters",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
     )
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["meta"]["cpu"] and saved["meta"]["threads"] >= 1
@@ -101,7 +110,9 @@ def test_memopt_wrapping_keeps_flips_and_outputs():
     cpu = torch.device("cpu")
     for method in ("tbso", "bptt"):
         plain = build(f"{method}_plain", 2, TINY, cpu)
-        wrapped = build(f"{method}_memopt" if method == "bptt" else "tbso_plain_memopt", 2, TINY, cpu)
+        wrapped = build(
+            f"{method}_memopt" if method == "bptt" else "tbso_plain_memopt", 2, TINY, cpu
+        )
         assert type(wrapped[0].blocks[1]).__name__ == "CheckpointWrapper"
         for _ in range(2):
             a = plain[1].train_batch(plain[0], plain[2], x, y)

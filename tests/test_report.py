@@ -1,5 +1,6 @@
-"""The paper's numbers as data, their commands and sweeps, and scripts/report.py on run directories
-written here (config composed by Hydra, metrics records as train.py writes them)."""
+"""The paper's numbers as data (bso.paper), their commands and sweeps, and the report (bso.report,
+``bso-report``) on run directories written here (config composed by Hydra, metrics records as
+train.py writes them): the tables, the figures and the energy report."""
 
 from __future__ import annotations
 
@@ -17,17 +18,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from bso import paper
-from bso import report as rp
+from bso.report import cli as report_cli
+from bso.report import figures, matching, runs, tables
 from conftest import CONFIG_DIR, ROOT, compose_config
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import report as report_cli  # noqa: E402
+FIG4_JSON = ROOT / "benchmarks/results/memory_vs_T.json"
 
 ALL_CELLS = [c for artefact in paper.CELLS for c in paper.cells(artefact)]
 
 
 def composed(cell: paper.Cell):
-    (cfg,) = rp.compose_cells([cell])
+    (cfg,) = matching.compose_cells([cell])
     return cfg
 
 
@@ -40,8 +41,8 @@ def test_every_reproducible_cell_composes_to_its_setting():
     for cell in ALL_CELLS:
         if not cell.reproducible:
             assert cell.note and cell.command.startswith("not reproducible here")
-    for cell, cfg in zip(reproducible, rp.compose_cells(reproducible), strict=True):
-        assert (cfg.dataset.name, rp.method_of(cfg), cfg.engine.T) == (
+    for cell, cfg in zip(reproducible, matching.compose_cells(reproducible), strict=True):
+        assert (cfg.dataset.name, runs.method_of(cfg), cfg.engine.T) == (
             cell.dataset,
             cell.method,
             cell.T,
@@ -57,8 +58,8 @@ def test_every_reproducible_cell_composes_to_its_setting():
 def test_digits_cells_train_the_same_method_and_value_on_the_digits():
     cells = [c for c in ALL_CELLS if c.method in paper.METHOD_OVERRIDES]
     minis = [c.on_digits() for c in cells]
-    for cell, mini, cfg in zip(cells, minis, rp.compose_cells(minis), strict=True):
-        assert (cfg.dataset.name, rp.method_of(cfg), cfg.engine.T) == (
+    for cell, mini, cfg in zip(cells, minis, matching.compose_cells(minis), strict=True):
+        assert (cfg.dataset.name, runs.method_of(cfg), cfg.engine.T) == (
             "digits",
             cell.method,
             cell.T,
@@ -71,7 +72,7 @@ def test_the_models_we_build_have_the_papers_sizes():
     ImageNet's Bi-Real ResNet-18 is 4.16 MB here against the paper's 4.22: not asserted."""
     for cell in paper.cells("table2") + paper.cells("table5"):
         if cell.reproducible and cell.arch == "VGG-11":
-            assert rp.built_size_mb(cell) == pytest.approx(cell.size_mb, abs=0.015), cell
+            assert matching.built_size_mb(cell) == pytest.approx(cell.size_mb, abs=0.015), cell
 
 
 def test_table3_gammas_are_the_paper_units_times_1e_5():
@@ -82,7 +83,7 @@ def test_table3_gammas_are_the_paper_units_times_1e_5():
     t2 = next(
         c for c in paper.cells("table2") if (c.dataset, c.method, c.T) == ("cifar100", "tbso", 2)
     )
-    assert rp.identity(composed(t3)) == rp.identity(composed(t2)) and t3.value == t2.value
+    assert runs.identity(composed(t3)) == runs.identity(composed(t2)) and t3.value == t2.value
 
 
 def _expand(params) -> list[list[str]]:
@@ -110,13 +111,13 @@ def test_sweep_configs_run_every_cell_of_their_artefact_with_three_seeds(artefac
             jobs |= {tuple(job) for job in _expand(cfg.hydra.sweeper.params)}
     seeds = {o for job in jobs for o in job if o.startswith("seed=")}
     settings = {tuple(o for o in j if not o.startswith("seed=")) + ("logger=none",) for j in jobs}
-    identities = {rp.identity(c) for c in rp.compose_overrides(sorted(settings))}
+    identities = {runs.identity(c) for c in matching.compose_overrides(sorted(settings))}
     assert seeds == {"seed=0", "seed=1", "seed=2"}
     wanted = [c for c in paper.cells(artefact) if c.reproducible and c.dataset != "imagenet"]
     missing = [
         c.command
-        for c, cfg in zip(wanted, rp.compose_cells(wanted), strict=True)
-        if rp.identity(cfg) not in identities
+        for c, cfg in zip(wanted, matching.compose_cells(wanted), strict=True)
+        if runs.identity(cfg) not in identities
     ]
     assert not missing
 
@@ -159,7 +160,7 @@ def write_run(
 
 
 def test_runs_on_a_2x2_sweep_give_one_row_per_setting_with_the_swept_keys(tmp_path, capsys):
-    """The issue's case: -m engine.T=2,4 optimizer.binary.gamma=5e-7,1e-6, here with 2 seeds."""
+    """A 2x2 multirun, -m engine.T=2,4 optimizer.binary.gamma=5e-7,1e-6, here with 2 seeds."""
     accs = {
         (2, "5e-07"): (0.80, 0.84),
         (2, "1e-06"): (0.70, 0.70),
@@ -170,8 +171,7 @@ def test_runs_on_a_2x2_sweep_give_one_row_per_setting_with_the_swept_keys(tmp_pa
         for seed, acc in enumerate(by_seed):
             overrides = [f"engine.T={T}", f"optimizer.binary.gamma={gamma}", f"seed={seed}"]
             write_run(tmp_path / f"{i}_{seed}", overrides, [0.1, acc])
-    runs = rp.load_runs(tmp_path)
-    rows, keys = rp.runs_rows(runs)
+    rows, keys = tables.runs_rows(runs.load_runs(tmp_path))
     assert keys == ["optimizer.binary.gamma"]  # T is its own column; seeds are aggregated
     assert len(rows) == 4
     row = next(r for r in rows if r["T"] == 4 and r["optimizer.binary.gamma"] == "5e-07")
@@ -183,10 +183,10 @@ def test_runs_on_a_2x2_sweep_give_one_row_per_setting_with_the_swept_keys(tmp_pa
     )
     out = capsys.readouterr().out
     assert "| optimizer.binary.gamma |" in out and fig_path.stat().st_size > 0
-    fig = rp.runs_figure(rows, keys, "optimizer.binary.gamma", tmp_path / "again.png")
+    fig = figures.runs_figure(rows, keys, "optimizer.binary.gamma", tmp_path / "again.png")
     (ax,) = fig.axes
     assert len(ax.lines) >= 2 and len(ax.get_legend().get_texts()) == 2  # one line per T
-    fig = rp.runs_figure(rows, keys, "engine.T", tmp_path / "by_T.png")
+    fig = figures.runs_figure(rows, keys, "engine.T", tmp_path / "by_T.png")
     ax = fig.axes[0]
     assert list(ax.get_xticks()) == [2, 4] and ax.get_xscale() == "linear"
     assert len(ax.get_legend().get_texts()) == 2  # one line per gamma
@@ -197,7 +197,7 @@ def test_an_explicit_default_and_the_default_are_one_setting(tmp_path):
     write_run(tmp_path / "a", ["optimizer.binary.gamma=5e-7", "seed=0"], [0.5, 0.8])
     write_run(tmp_path / "b", ["seed=1"], [0.5, 0.9])
     write_run(tmp_path / "c", ["optimizer.binary.gamma=1e-6", "seed=0"], [0.5, 0.7])
-    rows, keys = rp.runs_rows(rp.load_runs(tmp_path))
+    rows, keys = tables.runs_rows(runs.load_runs(tmp_path))
     assert keys == ["optimizer.binary.gamma"]
     assert [(r["optimizer.binary.gamma"], r["runs"]) for r in rows] == [
         ("5e-07", "2"),
@@ -211,18 +211,18 @@ def test_unfinished_runs_are_named_and_never_averaged_in(tmp_path):
     write_run(tmp_path / "short", [*base, "seed=1"], [0.2], epochs=2)  # no status.json, 1 of 2
     write_run(tmp_path / "live", [*base, "seed=2"], [0.3, 0.4], status="running")
     write_run(tmp_path / "ok", [*base, "seed=3"], [0.6, 0.7], status="completed")
-    rows, _ = rp.runs_rows(rp.load_runs(tmp_path))
+    rows, _ = tables.runs_rows(runs.load_runs(tmp_path))
     (row,) = rows
     assert row["final"] == "80.00 +- 14.14"  # 90 and 70, not 20 or 40
     assert row["runs"] == "2 (+running (epoch 2/2), unfinished (epoch 1/2))"
 
 
 def test_best_epoch_from_the_records_or_their_best_keys(tmp_path):
-    run = rp.load_run(write_run(tmp_path / "a", ["seed=0"], [0.5, 0.8, 0.7]))
+    run = runs.load_run(write_run(tmp_path / "a", ["seed=0"], [0.5, 0.8, 0.7]))
     assert run.best == (pytest.approx(80.0), 2) and run.final_acc == pytest.approx(70.0)
     eval_only = {"test/acc1": 0.99}  # no epoch: skipped
     logged = {"epoch": 3, "test/acc1": 0.7, "best/epoch": 1, "best/test_acc1": 0.95}
-    run = rp.load_run(
+    run = runs.load_run(
         write_run(tmp_path / "b", ["seed=0"], [0.5, 0.8], epochs=3, extra=[logged, eval_only])
     )
     assert run.best == (pytest.approx(95.0), 1) and run.completed
@@ -268,14 +268,15 @@ def test_a_models_name_is_a_label_not_a_setting(tmp_path):
     cfg.model.name = "vgg_tiny"
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     write_run(tmp_path / "b", [*cell.overrides, "model.layers=8C3-16C3-AP2"], [0.5, 0.9])
-    (summary,) = rp.match([cell], rp.load_runs(tmp_path))
+    (summary,) = matching.match([cell], runs.load_runs(tmp_path))
     assert [r.dir.name for r in summary.done] == ["a"]  # another model is another setting
 
 
 def test_table3_on_paper_data_gives_the_difference(tmp_path):
     cell = paper.cells("table3")[0]
-    runs = [rp.Run(tmp_path, composed(cell), [{"epoch": 400, "test/acc1": 0.7300}], "completed")]
-    (row,) = rp.cell_rows("table3", [cell], rp.match([cell], runs))
+    record = {"epoch": 400, "test/acc1": 0.7300}
+    run = runs.RunRecord(tmp_path, composed(cell), [record], "completed")
+    (row,) = matching.cell_rows("table3", [cell], matching.match([cell], [run]))
     assert row["final - paper"] == "-0.75" and row["command"] == ""
 
 
@@ -319,11 +320,11 @@ def test_runs_on_a_directory_without_runs_says_so(tmp_path):
 
 
 def test_fig4_reads_the_memory_benchmark_and_overlays_the_paper(tmp_path, capsys):
-    report_cli.main(["fig4", "--figure", str(tmp_path / "fig4.png")])
+    report_cli.main(["fig4", str(FIG4_JSON), "--figure", str(tmp_path / "fig4.png")])
     out = capsys.readouterr().out
     assert "58.18" in out and "2.86" in out
-    meta, points = rp.memory_points(ROOT / "benchmarks/results/memory_vs_T.json")
-    fig = rp.plot_fig4(meta, points, tmp_path / "again.png")
+    meta, points = tables.memory_points(FIG4_JSON)
+    fig = figures.plot_fig4(meta, points, tmp_path / "again.png")
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -333,9 +334,77 @@ def test_fig4_reads_the_memory_benchmark_and_overlays_the_paper(tmp_path, capsys
 def test_wandb_table_is_logged_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     rows = [{"T": 2, "paper": "73.40", "ours final": "72.00", "_final_mean": 72.0}]
-    where = rp.log_wandb("table3", rows, mode="offline", run_dir=tmp_path)
+    where = tables.log_wandb("table3", rows, mode="offline", run_dir=tmp_path)
     assert str(tmp_path) in where
     assert list(tmp_path.rglob("*.wandb"))  # the offline run file, nothing sent
+
+
+# ------------------------------------------------------------------------------- the energy report
+
+
+def write_energy_run(run_dir, overrides, acc, metrics: dict | None):
+    """A completed one-epoch run whose record carries ``metrics`` (the SNN metrics), or none."""
+    cfg = compose_config(*overrides, "dataset.epochs=1", output_dir=run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record = {"epoch": 1, "test/acc1": acc, "train/acc1": acc, **(metrics or {})}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (run_dir / "status.json").write_text(json.dumps({"status": "completed", "epoch": 1}))
+
+
+def snn(rate0, rate1, sops, macs):
+    return {
+        "firing_rate/blocks.0.neuron": rate0,
+        "firing_rate/blocks.1.neuron": rate1,
+        "firing_rate/all": (rate0 + rate1) / 2,
+        "spikes/per_sample": 1000.0,
+        "sops/total": sops,
+        "macs/total": macs,
+        "energy/total_uj": (sops * 0.9 + macs * 4.6) * 1e-6,
+    }
+
+
+def test_energy_table_averages_seeds_and_divides_by_the_fp_snn(tmp_path, capsys):
+    write_energy_run(
+        tmp_path / "fp",
+        [*paper.METHOD_OVERRIDES["fp_snn"], "engine.T=4"],
+        0.9,
+        snn(0.2, 0.4, 2e6, 1e5),
+    )
+    write_energy_run(tmp_path / "t0", ["engine.T=4", "seed=0"], 0.8, snn(0.1, 0.2, 1e6, 1e5))
+    write_energy_run(tmp_path / "t1", ["engine.T=4", "seed=1"], 0.9, snn(0.1, 0.4, 3e6, 1e5))
+    write_energy_run(tmp_path / "t2", ["engine.T=2"], 0.7, snn(0.1, 0.1, 0.5e6, 0.5e5))
+    write_energy_run(tmp_path / "old", ["engine.T=6"], 0.7, None)  # logged no SNN metrics
+    figure = tmp_path / "firing.png"
+    report_cli.main(
+        ["energy", str(tmp_path), "--figure", str(figure), "--csv", str(tmp_path / "e.csv")]
+    )
+    out = capsys.readouterr().out
+    rows = {(r["method"], r["T"]): r for r in _csv_rows(tmp_path / "e.csv")}
+    fp, tbso4, tbso2 = rows[("FP-SNN (BPTT)", "4")], rows[("T-BSO", "4")], rows[("T-BSO", "2")]
+    fp_energy = (2e6 * 0.9 + 1e5 * 4.6) * 1e-6
+    assert fp["energy (uJ)"] == f"{fp_energy:.3f}" and fp["vs FP-SNN"] == "1.00x"
+    assert tbso4["accuracy (%)"] == "85.00 +- 7.07" and tbso4["runs"] == "2/2"
+    # the mean of the seeds' firing_rate/all
+    assert tbso4["firing rate (%)"] == f"{100 * (0.15 + 0.25) / 2:.2f}"
+    assert tbso4["SOPs (M)"] == "2.000" and tbso4["MACs (M)"] == "0.100"
+    assert tbso4["vs FP-SNN"] == f"{(2e6 * 0.9 + 1e5 * 4.6) / (2e6 * 0.9 + 1e5 * 4.6):.2f}x"
+    t2_energy = (0.5e6 * 0.9 + 0.5e5 * 4.6) * 1e-6
+    assert tbso2["vs FP-SNN"] == f"{t2_energy / fp_energy:.2f}x (T=4)"  # nearest T, named
+    assert rows[("T-BSO", "6")]["energy (uJ)"] == "-" and rows[("T-BSO", "6")]["runs"] == "0/1"
+    assert "0.9 pJ and 4.6 pJ" in out and figure.stat().st_size > 0
+
+
+def test_energy_report_rejects_options_that_do_not_apply(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        report_cli.main(["energy", str(tmp_path), "--digits"])
+    assert (
+        exc.value.code == 2 and "--digits, --with and --by do not apply" in capsys.readouterr().err
+    )
+
+
+def _csv_rows(path):
+    return list(csv.DictReader(path.open()))
 
 
 def test_reproduce_mini_cut_down(tmp_path):

@@ -316,8 +316,7 @@ def test_the_runs_report_skips_evaluations_and_its_commands_name_real_files(fini
     run_dir = _copy(finished, tmp_path / "runs" / "trained")
     evaluate_checkpoint(compose_config(f"checkpoint={run_dir / 'best.pt'}", config_name="eval",
                                        output_dir=tmp_path / "runs" / "evaluated"), overrides=[])
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import report as report_cli
+    from bso.report import cli as report_cli
 
     title, rows, _, _ = report_cli.build(report_cli.parse_args(["runs", str(tmp_path / "runs")]))
     assert title.startswith("1 runs") and rows[0]["runs"] == "1"

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from bso import paper
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.layers import named_binary_parameters
 from bso.models import SpikingVGG
 from bso.optim import BSO, TBSO, PlainOptimizer, build_router
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("bptt_latent", "bso", "tbso")
+METHODS = tuple(paper.FIG4_METHODS)  # bptt_latent, bso, tbso
 
 
 def build_method(

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 import torch
-from _common import ROOT, timed_batch
+from _common import timed_batch
 from hydra.utils import instantiate
 
-sys.path.insert(0, str(ROOT / "tests"))
-from bso.optim import build_optimizer  # noqa: E402
-from conftest import compose_config  # noqa: E402
+from bso.compose import compose_config
+from bso.optim import build_optimizer
 
 
 def build(order: str, lean: bool, T: int, device: torch.device):

@@ -26,9 +26,8 @@ from pathlib import Path
 
 from _common import METHODS, ROOT, build_method, device_meta, resolve_device
 
+from bso import paper
 from bso.metrics.memory import PERSISTENT_ROLES
-
-PAPER_GB = {"bptt_latent": {1: 2.86, 35: 58.18}, "bso": {"all": 2.9}, "tbso": {"all": 3.1}}
 
 
 def measure(method: str, T: int, batch: int, layers: str, device_name: str, lean=True) -> dict:
@@ -77,7 +76,7 @@ def accounted_bytes(p: dict) -> float:
     """Tensor-level training memory: persistent state (weights, gradients, optimizer state,
     buffers) plus the activation peak. Deterministic on any device, unlike process RSS."""
     held = [r for r in PERSISTENT_ROLES if r != "binary_weights_1bit"]
-    persistent = sum(p["persistent"].get(r, 0) for r in held)  # (older files lack new roles)
+    persistent = sum(p["persistent"].get(r, 0) for r in held)  # a role not listed: none held
     return persistent + p["activation_peak_bytes"]
 
 
@@ -94,7 +93,6 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    labels = {"bptt_latent": "BPTT (latent weights)", "bso": "BSO", "tbso": "T-BSO"}
     for method in METHODS:
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["T"])
         if not pts:
@@ -106,7 +104,7 @@ def plot(points: list[dict], path: Path) -> None:
             [p["activation_peak_bytes"] for p in pts],
         )
         for ax, values in zip(axes, series, strict=True):
-            ax.plot(Ts, [v / 1e9 for v in values], "o-", label=labels[method])
+            ax.plot(Ts, [v / 1e9 for v in values], "o-", label=paper.FIG4_METHODS[method])
     kind = (
         "peak CUDA allocated"
         if "cuda_peak_allocated_bytes" in points[0]
@@ -198,7 +196,7 @@ def main() -> None:
         "batch": batch,
         "layers": args.layers,
         "lean": not args.plain,
-        "paper_gb": PAPER_GB,
+        "paper_gb": paper.fig4_paper_gb(),  # Figure 4's points (bso.paper.FIG4)
     }
     write_outputs(points, meta, args.out)
 

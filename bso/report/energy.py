@@ -1,4 +1,4 @@
-"""The energy report (``python scripts/report.py energy ROOT``): for every setting under ROOT, its
+"""The energy report (``bso-report energy ROOT``): for every setting under ROOT, its
 accuracy, firing rate, synaptic operations and energy per sample (bso.metrics.snn, the final
 epoch's evaluation, mean over seeds), and the ratio to the full-precision SNN of the same
 architecture; and a figure of the firing rate of each spiking layer (docs/metrics.md)."""
@@ -14,27 +14,39 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from bso import paper
-from bso.report import Run, Summary, _class, fmt_stats, identity, method_of
+from bso.report.figures import pyplot
+from bso.report.runs import RunRecord, Summary, fmt_stats, identity, method_of, target_class
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METRICS = ("firing_rate/all", "spikes/per_sample", "sops/total", "macs/total", "energy/total_uj")
+# model keys a full-precision twin may differ in: the weights and the gate of the binary methods
+NOT_ARCHITECTURE = (
+    "name",
+    "weights",
+    "agmm",
+    "agmm_num_steps",
+    "agmm_statistic",
+    "agmm_learnable_alpha",
+)
 
 
-def final_metrics(run: Run) -> dict | None:
+def final_metrics(run: RunRecord) -> dict | None:
     """The SNN metrics of the run's final epoch, or None if it logged none (metrics.snn=false)."""
     if not run.records or "energy/total_uj" not in run.records[-1]:
         return None
-    return {k: v for k, v in run.records[-1].items() if k.split("/")[0] in
-            ("firing_rate", "spikes", "sops", "macs", "energy")}
+    return {
+        k: v
+        for k, v in run.records[-1].items()
+        if k.split("/")[0] in ("firing_rate", "spikes", "sops", "macs", "energy")
+    }
 
 
-def architecture(run: Run) -> str:
+def architecture(run: RunRecord) -> str:
     """The model config without its weight mode and name: what a full-precision twin shares."""
     model = OmegaConf.to_container(run.cfg.model, resolve=True)
-    for key in ("name", "weights", "agmm", "agmm_num_steps", "agmm_statistic",
-                "agmm_learnable_alpha"):
+    for key in NOT_ARCHITECTURE:
         model.pop(key, None)
     if isinstance(model.get("neuron"), dict):  # the float order follows the optimizer, not the net
         model["neuron"].pop("float_order", None)
@@ -45,10 +57,10 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def energy_rows(runs: Sequence[Run]) -> list[dict]:
+def energy_rows(runs: Sequence[RunRecord]) -> list[dict]:
     """One row per setting (seeds aggregated: metrics averaged over its completed runs that logged
     them), sorted by dataset, architecture, method and T."""
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         groups.setdefault(identity(run.cfg), []).append(run)
     rows = []
@@ -56,35 +68,50 @@ def energy_rows(runs: Sequence[Run]) -> list[dict]:
         cfg = members[0].cfg
         summary = Summary(members)
         measured = [m for m in (final_metrics(r) for r in summary.done) if m is not None]
-        mean = {k: _mean([m[k] for m in measured if k in m]) for k in measured[0]} if measured else {}
-        layers = [k.split("/", 1)[1] for k in mean if k.startswith("firing_rate/") and k != "firing_rate/all"]
-        rows.append({
-            "dataset": cfg.dataset.name,
-            "model": cfg.model.get("name") or _class(cfg.model.get("_target_")),
-            "method": paper.METHOD_NAMES.get(method_of(cfg), method_of(cfg)),
-            "T": int(cfg.engine.T),
-            "accuracy (%)": fmt_stats(summary.final, len(summary.done)),
-            "firing rate (%)": _fmt(mean.get("firing_rate/all"), 100, ".2f"),
-            "spikes / sample": _fmt(mean.get("spikes/per_sample"), 1, ".0f"),
-            "SOPs (M)": _fmt(mean.get("sops/total"), 1e-6, ".3f"),
-            "MACs (M)": _fmt(mean.get("macs/total"), 1e-6, ".3f"),
-            "energy (uJ)": _fmt(mean.get("energy/total_uj"), 1, ".3f"),
-            "vs FP-SNN": "-",
-            "runs": f"{len(measured)}/{len(summary.done)}" + (
-                f" (+{len(summary.unfinished)} unfinished)" if summary.unfinished else ""),
-            "_method": method_of(cfg),
-            "_arch": architecture(members[0]),
-            "_energy": mean.get("energy/total_uj"),
-            "_firing": {layer: mean[f"firing_rate/{layer}"] for layer in layers},
-        })
+        mean = (
+            {k: _mean([m[k] for m in measured if k in m]) for k in measured[0]} if measured else {}
+        )
+        layers = [
+            k.split("/", 1)[1]
+            for k in mean
+            if k.startswith("firing_rate/") and k != "firing_rate/all"
+        ]
+        rows.append(
+            {
+                "dataset": cfg.dataset.name,
+                "model": cfg.model.get("name") or target_class(cfg.model.get("_target_")),
+                "method": paper.METHOD_NAMES.get(method_of(cfg), method_of(cfg)),
+                "T": int(cfg.engine.T),
+                "accuracy (%)": fmt_stats(summary.final, len(summary.done)),
+                "firing rate (%)": _fmt(mean.get("firing_rate/all"), 100, ".2f"),
+                "spikes / sample": _fmt(mean.get("spikes/per_sample"), 1, ".0f"),
+                "SOPs (M)": _fmt(mean.get("sops/total"), 1e-6, ".3f"),
+                "MACs (M)": _fmt(mean.get("macs/total"), 1e-6, ".3f"),
+                "energy (uJ)": _fmt(mean.get("energy/total_uj"), 1, ".3f"),
+                "vs FP-SNN": "-",
+                "runs": f"{len(measured)}/{len(summary.done)}"
+                + (f" (+{len(summary.unfinished)} unfinished)" if summary.unfinished else ""),
+                "_method": method_of(cfg),
+                "_arch": architecture(members[0]),
+                "_energy": mean.get("energy/total_uj"),
+                "_firing": {layer: mean[f"firing_rate/{layer}"] for layer in layers},
+            }
+        )
     for row in rows:  # the full-precision SNN of the same architecture: same T, else the nearest
-        twins = [r for r in rows if r["_method"] == "fp_snn" and r["_arch"] == row["_arch"]
-                 and r["_energy"]]
+        twins = [
+            r
+            for r in rows
+            if r["_method"] == "fp_snn" and r["_arch"] == row["_arch"] and r["_energy"]
+        ]
         if twins and row["_energy"] is not None:
             twin = min(twins, key=lambda r: (abs(r["T"] - row["T"]), r["T"]))
             ratio = row["_energy"] / twin["_energy"]
-            row["vs FP-SNN"] = f"{ratio:.2f}x" + ("" if twin["T"] == row["T"] else f" (T={twin['T']})")
-    rows.sort(key=lambda r: (r["dataset"], r["_arch"], r["_method"] != "fp_snn", r["method"], r["T"]))
+            row["vs FP-SNN"] = f"{ratio:.2f}x" + (
+                "" if twin["T"] == row["T"] else f" (T={twin['T']})"
+            )
+    rows.sort(
+        key=lambda r: (r["dataset"], r["_arch"], r["_method"] != "fp_snn", r["method"], r["T"])
+    )
     return rows
 
 
@@ -94,9 +121,7 @@ def _fmt(value: float | None, scale: float, spec: str) -> str:
 
 def firing_rate_figure(rows: Sequence[dict], path: Path) -> Figure:
     """Firing rate (%) of each spiking layer, one line per setting, written to ``path``."""
-    from bso.report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     plotted = [r for r in rows if r["_firing"]]
     if not plotted:
         raise ValueError("no run logged firing rates (metrics.snn=true); nothing to plot")
@@ -108,8 +133,13 @@ def firing_rate_figure(rows: Sequence[dict], path: Path) -> Figure:
         label = f"{row['method']} T={row['T']}"
         if len({r["model"] for r in plotted}) > 1 or len({r["dataset"] for r in plotted}) > 1:
             label += f" ({row['dataset']}, {row['model']})"
-        ax.plot(short, [100 * row["_firing"][k] for k in layers], marker=markers[i % len(markers)],
-                linestyle="-" if i < 10 else "--", label=label)
+        ax.plot(
+            short,
+            [100 * row["_firing"][k] for k in layers],
+            marker=markers[i % len(markers)],
+            linestyle="-" if i < 10 else "--",
+            label=label,
+        )
     ax.set_xlabel("spiking layer (in forward order)")
     ax.set_ylabel("firing rate (% of neurons x time steps)")
     ax.set_title("Per-layer firing rate on the test set (final epoch)")

@@ -1,5 +1,5 @@
 """``bso-report`` (``python scripts/report.py`` in a checkout): the paper's tables and figures from
-run directories, side by side with the paper's numbers.
+run directories, side by side with the paper's numbers (bso.paper).
 
     bso-report table2 outputs/               # Table 2: every dataset, method and T
     bso-report table3 outputs/ --figure t3.png        # accuracy vs gamma (log axis)
@@ -35,14 +35,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from bso import paper, report_energy
-from bso import report as rp
+from bso import paper
+from bso.report import energy, figures, matching, tables
+from bso.report.runs import load_runs
 
-# fig4's default input: the memory benchmark's results (scripts/report.py: the checkout's)
+# fig4's default input: the memory benchmark's results, relative to the working directory
+# (scripts/report.py passes the checkout's)
 FIG4_JSON = Path("benchmarks/results/memory_vs_T.json")
 COMMANDS = ("runs", "energy", *paper.ARTEFACTS)
 FIGURES = ("table3", "table4", "fig4", "fig5", "energy")
-
 
 
 def add_with_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -51,9 +52,11 @@ def add_with_option(parser: argparse.ArgumentParser, help: str) -> None:
         "--with", dest="extra", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+
+def parse_args(argv: list[str], fig4_json: Path = FIG4_JSON) -> argparse.Namespace:
+    """The command line, checked: a wrong combination of options exits with a message."""
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv = ["runs", *argv]  # `report.py outputs/`: the runs listing, as before
+        argv = ["runs", *argv]  # `bso-report outputs/`: the runs listing
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -98,11 +101,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if "=" not in extra:
             parser.error(f"--with expects KEY=VALUE, got {extra!r}")
     if args.root is None:
-        args.root = (
-            FIG4_JSON
-            if args.artefact == "fig4"
-            else Path("outputs")
-        )
+        args.root = fig4_json if args.artefact == "fig4" else Path("outputs")
     if args.artefact != "fig4" and not args.root.is_dir():
         parser.error(f"{args.root} is not a directory (give the directory your runs are under)")
     return args
@@ -111,28 +110,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def build(args: argparse.Namespace):
     """(title, rows, columns, the matplotlib figure written to --figure or None)."""
     if args.artefact == "fig4":
-        meta, points = rp.memory_points(args.root)
-        rows = rp.fig4_rows(points)
-        fig = rp.plot_fig4(meta, points, args.figure) if args.figure else None
+        meta, points = tables.memory_points(args.root)
+        rows = tables.fig4_rows(points)
+        fig = figures.plot_fig4(meta, points, args.figure) if args.figure else None
         return paper.TITLES["fig4"], rows, None, fig
 
-    runs = rp.load_runs(args.root)
+    runs = load_runs(args.root)
     if args.artefact == "energy":
-        rows = report_energy.energy_rows(runs)
+        rows = energy.energy_rows(runs)
         if not rows:
             raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")
-        fig = report_energy.firing_rate_figure(rows, args.figure) if args.figure else None
-        return report_energy.ENERGY_TITLE, rows, None, fig
+        fig = energy.firing_rate_figure(rows, args.figure) if args.figure else None
+        return energy.ENERGY_TITLE, rows, None, fig
     if args.artefact == "runs":
         if not runs:
             raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")
-        rows, keys = rp.runs_rows(runs)
-        fig = rp.runs_figure(rows, keys, args.by, args.figure) if args.figure else None
+        rows, keys = tables.runs_rows(runs)
+        fig = figures.runs_figure(rows, keys, args.by, args.figure) if args.figure else None
         return f"{len(runs)} runs under {args.root}", rows, None, fig
 
-    cells = rp.prepare_cells(args.artefact, digits=args.digits, extra=args.extra)
-    rows = rp.cell_rows(args.artefact, cells, rp.match(cells, runs))
-    fig = rp.artefact_figure(args.artefact, cells, rows, args.figure) if args.figure else None
+    cells = matching.prepare_cells(args.artefact, digits=args.digits, extra=args.extra)
+    rows = matching.cell_rows(args.artefact, cells, matching.match(cells, runs))
+    fig = figures.artefact_figure(args.artefact, cells, rows, args.figure) if args.figure else None
     title = paper.TITLES[args.artefact]
     if args.digits:
         where = sorted({paper.DATASET_NAMES[c.paper_dataset] for c in cells})
@@ -146,24 +145,25 @@ def build(args: argparse.Namespace):
     return title, rows, None, fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, fig4_json: Path = FIG4_JSON) -> None:
+    """Parse ``argv`` (default: the command line), print the table, write the files asked for."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, fig4_json)
     try:
         title, rows, columns, fig = build(args)
     except (ValueError, FileNotFoundError) as err:  # e.g. --by a key no run swept
         raise SystemExit(f"bso-report {args.artefact}: {err}") from err
-    text = f"{title}\n\n{rp.markdown(rows, columns)}"
+    text = f"{title}\n\n{tables.markdown(rows, columns)}"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
-        args.csv.write_text(rp.to_csv(rows))
+        args.csv.write_text(tables.to_csv(rows))
     if fig:
         print(f"\nwrote {args.figure}")
     if args.wandb:
-        where = rp.log_wandb(
+        where = tables.log_wandb(
             args.artefact,
             rows,
             [args.figure] if fig else [],
