@@ -161,6 +161,88 @@ def test_reduced_metrics_are_what_the_ranks_saw_together(two_ranks, name):
     assert r0["test"]["loss"] == pytest.approx(single["loss"], rel=1e-6)
 
 
+# --- lean mode under DDP: the fused update's own averaging flips what DDP's all-reduce flips -------
+
+# (overrides) of per-step runs trained twice on the same 2 shards: engine.lean=true (packed weights
+# flipped inside backward, which averages their gradients over the ranks itself) and
+# engine.lean=false (float +-1 weights: DDP averages every gradient, then optimizer.step flips). BSO's
+# flip test W * M > gamma is not scale-free, so a gradient summed over the ranks instead of averaged
+# flips other weights; T-BSO's momentum M doubles with it.
+LEAN_VS_PLAIN = {
+    "tbso": ["engine.T=2"],
+    "bso": ["optimizer=bso", "engine.T=2", "model.init=pytorch"],
+}
+
+
+def _lean_vs_plain_worker(rank: int, ports: list[int], out_dir: str) -> None:
+    from pathlib import Path
+
+    from bso.train import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    runs = [(name, lean) for name in LEAN_VS_PLAIN for lean in ("true", "false")]
+    for port, (name, lean) in zip(ports, runs, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        overrides = [*LEAN_VS_PLAIN[name], f"engine.lean={lean}", "dataset.epochs=1", "metrics.snn=false"]
+        train(compose_config(*overrides, output_dir=Path(out_dir) / f"{name}_lean_{lean}"),
+              overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def lean_vs_plain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lean_vs_plain")
+    ports = [_free_port() for _ in range(2 * len(LEAN_VS_PLAIN))]
+    mp.spawn(_lean_vs_plain_worker, args=(ports, str(out)), nprocs=WORLD, join=True)
+    runs = {}
+    for name in LEAN_VS_PLAIN:
+        for lean in ("true", "false"):
+            run = out / f"{name}_lean_{lean}"
+            runs[name, lean == "true"] = {
+                "checkpoint": torch.load(run / "last.pt", weights_only=False),
+                "records": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()],
+            }
+    return runs
+
+
+def _assert_equal_nested(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal_nested(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal_nested(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("name", list(LEAN_VS_PLAIN))
+def test_two_rank_lean_mode_flips_bitwise_what_plain_ddp_flips(lean_vs_plain, name):
+    lean, plain = lean_vs_plain[name, True], lean_vs_plain[name, False]
+    # the same flips in every layer, the same loss and accuracy (epoch 1, reduced over the ranks)
+    (record_lean,), (record_plain,) = lean["records"], plain["records"]
+    flip_keys = [k for k in record_plain if k.startswith("flip_rate/")]
+    assert len(flip_keys) == 4 and record_plain["flip_rate/all"] > 0  # 3 binary convs + all
+    for key in ("train/loss", "train/acc1", "test/loss", "test/acc1", *flip_keys):
+        assert record_lean[key] == record_plain[key], key
+    # the same +-1 weights, BatchNorm statistics and classifier, bit for bit ...
+    model_lean, model_plain = lean["checkpoint"]["model"], plain["checkpoint"]["model"]
+    _assert_equal_nested(model_lean, model_plain, "model")
+    binary = lean["checkpoint"]["binary_weights"]
+    assert len(binary) == 3
+    for key in binary:
+        assert set(model_lean[key].unique().tolist()) == {-1.0, 1.0}
+    # ... and the same optimizer state: momentum M (and T-BSO's v_l[t]) of every binary weight
+    _assert_equal_nested(lean["checkpoint"]["optimizer"], plain["checkpoint"]["optimizer"], "optimizer")
+    momenta = [s["momentum"] for s in lean["checkpoint"]["optimizer"]["binary"]["state"].values()]
+    assert len(momenta) == 3 and all(m.abs().sum() > 0 for m in momenta)
+
+
 def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` (gloo): one run directory, written by rank 0; the
     other rank's Hydra directory (in the temp dir) is removed."""
