@@ -272,7 +272,7 @@ def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1  # one writer
-    assert 0.5 < records[0]["test/acc1"] <= 1.0
+    assert records[0]["test/acc1"] > 0.5  # learnt (chance: 0.1)
     assert not list(tmp.glob("bso-rank*"))  # rank 1's throwaway Hydra directory is gone
     log = (run / "train.log").read_text()
     assert log.count("epoch   1/1") == 1 and "2 processes" in log
@@ -343,8 +343,17 @@ def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
         monkeypatch.delenv(key)
     assert distributed.export_slurm_env()
     assert distributed.torchrun_env() == {"rank": 1, "local_rank": 1, "world_size": 2}
-    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    port = os.environ["MASTER_PORT"]
     assert not distributed.export_slurm_env()  # torchrun's variables, once set, win
+    # the other task of the job (rank 0) meets rank 1 at the same address and port
+    for key in LAUNCH_ENV:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert distributed.export_slurm_env()
+    assert distributed.torchrun_env() == {"rank": 0, "local_rank": 0, "world_size": 2}
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu07", port)
 
 
 def test_resume_under_torchrun_continues_exactly(tmp_path):
