@@ -49,9 +49,8 @@ def test_resnet18_size_matches_the_paper_within_0_1_mb():
     # 32-bit: stem 3*64*9 + BN 128; downsample 1x1 (64*128 + 128*256 + 256*512) + BN 1,792;
     # block BNs 2 x 3,840; FC 512*1000 + 1000  => 696,360 x 4 B = 2.785 MB
     assert size.full_precision_params == 696_360
-    assert (
-        abs(size.size_mb - 4.22) < 0.1
-    )  # 4.16 MB (the paper's 4.22 counts some detail differently)
+    # 1,373,184 B + 2,785,440 B = 4.16 MB (the paper's 4.22 counts some detail differently)
+    assert size.size_mb == pytest.approx(4.158624, abs=1e-9)
 
 
 def test_resnet19_and_vgg11_ws_sizes():
@@ -60,9 +59,7 @@ def test_resnet19_and_vgg11_ws_sizes():
     # 512 wide: 256*512*9 + 3 x 512*512*9
     assert r19.binary_params == 6 * 147_456 + 294_912 + 5 * 589_824 + 1_179_648 + 3 * 2_359_296
     ws = model_size(SpikingVGG(VGG11, num_classes=10, norm="none", weight_standardization=True))
-    assert (
-        ws.binary_params == 9_216_000 and round(ws.size_mb, 2) == 1.19
-    )  # no BN, a gain per channel
+    assert ws.binary_params == 9_216_000 and round(ws.size_mb, 2) == 1.19  # no BN, a gain per channel
 
 
 # --- construction and one training step ---------------------------------------------------------
@@ -82,15 +79,13 @@ def test_layer_list_parsing_and_errors():
         parse_layers("AP2-64C3")
 
 
-def test_vgg11_forward_shape_on_cifar_sized_input():
-    model = SpikingVGG(VGG11, in_channels=3, num_classes=100)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
-
-
+@pytest.mark.parametrize(
+    ("in_channels", "size", "classes"), [(3, 32, 100), (2, 48, 7)], ids=["cifar100", "dvs"]
+)
 @pytest.mark.parametrize("model_cls", [SpikingVGG, BiRealResNet18, SpikingResNet19])
-def test_models_take_dvs_inputs_and_any_number_of_classes(model_cls):
-    model = model_cls(in_channels=2, num_classes=7)
-    assert model(torch.rand(2, 2, 48, 48)).shape == (2, 7)
+def test_models_take_cifar_and_dvs_inputs_and_any_number_of_classes(model_cls, in_channels, size, classes):
+    model = model_cls(in_channels=in_channels, num_classes=classes)
+    assert model(torch.rand(2, in_channels, size, size)).shape == (2, classes)
 
 
 @pytest.mark.parametrize("engine", ["online", "bptt"])
