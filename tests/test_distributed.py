@@ -1,9 +1,12 @@
 """Data-parallel training with 2 gloo processes on the CPU (bso.distributed).
 
 Each worker trains vgg_tiny on its shard of the embedded digits for one epoch and saves what it
-holds; the test compares the ranks: the same +-1 weights (DDP averaged every backward's gradients
+holds; the tests compare the ranks: the same +-1 weights (DDP averaged every backward's gradients
 before the flip rule), the reduced metrics equal to what the ranks saw together, and the sharded
-evaluation equal to evaluating the whole test set in one process.
+evaluation equal to evaluating the whole test set in one process. The lean mode (engine.lean=true,
+flips inside backward on gradients it averages over the ranks itself) trains bit for bit what the
+plain mode (engine.lean=false: DDP's all-reduce, then optimizer.step) trains on the same shards.
+Then torchrun itself: one run directory, resume, and a mid-epoch interruption.
 """
 
 from __future__ import annotations
@@ -86,7 +89,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     "state": model.state_dict(),
                     "train": train_m,
                     "test": test_m,
-                    "fused_update": getattr(engine, "fused_update", False),
                     "train_indices": list(train_loader.sampler),
                     "test_indices": list(test_loader.sampler),
                 },
@@ -109,9 +111,8 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_ranks_hold_identical_weights_after_training(two_ranks, name):
     r0, r1 = two_ranks[name]
-    # T-BSO per step runs the lean mode (the default): flips inside backward on gradients the fused
-    # update averages over the ranks itself; the other two keep float weights and DDP's all-reduce
-    assert r0["fused_update"] == (name == "tbso_per_step")
+    # T-BSO per step runs the lean mode (the default: flips inside backward on gradients it averages
+    # over the ranks itself); the other two keep float weights and DDP's all-reduce
     # every tensor the same on both ranks: +-1 (or latent) weights, BN affine and running stats
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
