@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train eval test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-memopt bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train eval test-fast test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-memopt bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -31,7 +31,11 @@ eval: install  ## evaluate a saved model on its test set: make eval CKPT=outputs
 	@test -n "$(CKPT)" || { echo "make eval: give the checkpoint, e.g. make eval CKPT=outputs/runs/<run>/best.pt" >&2; exit 1; }
 	$(PYTHON) eval.py checkpoint=$(CKPT) $(ARGS)
 
-test: install-dev  ## run the test suite (CPU, no network; `slow` checks deselected); fails if no test runs
+test-fast: install-dev  ## unit and golden tests, the inner loop (< 1 min on 2 cores; not `integration`, not `slow`)
+	@$(PYTHON) -m pytest -m "not slow and not integration" $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test: install-dev  ## unit, golden and integration tests, what CI runs (< 10 min on 2 cores; not `slow`)
 	@$(PYTHON) -m pytest -m "not slow" $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

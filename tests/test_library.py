@@ -53,8 +53,8 @@ def router(model, gamma=0.0, T=T):
 
 def test_public_api_and_version():
     assert set(bso.__all__) >= {"BSO", "TBSO", "CaseOptimizer", "convert", "make_lean", "online_step"}
-    for name in bso.__all__:
-        assert getattr(bso, name) is not None
+    for name in set(bso.__all__) - {"__version__"}:  # classes and functions
+        assert callable(getattr(bso, name)), name
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert bso.__version__ == version
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -95,7 +95,7 @@ def test_init_sign_takes_the_sign_of_the_current_weights():
     before = net[3].weight.detach().clone()
     model = bso.convert(net, init="sign")
     assert torch.equal(model[3].weight, torch.where(before >= 0, 1.0, -1.0))
-    assert torch.equal(model[0].weight, net[0].weight) or model[0].weight.shape == (4, 1, 3, 3)
+    assert torch.equal(model[0].weight, net[0].weight)  # full precision: the weights as they were
 
 
 def test_weight_gradient_comes_from_the_presynaptic_trace_through_pool_and_flatten():
@@ -139,10 +139,16 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
             return self.head(self.fc(self.op(self.lif(self.conv(x)))))
 
     x, y = batch()
-    model = bso.convert(Net(lambda s: s.view(s.shape[0], -1)))
-    opt = router(model)
-    bso.online_step(model, opt, x, y, t=0, T=T)
-    assert model.fc.weight.grad is not None
+    grads = []
+    for op in (lambda s: s.view(s.shape[0], -1), lambda s: s.flatten(1)):
+        torch.manual_seed(3)
+        model = bso.convert(Net(op))
+        opt = router(model)
+        for t in range(2):  # t=1: the trace is no longer the spikes
+            bso.online_step(model, opt, x, y, t=t, T=T)
+        grads.append(model.fc.weight.grad)
+    # the view is followed as flatten is: the same trace, the same weight gradient
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
     model = bso.convert(Net(lambda s: (2 * s).flatten(1)))
     with pytest.raises(RuntimeError, match=r"fc \(ConvertedLinear\) runs after the spiking neuron lif"):
@@ -158,8 +164,17 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
                       nn.Flatten(), nn.Linear(128, 5)),
         full_precision=["0"],
     )
+    seen = {}
+
+    def keep(module, args, out):
+        seen["input"] = args[0].detach()
+        out.register_hook(lambda g: seen.update(delta=g))
+
+    seq[4].register_forward_hook(keep)
     bso.online_step(seq, router(seq), x, y, t=0, T=T)
-    assert seq[4].weight.grad is not None and seq[2].weight.grad is not None
+    # the linear's gradient is delta^T @ its input (the conv's values, as autograd has it)
+    torch.testing.assert_close(seq[4].weight.grad, seen["delta"].t() @ seen["input"], rtol=1e-5, atol=1e-7)
+    assert seq[2].weight.grad.abs().sum() > 0  # the binary conv after the neuron: from its trace
     # evaluation needs no trace
     with torch.no_grad():
         assert model(x).shape == (8, 5)

@@ -160,7 +160,7 @@ def run_graph(graph: nir.NIRGraph, x: torch.Tensor, T: int) -> tuple[torch.Tenso
     return summed, spikes
 
 
-def test_binary_weights_export_keeps_pm1_weights_with_per_channel_thresholds(tmp_path):
+def test_binary_weights_export_keeps_pm1_weights_with_per_channel_thresholds(tmp_path, capsys):
     """binary_weights=True: the binary convs' NIR weights are exactly +-1, BatchNorm's scale is in
     the LIF thresholds; running the graph as NIR defines it (soft reset from the metadata) gives
     bso's spikes and logits (float64)."""
@@ -180,7 +180,9 @@ def test_binary_weights_export_keeps_pm1_weights_with_per_channel_thresholds(tmp
     for t in range(4):
         for layer, name in enumerate(our_spikes):
             assert torch.equal(their_spikes[t][layer], our_spikes[name][t]), (t, name)
-    with pytest.raises(SystemExit):  # spikingjelly's importer takes one threshold per layer
-        import export_nir  # scripts/
+    import export_nir  # scripts/
 
+    with pytest.raises(SystemExit) as exit_:  # spikingjelly's importer takes one threshold per layer
         export_nir.parse_args(["run", "out.nir", "--binary-weights", "--check", "8"])
+    assert exit_.value.code == 2
+    assert "--check re-imports with spikingjelly's importer" in capsys.readouterr().err

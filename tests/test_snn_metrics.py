@@ -107,11 +107,23 @@ def test_hooks_leave_the_evaluation_unchanged_and_are_removed():
     model = SpikingVGG("4C3-8C3-AP2", in_channels=1, num_classes=3).eval()
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
     plain = evaluate(model, [(x, y)], 3, torch.device("cpu"))
+    spikes, outputs = [], []  # counted by hand: every neuron output of every step
+
+    def count(module, args, out):
+        spikes.append(float(out.sum()))
+        outputs.append(out.numel())
+
+    ours = [block.neuron.register_forward_hook(count) for block in model.blocks]
     with SNNCounter(model, T=3) as counter:
         hooked = evaluate(model, [(x, y)], 3, torch.device("cpu"))
+    for handle in ours:
+        handle.remove()
     assert plain == hooked
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert 0 < counter.record()["firing_rate/all"] < 1
+    record = counter.record()
+    assert len(spikes) == 3 * 2 and 0 < sum(spikes) < sum(outputs)  # some fire, not all
+    assert record["firing_rate/all"] == pytest.approx(sum(spikes) / sum(outputs), rel=1e-12)
+    assert record["spikes/per_sample"] == pytest.approx(sum(spikes) / 5, rel=1e-12)
 
 
 def test_config_switch_and_bad_energy_values():
@@ -137,8 +149,11 @@ def test_a_digits_epoch_logs_the_metrics(tmp_path):
     )
     train(cfg, overrides=[])
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    for block in range(2):
-        assert 0 < record[f"firing_rate/blocks.{block}.neuron"] < 1
+    # 8 x 8 x 8 and 16 x 8 x 8 neurons per sample, T=2 steps: the rates weigh them so
+    rates = [record[f"firing_rate/blocks.{block}.neuron"] for block in range(2)]
+    assert all(rate > 0 for rate in rates)  # both layers fire
+    assert record["spikes/per_sample"] == pytest.approx(2 * (512 * rates[0] + 1024 * rates[1]), rel=1e-9)
+    assert record["firing_rate/all"] == pytest.approx((512 * rates[0] + 1024 * rates[1]) / 1536, rel=1e-9)
     assert record["macs/blocks.0.conv"] == 8 * 64 * 9 * 2  # 8 channels x 8x8 x fan-in 9 x T
     assert record["macs/classifier"] == 16 * 10 * 2
     assert record["sops/blocks.1.conv"] == record["sops/total"] > 0

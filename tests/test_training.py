@@ -1,4 +1,5 @@
-"""End to end on the embedded digits (CPU): learning, +-1 weights, schedules, run directory."""
+"""End to end on the embedded digits (CPU): learning, +-1 weights, schedules, run directory; the
+evaluation's top-1 / top-5; a run's weights from another run (init_from, eval_only)."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from bso.layers import binary_weight_values, named_binary_parameters
-from bso.train import train
+from bso.train import evaluate_checkpoint, train
 from conftest import compose_config
 
 
@@ -83,3 +84,99 @@ def test_hyperparameter_decay_and_cosine_lr_are_applied_at_epoch_ends(tmp_path):
     lrs = [r["lr"] for r in records]
     assert lrs == pytest.approx([0.1, 0.075, 0.025])  # cosine over 3 epochs
     assert not (tmp_path / "last.pt").exists()
+
+
+# --- evaluation: the prediction is the argmax of the outputs summed over the T steps ---------------
+
+
+class FixedLogits(torch.nn.Module):
+    """Ignores its input's values: sample i (its index, held in x) gets ``logits[t][i]`` at step t."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.t = logits, 0
+
+    def forward(self, x):
+        out = self.logits[self.t % len(self.logits)][x.long().flatten()]
+        self.t += 1
+        return out
+
+
+def test_top1_and_top5_on_hand_built_logits():
+    """12 classes; the true class of samples 0..4 ranks 1st, 3rd, 5th, 6th and 12th: top-1 1/5,
+    top-5 3/5. Two steps whose logits disagree: the ranks are those of their sum."""
+    from bso.engine import evaluate
+
+    ranking = torch.tensor([11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    summed = torch.stack([ranking.roll(k) for k in range(5)])  # class k is 1st for sample k
+    targets = torch.tensor([0, 1 + 2, 2 + 4, 3 + 5, 4 + 11]) % 12  # 1st, 3rd, 5th, 6th, 12th
+    noise = torch.zeros(5, 12)
+    noise[:, 5] = 100.0  # step 0 alone would rank class 5 first everywhere; step 1 cancels it
+    steps = torch.stack([summed / 2 + noise, summed / 2 - noise])
+    x = torch.arange(5.0).view(5, 1)
+    loader = [(x[:3], targets[:3]), (x[3:], targets[3:])]  # two batches: counts add up
+    record = evaluate(FixedLogits(steps), loader, T=2, device=torch.device("cpu"))
+    assert record["acc1"] == 1 / 5 and record["acc5"] == 3 / 5
+    # the loss: each step's cross entropy / T, summed over the steps, averaged over the samples
+    ce = sum(torch.nn.functional.cross_entropy(s, targets, reduction="sum") for s in steps) / 2 / 5
+    assert record["loss"] == pytest.approx(float(ce), rel=1e-6)
+    # 10 classes or fewer: no top-5 (it would be nearly always right)
+    record = evaluate(FixedLogits(steps[:, :, :10]), [(x, targets % 10)], T=2, device=torch.device("cpu"))
+    assert set(record) == {"loss", "acc1"}
+
+
+# --- weights from another run ----------------------------------------------------------------------
+
+
+class _Started(Exception):
+    """Raised by the patched epoch loop once it has seen the weights a run starts from."""
+
+
+def _start_weights(monkeypatch, cfg, overrides):
+    """The state_dict the model holds when ``train`` enters its first epoch (then stops it)."""
+    from bso.engine import OnlineEngine
+
+    seen = {}
+
+    def first_epoch(self, model, *args, **kwargs):
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        raise _Started
+
+    monkeypatch.setattr(OnlineEngine, "train_epoch", first_epoch)
+    with pytest.raises(_Started):
+        train(cfg, overrides=overrides)
+    return seen
+
+
+def test_init_from_starts_from_the_checkpoints_weights_and_refuses_another_model(tmp_path, monkeypatch):
+    tiny = ["dataset.epochs=1", "engine.T=2", "metrics.snn=false"]
+    train(compose_config(*tiny, output_dir=tmp_path / "first"), overrides=tiny)
+    first = torch.load(tmp_path / "first" / "last.pt", weights_only=False)["model"]
+    fresh = _start_weights(monkeypatch, compose_config(*tiny, output_dir=tmp_path / "fresh"), tiny)
+    assert fresh.keys() == first.keys()
+    assert not torch.equal(fresh["blocks.1.conv.weight"], first["blocks.1.conv.weight"])
+    for name in ("last.pt", "last_1bit.pt"):  # the full checkpoint or the 1-bit export
+        overrides = [*tiny, f"init_from={tmp_path / 'first' / name}"]
+        start = _start_weights(monkeypatch, compose_config(*overrides, output_dir=tmp_path / name),
+                               overrides)
+        assert start.keys() == first.keys()
+        for key, value in first.items():  # +-1 weights, BatchNorm statistics, classifier: exactly
+            assert torch.equal(start[key], value), (name, key)
+    # another architecture on the command line: refused before the run directory exists
+    overrides = [*tiny, "model.layers=16C3-AP2", f"init_from={tmp_path / 'first' / 'last.pt'}"]
+    with pytest.raises(ValueError, match=r"holds model vgg_tiny .*layers=32C3-64C3-AP2-128C3-128C3-AP2.*"
+                                         r"but this run builds model vgg_tiny .*layers=16C3-AP2"):
+        train(compose_config(*overrides, output_dir=tmp_path / "other"), overrides=overrides)
+    assert not (tmp_path / "other").exists()
+
+
+def test_eval_reproduces_the_final_test_accuracy(tmp_path):
+    final = train(compose_config("dataset.epochs=1", "engine.T=2", output_dir=tmp_path / "run"))
+    for name in ("last_1bit.pt", "last.pt"):  # T=2 comes from the checkpoint's own config
+        cfg = compose_config(
+            f"checkpoint={tmp_path / 'run' / name}", output_dir=tmp_path / name, config_name="eval"
+        )
+        record = evaluate_checkpoint(cfg, overrides=[])
+        assert record["test/acc1"] == final["test/acc1"]
+    with pytest.raises(ValueError, match="eval.py needs checkpoint="):
+        evaluate_checkpoint(compose_config(output_dir=tmp_path / "none", config_name="eval"))

@@ -11,7 +11,7 @@ The random draws, in order per image: the crop's top then left (``torch.randint`
 operation and, if it runs and takes a sign, ``random.choice([-1, 1])``; the same for the second
 operation; Cutout's centre y then x (``np.random.randint``, NumPy's global generator). Seeded as the
 release seeds them, the transform reproduces the release's images bit for bit
-(tests/test_data_release.py).
+(tests/test_data.py).
 """
 
 from __future__ import annotations
