@@ -1,5 +1,5 @@
 """Console scripts of the installed package: ``bso-train`` and ``bso-eval`` (this module) and
-``bso-report`` (:mod:`bso.report_cli`).
+``bso-report`` (:mod:`bso.report.cli`).
 
 ``bso-train [group=option ...] [key=value ...]`` is ``python train.py`` and ``bso-eval
 checkpoint=<path> [...]`` is ``python eval.py`` from any directory: the same Hydra entry points over

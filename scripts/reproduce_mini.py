@@ -105,7 +105,7 @@ def main() -> None:
             todo = [c for c, s in zip(cells, summaries, strict=True)
                     if seed not in {r.cfg.seed for r in s.done}]  # fmt: skip
             for i, overrides in enumerate(multiruns(todo)):
-                sweep_dir = args.runs / f"{artefact}_seed{seed}_{int(time.time())}_{i}"
+                sweep_dir = args.runs / artefact / f"seed{seed}_{int(time.time())}_{i}"
                 cmd = [sys.executable, "train.py", "-m", *overrides, f"seed={seed}", *FIXED,
                        f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
                 print("+", " ".join(cmd[1:]), flush=True)
@@ -134,7 +134,7 @@ def main() -> None:
         if artefact in ("fig4", "energy"):  # fig4: measured by `make fig4`, not trained here
             argv = [
                 artefact,
-                *([str(args.runs)] if artefact == "energy" else []),
+                *([str(args.runs / "table2")] if artefact == "energy" else []),  # Table 2's runs
                 "--out",
                 str(args.out / f"{artefact}.md"),
                 "--csv",

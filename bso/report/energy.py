@@ -53,6 +53,29 @@ def architecture(run: RunRecord) -> str:
     return json.dumps([run.cfg.dataset.name, model], sort_keys=True)
 
 
+# overrides that say where or how a run ran, not what it trained
+NOT_SETTING = ("seed", "hydra.", "logger", "device", "paths.", "save_checkpoint", "resume", "dataset.epochs")
+
+
+def swept(run: RunRecord) -> dict[str, str]:
+    """The run's command-line overrides (.hydra/overrides.yaml) that define what it trained."""
+    pairs = (o.lstrip("+~").split("=", 1) for o in run.overrides if "=" in o)
+    return {k: v for k, v in pairs if not k.startswith(NOT_SETTING)}
+
+
+def _name_settings(rows: list[dict]) -> None:
+    """Rows of the same dataset, model, method and T (e.g. a gamma sweep) get a ``setting``: the
+    overrides in which they differ; every other row gets "-"."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["dataset"], row["model"], row["method"], row["T"]), []).append(row)
+    for members in cells.values():
+        keys = sorted({k for r in members for k in r["_swept"]})
+        differ = [k for k in keys if len({r["_swept"].get(k) for r in members}) > 1]
+        for r in members:
+            r["setting"] = ", ".join(f"{k}={r['_swept'].get(k, 'default')}" for k in differ) or "-"
+
+
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -92,6 +115,7 @@ def energy_rows(runs: Sequence[RunRecord]) -> list[dict]:
                 "runs": f"{len(measured)}/{len(summary.done)}"
                 + (f" (+{len(summary.unfinished)} unfinished)" if summary.unfinished else ""),
                 "_method": method_of(cfg),
+                "_swept": swept(members[0]),
                 "_arch": architecture(members[0]),
                 "_energy": mean.get("energy/total_uj"),
                 "_firing": {layer: mean[f"firing_rate/{layer}"] for layer in layers},
@@ -109,8 +133,21 @@ def energy_rows(runs: Sequence[RunRecord]) -> list[dict]:
             row["vs FP-SNN"] = f"{ratio:.2f}x" + (
                 "" if twin["T"] == row["T"] else f" (T={twin['T']})"
             )
+    _name_settings(rows)
+    if all(r["setting"] == "-" for r in rows):
+        for r in rows:
+            del r["setting"]
+    else:  # the column after T
+        rows = [
+            {k: r[k] for k in (*list(r)[: list(r).index("T") + 1], "setting")}
+            | {k: v for k, v in r.items() if k not in ("setting",)}
+            for r in rows
+        ]
     rows.sort(
-        key=lambda r: (r["dataset"], r["_arch"], r["_method"] != "fp_snn", r["method"], r["T"])
+        key=lambda r: (
+            r["dataset"], r["_arch"], r["_method"] != "fp_snn", r["method"], r["T"],
+            r.get("setting", ""),
+        )
     )
     return rows
 
@@ -131,6 +168,8 @@ def firing_rate_figure(rows: Sequence[dict], path: Path) -> Figure:
         layers = list(row["_firing"])
         short = [layer.removesuffix(".neuron") for layer in layers]
         label = f"{row['method']} T={row['T']}"
+        if row.get("setting", "-") != "-":
+            label += f", {row['setting']}"
         if len({r["model"] for r in plotted}) > 1 or len({r["dataset"] for r in plotted}) > 1:
             label += f" ({row['dataset']}, {row['model']})"
         ax.plot(
