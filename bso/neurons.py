@@ -22,7 +22,7 @@ For online training the neuron adds two things, both switched on by the online e
 
 Every rule starts with ``a_hat[1] = s[1]``.
 
-``float_order`` (README parity table): ``"fast"`` runs spikingjelly's LIF step (its fused CUDA / Triton
+``float_order`` (docs/parity.md): ``"fast"`` runs spikingjelly's LIF step (its fused CUDA / Triton
 kernels, its CPU composite), whose backward rounds the surrogate's product as
 ``dL/ds * ((1 - sg) * sg * alpha)``; ``"release"`` runs the same step as plain torch operations with
 spikingjelly's sigmoid surrogate function, whose backward is the released code's

@@ -384,7 +384,7 @@ def test_full_width_final_state_is_the_releases(full_width_run):
     assert stored == [not ours["lean"]] * len(stored)  # lean: no binary-weight gradient was stored
 
 
-# --- the release's floating-point order on hand-built tensors (README parity table) -----------------
+# --- the release's floating-point order on hand-built tensors (docs/parity.md) -----------------
 
 
 def _grads(shape, seed):

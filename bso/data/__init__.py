@@ -29,7 +29,7 @@ def _digits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
 def build_transform(cfg: DictConfig, train: bool) -> Callable:
     """The transform the loaders apply to each image of ``cfg`` (a ``dataset`` config): a callable
     from a PIL image to the normalised tensor. CIFAR-10/100: the released code's pipeline by default
-    (``dataset.augment``, ``dataset.mean`` / ``.std``; README parity table); ImageNet: RandomResizedCrop
+    (``dataset.augment``, ``dataset.mean`` / ``.std``; docs/parity.md); ImageNet: RandomResizedCrop
     + flip / resize + center crop. Its random draws come from Python's ``random``, NumPy's global
     generator and torch's (seeded per sample by the training loader, :class:`SeededSamples`)."""
     if cfg.name in ("cifar10", "cifar100"):

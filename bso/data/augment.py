@@ -1,4 +1,4 @@
-"""The released code's CIFAR augmentation, exactly (README parity table).
+"""The released code's CIFAR augmentation, exactly (docs/parity.md).
 
 :class:`ReleaseCIFAR10Policy` is the AutoAugment "CIFAR10 policy" the release trains with (for
 CIFAR-100 too): its own implementation, which differs from torchvision's ``AutoAugment`` in the fill

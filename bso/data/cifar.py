@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 through torchvision, with the released code's augmentation (README parity table):
+"""CIFAR-10 / CIFAR-100 through torchvision, with the released code's augmentation (docs/parity.md):
 random crop 32 (padding 4), horizontal flip, the release's AutoAugment CIFAR-10 policy
 (:mod:`bso.data.augment`; ``augment.policy=torchvision`` for torchvision's, ``none`` for neither),
 to tensor, Cutout 16 (before normalisation, as the release), per-channel normalisation with the

@@ -65,7 +65,7 @@ class ModelOptions:
 
 @torch.no_grad()
 def initialize(model: nn.Module, options: ModelOptions) -> nn.Module:
-    """``init="release"``, the released code's initialisation (README parity table): every conv Kaiming
+    """``init="release"``, the released code's initialisation (docs/parity.md): every conv Kaiming
     normal (fan_out, relu) with zero bias, binary ones then turned into their signs (+-1 from the
     start, unlike the release, whose first forward pass still sees the real values); the linear layer
     N(0, 0.01) with zero bias; BatchNorm weight 1, bias 0. ``init="pytorch"`` keeps PyTorch's

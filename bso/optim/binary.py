@@ -7,7 +7,7 @@ no device synchronisation happens inside the training loop).
 One method, :meth:`BinaryOptimizer.flip_rule`, is the per-tensor update (momentum, T-BSO's v_l[t],
 the flip mask). ``step`` applies it to every weight that has a ``.grad``.
 
-Floating-point order (``float_order``, README parity table). On the full VGG-11 a float32 product
+Floating-point order (``float_order``, docs/parity.md). On the full VGG-11 a float32 product
 rounded in another order moves a value by an ulp, a weight that sits at its threshold flips on one
 side only, and two runs part within a few steps. ``"release"`` (the default) computes what the
 released code computes, in its order, so that a run is bit for bit the release's:

@@ -1,4 +1,4 @@
-"""The cost of the released code's floating-point order (README parity table): training time per batch of
+"""The cost of the released code's floating-point order (docs/parity.md): training time per batch of
 the paper's T-BSO VGG-11 with ``optimizer.binary.float_order=release`` (and the LIF's, which follows)
 against ``fast``, interleaved batch by batch so that a shared machine's load falls on both alike.
 

@@ -1,8 +1,8 @@
 """The lean mode against the plain mode, in one run: persistent bytes per binary weight, activation
 peak (autograd's saved tensors) and time per time step, for BSO / T-BSO online per-step training of
-VGG-11 on CIFAR-shaped input (issue 13's three targets).
+VGG-11 on CIFAR-shaped input.
 
-    python scripts/bench/lean.py          # T-BSO and BSO, T=6, batch 128 (the issue's; CPU: ~9 min)
+    python scripts/bench/lean.py          # T-BSO and BSO, T=6, batch 128 (CPU: ~9 min)
     python scripts/bench/lean.py --batch 4 --T 2 --layers 8C3-AP2-16C3 --iters 1 --out /tmp/lean
 
 Plain: float32 +-1 weights with a gradient each, update after backward. Lean (engine.lean): packed
@@ -96,7 +96,7 @@ def main() -> None:
         f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), batch {batch}, "
         f"T={args.T}, median of {args.iters} batches per mode",
         "",
-        "| method | quantity | plain (before) | lean (after) | lean / plain "
+        "| method | quantity | plain | lean | lean / plain "
         "| lean + recompute_binary_convs | its / plain |",
         "|---|---|---|---|---|---|---|",
     ]
