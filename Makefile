@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train eval test-fast test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-memopt bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train eval test-fast test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ bench-data: install  ## data-loading samples/s (CIFAR-10, DVS-CIFAR10 synthetic 
 bench-roofline: install  ## iteration time vs its convolutions alone (lean, plain; VGG-11, batch 16, T=4/6) -> benchmarks/results/roofline.*
 	$(PYTHON) scripts/bench/roofline.py $(ARGS)
 
+bench-profile: install  ## where an iteration's time goes: operators' self time by category (lean, plain) -> benchmarks/results/profile.*
+	$(PYTHON) scripts/bench/profile_step.py $(ARGS)
+
 bench-memopt: install  ## lean mode vs spikingjelly memopt: tensor memory peak and time -> benchmarks/results/memopt.*
 	$(PYTHON) scripts/bench/memopt.py $(ARGS)
 
@@ -81,8 +84,11 @@ report: install  ## every paper artefact from the runs under outputs/ beside the
 	  $(PYTHON) scripts/report.py $$a outputs/ --out outputs/reports/$$a.md --csv outputs/reports/$$a.csv $$fig > /dev/null || exit 1; \
 	done; echo "wrote outputs/reports/{table2,table3,table4,table5,fig5,energy}.{md,csv} and the figures"
 
-lint: install-dev  ## ruff
-	$(PYTHON) -m ruff check bso tests scripts examples train.py eval.py
+LINT_PATHS := bso tests scripts examples train.py eval.py setup.py
+
+lint: install-dev  ## ruff check and ruff format --check (what CI runs before the tests); `ruff format` fixes the format
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
 
 clean:  ## remove install stamps and caches (keeps outputs/)
 	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist
