@@ -1,4 +1,5 @@
-"""One training run from a composed config: build, train epoch by epoch, log, checkpoint.
+"""One training run from a composed config: build, train epoch by epoch, log, checkpoint
+(:func:`train`, train.py); and one evaluation of a saved model (:func:`evaluate_checkpoint`, eval.py).
 
 The epoch loop is :func:`fit`; around it, :mod:`bso.resume` (what a checkpoint restores, resumed
 configs, signals), :mod:`bso.run` (the run directory and its status), :mod:`bso.checkpoint` (files)
