@@ -251,6 +251,7 @@ def test_torchvision_policy_is_a_named_option_that_trains_differently(golden):
         build_transform(compose_config("dataset=cifar10", "dataset.augment.policy=imgnet").dataset, True)
 
 
+@pytest.mark.integration  # composes every CIFAR experiment file
 def test_every_cifar_paper_row_composes_the_release_pipeline():
     """Every CIFAR-10/100 experiment= file and sweep trains the release's pipeline and constants."""
     rows = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("cifar*.yaml"))
@@ -333,6 +334,7 @@ def _epoch_batches(root, epoch, *overrides, rank=0, world_size=1, skip=0, seed=0
     return [x for x, _ in train]
 
 
+@pytest.mark.integration
 def test_augmentation_is_a_function_of_seed_epoch_rank_and_sample(tmp_path):
     root = write_cifar(tmp_path, "cifar10", per_file=4)  # 20 training images
     first = _epoch_batches(root, 1, "dataset.num_workers=0")

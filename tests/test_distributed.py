@@ -108,6 +108,7 @@ def two_ranks(tmp_path_factory):
     }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(RUNS))
 def test_ranks_hold_identical_weights_after_training(two_ranks, name):
     r0, r1 = two_ranks[name]
@@ -131,6 +132,7 @@ def test_ranks_hold_identical_weights_after_training(two_ranks, name):
     assert torch.equal(r0["train"]["flips"], r1["train"]["flips"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(RUNS))
 def test_reduced_metrics_are_what_the_ranks_saw_together(two_ranks, name):
     r0, r1 = two_ranks[name]
@@ -222,6 +224,7 @@ def _assert_equal_nested(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(LEAN_VS_PLAIN))
 def test_two_rank_lean_mode_flips_bitwise_what_plain_ddp_flips(lean_vs_plain, name):
     lean, plain = lean_vs_plain[name, True], lean_vs_plain[name, False]
@@ -244,6 +247,7 @@ def test_two_rank_lean_mode_flips_bitwise_what_plain_ddp_flips(lean_vs_plain, na
     assert len(momenta) == 3 and all(m.abs().sum() > 0 for m in momenta)
 
 
+@pytest.mark.integration
 def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` (gloo): one run directory, written by rank 0; the
     other rank's Hydra directory (in the temp dir) is removed."""
@@ -357,6 +361,7 @@ def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu07", port)
 
 
+@pytest.mark.integration
 def test_resume_under_torchrun_continues_exactly(tmp_path):
     """2 processes: 1 epoch, then `resume=<run> dataset.epochs=2` under torchrun, ends with the
     weights of a straight 2-epoch torchrun run (per-rank RNG states are gathered into last.pt)."""
@@ -430,6 +435,7 @@ def _interrupted_worker(rank: int, ports: list[int], out_dir: str) -> None:
     run(ports[2], out / f"hydra_of_rank{rank}", f"resume={out / 'resumed'}")
 
 
+@pytest.mark.integration
 def test_torchrun_mid_epoch_resume_is_bitwise_batchnorm_statistics_included(tmp_path):
     """Each rank's BatchNorm running statistics (averaged over the ranks only at the epoch's end) go
     into the mid-epoch last.pt; the resumed run ends bitwise where the straight one did."""

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.integration  # three 1-epoch trainings
+
 
 def example(name: str):
     return runpy.run_path(str(ROOT / "examples" / f"{name}.py"), run_name="example")["main"]

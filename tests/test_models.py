@@ -88,6 +88,7 @@ def test_models_take_cifar_and_dvs_inputs_and_any_number_of_classes(model_cls, i
     assert model(torch.rand(2, in_channels, size, size)).shape == (2, classes)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("engine", ["online", "bptt"])
 @pytest.mark.parametrize("weights", ["binary", "latent", "full"])
 @pytest.mark.parametrize("model_name", MODELS)
@@ -208,6 +209,7 @@ def test_pack_unpack_signs():
     assert torch.equal(unpack_signs(packed, w.shape), w)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "make",
     [

@@ -84,6 +84,7 @@ def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
     np.testing.assert_allclose(np.abs(conv.weight / a.numpy()[:, None, None, None]), 1.0)
 
 
+@pytest.mark.integration
 def test_command_line_exports_a_1bit_checkpoint(tmp_path):
     """scripts/export_nir.py from a 1-bit checkpoint with its config (as a run writes it): the graph
     equals to_nir's on the loaded model; --check runs the round trip on digits test samples."""

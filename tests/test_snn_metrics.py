@@ -138,6 +138,7 @@ def test_config_switch_and_bad_energy_values():
         counter_for(compose_config("+metrics.energy.dram_pj=1"), SpikingVGG("2C3"), 2)
 
 
+@pytest.mark.integration
 def test_a_digits_epoch_logs_the_metrics(tmp_path):
     """One digits epoch (lean mode, a narrow VGG to keep it short) writes firing rates, SOPs and
     energy to metrics.jsonl."""

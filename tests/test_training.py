@@ -15,6 +15,7 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("optimizer", ["tbso", "bso"])
 def test_digits_reaches_90_percent(optimizer, tmp_path):
     """The default recipe (vgg_tiny, T=4, 8 epochs, per-step updates, NDOT trace)."""
@@ -35,6 +36,7 @@ def test_digits_reaches_90_percent(optimizer, tmp_path):
         assert set(state) <= {"momentum", "v"}
 
 
+@pytest.mark.integration
 def test_weights_stay_pm1_throughout_training(tmp_path):
     from hydra.utils import instantiate
 
@@ -67,6 +69,7 @@ def test_weights_stay_pm1_throughout_training(tmp_path):
     assert not any(t.shape in shapes for t in others)
 
 
+@pytest.mark.integration
 def test_hyperparameter_decay_and_cosine_lr_are_applied_at_epoch_ends(tmp_path):
     cfg = compose_config(
         "dataset.epochs=3",
@@ -148,6 +151,7 @@ def _start_weights(monkeypatch, cfg, overrides):
     return seen
 
 
+@pytest.mark.integration
 def test_init_from_starts_from_the_checkpoints_weights_and_refuses_another_model(tmp_path, monkeypatch):
     tiny = ["dataset.epochs=1", "engine.T=2", "metrics.snn=false"]
     train(compose_config(*tiny, output_dir=tmp_path / "first"), overrides=tiny)
@@ -170,6 +174,7 @@ def test_init_from_starts_from_the_checkpoints_weights_and_refuses_another_model
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.integration
 def test_eval_reproduces_the_final_test_accuracy(tmp_path):
     final = train(compose_config("dataset.epochs=1", "engine.T=2", output_dir=tmp_path / "run"))
     for name in ("last_1bit.pt", "last.pt"):  # T=2 comes from the checkpoint's own config
