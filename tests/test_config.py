@@ -82,6 +82,7 @@ def test_bso_on_a_full_precision_model_is_refused(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     """The design's command line, with the default (offline) wandb logger, one short epoch; then
     `python eval.py checkpoint=<run>/best.pt` evaluates it into an evaluation directory of its own."""
@@ -143,6 +144,7 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     assert (eval_dir / "config.yaml").is_file() and not (eval_dir / "best.pt").exists()
 
 
+@pytest.mark.integration
 def test_the_former_eval_switch_fails_with_one_line_naming_eval_py():
     proc = subprocess.run(
         [sys.executable, "train.py", "engine.eval_only=true", "checkpoint=outputs/runs/a/best.pt"],

@@ -69,6 +69,7 @@ def test_every_experiment_trains_the_method_bso_paper_defines():
         assert _method_keys(cfg) == _method_keys(ref), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_two_batches(experiment, tmp_path):
     plain = compose_config(f"experiment={experiment}")
@@ -93,6 +94,7 @@ def test_experiment_runs_two_batches(experiment, tmp_path):
             assert set(ckpt["model"][name].unique().tolist()) <= {-1.0, 1.0}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", [m for m in paper.METHOD_OVERRIDES if m not in ("bso", "tbso")])
 def test_baselines_learn_the_digits(method, tmp_path):
     """Same budget as the foundation's T-BSO/BSO test (vgg_tiny, T=4, 8 epochs)."""

@@ -166,6 +166,7 @@ def _digits_epoch(lean: bool, recompute_binary_convs: bool = False):
     return model, router, flips, grads
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recompute_binary_convs", [False, True], ids=["lean", "recompute"])
 def test_lean_and_plain_train_the_digits_identically_for_an_epoch(recompute_binary_convs):
     plain_model, plain_router, plain_flips, plain_grads = _digits_epoch(lean=False)

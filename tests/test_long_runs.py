@@ -18,6 +18,8 @@ from bso.run import RunStatus, find_resume_checkpoint, run_dir_resolver
 from bso.train import RunInterrupted, evaluate_checkpoint, train
 from conftest import ROOT, compose_config
 
+pytestmark = pytest.mark.integration  # trains, spawns processes or builds the wheel
+
 FAST = ("engine.T=2", "dataset.batch_size=128")
 # what must be identical between a straight and a resumed run (time, speed and RSS may differ)
 EXACT_KEYS = ("epoch", "train/loss", "train/acc1", "test/loss", "test/acc1", "lr", "gamma",

@@ -146,6 +146,7 @@ def _run_script(*args):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_memory_benchmark_script_tiny(tmp_path):
     import json
 

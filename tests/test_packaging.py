@@ -20,6 +20,7 @@ def test_config_dir_is_the_checkouts_configs_here():
     assert config_dir() == CONFIG_DIR.resolve()
 
 
+@pytest.mark.integration
 def test_the_wheel_holds_every_config_and_the_console_scripts(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
