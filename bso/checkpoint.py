@@ -70,7 +70,9 @@ def read_checkpoint(path: str | Path) -> dict:
             "or not a checkpoint at all. Use the run's last.pt or best.pt (written atomically at each "
             "epoch's end)."
         ) from err
-    if not (isinstance(blob, dict) and (blob.get("format") in (FORMAT, TRAIN_FORMAT) or "model" in blob)):
+    if not (
+        isinstance(blob, dict) and (blob.get("format") in (FORMAT, TRAIN_FORMAT) or "model" in blob)
+    ):
         raise ValueError(
             f"{path} is a torch file but not a bso checkpoint (expected a dict with format "
             f"{TRAIN_FORMAT!r} or {FORMAT!r})"
@@ -107,7 +109,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, blob: dict | None = None
         model.load_state_dict(state)
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = "; ".join(lines[1:4]) + (f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else "")
+        detail = "; ".join(lines[1:4]) + (
+            f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else ""
+        )
         raise ValueError(
             f"{path} does not fit this model (check model=..., dataset=... match the run that "
             f"wrote it): {detail[:600]}"

@@ -15,9 +15,7 @@ from omegaconf import DictConfig
 from bso.configs_path import config_dir
 
 
-def compose_configs(
-    batch: Sequence[Sequence[str]], config_name: str = "train"
-) -> list[DictConfig]:
+def compose_configs(batch: Sequence[Sequence[str]], config_name: str = "train") -> list[DictConfig]:
     """``<config_name>.yaml`` (``train`` or ``eval``) composed with each list of overrides, exactly
     as given (one Hydra initialisation for the whole batch)."""
     from hydra import compose, initialize_config_dir

@@ -49,7 +49,9 @@ TRACE_TRANSPARENT = (
     nn.AdaptiveMaxPool2d,
 )
 DROPOUTS = (nn.modules.dropout._DropoutNd, sj_layer.Dropout)
-_SUPPORTED = "nn.Conv2d and nn.Linear (spikingjelly's layer.Conv2d / layer.Linear), spikingjelly's LIFNode"
+_SUPPORTED = (
+    "nn.Conv2d and nn.Linear (spikingjelly's layer.Conv2d / layer.Linear), spikingjelly's LIFNode"
+)
 
 
 class TraceLinks:

@@ -51,7 +51,10 @@ class FiniteCheck:
             raise RunDiverged(
                 f"the training loss became non-finite (NaN or inf) in epoch {self.epoch}, batch "
                 f"{first_bad}; the run stopped (lower the learning rate, or divergence.stop=false to "
-                "train on regardless)", self.epoch, first_bad)
+                "train on regardless)",
+                self.epoch,
+                first_bad,
+            )
 
     def check_model(self, model: nn.Module) -> None:
         tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
@@ -60,8 +63,14 @@ class FiniteCheck:
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         bad = all_reduce_max((~finite).to(torch.long))
         if int(bad):
-            names = [name for name, t in (*model.named_parameters(), *model.named_buffers())
-                     if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            names = [
+                name
+                for name, t in (*model.named_parameters(), *model.named_buffers())
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())
+            ]
             raise RunDiverged(
                 f"weights became non-finite (NaN or inf) in epoch {self.epoch}: {', '.join(names[:5])}"
-                f"{' ...' if len(names) > 5 else ''}; the run stopped", self.epoch, None)
+                f"{' ...' if len(names) > 5 else ''}; the run stopped",
+                self.epoch,
+                None,
+            )

@@ -25,8 +25,17 @@ from bso.run import MetricsFile, RunStatus, find_resume_checkpoint
 log = logging.getLogger(__name__)
 
 # What a resumed run may change on its command line: where and how it runs, never what it trains.
-RESUME_MAY_CHANGE = ("resume", "device", "dataset.epochs", "dataset.num_workers", "dataset.root",
-                     "logger", "paths", "hydra", "save_checkpoint")
+RESUME_MAY_CHANGE = (
+    "resume",
+    "device",
+    "dataset.epochs",
+    "dataset.num_workers",
+    "dataset.root",
+    "logger",
+    "paths",
+    "hydra",
+    "save_checkpoint",
+)
 
 
 class RunInterrupted(Exception):
@@ -125,8 +134,9 @@ def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: 
     """The checkpoint's own config, with the few keys a resumed run may change taken from ``cfg``."""
     resumed = OmegaConf.create(upgrade_saved_config(saved))
     keys = _overridden_keys(overrides)
-    allowed = {key for key in keys
-               if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)}
+    allowed = {
+        key for key in keys if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+    }
     changed = sorted(
         key
         for key in keys - allowed
@@ -149,8 +159,13 @@ def config_for_resume(cfg: DictConfig, saved: dict, overrides: list[str], path: 
 DATASET_SHAPE = ("in_channels", "num_classes", "image_size")
 
 
-def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str],
-                       path: str | Path = "the checkpoint", evaluate: bool = False) -> DictConfig:
+def config_for_weights(
+    cfg: DictConfig,
+    saved: dict | None,
+    overrides: list[str],
+    path: str | Path = "the checkpoint",
+    evaluate: bool = False,
+) -> DictConfig:
     """Evaluation (``evaluate=True``, eval.py) and ``init_from``: build the model the checkpoint was
     trained with (its model config; for an evaluation also its T), except what the command line
     sets explicitly (``model=<name>`` builds another architecture, ``model.<key>=...`` changes a
@@ -175,19 +190,23 @@ def config_for_weights(cfg: DictConfig, saved: dict | None, overrides: list[str]
     ours["image_size"] = ours["image_size"] or IMAGE_SIZE.get(cfg.dataset.get("name"))
     differ = [k for k in DATASET_SHAPE if None not in (theirs[k], ours[k]) and theirs[k] != ours[k]]
     if differ:
+
         def describe(name, shape):
             return f"{name} ({', '.join(f'{k}={v}' for k, v in shape.items() if v is not None)})"
 
         raise ValueError(
             f"{path} was trained on {describe(saved_data.get('name', '?'), theirs)}, but this run "
             f"uses dataset={describe(cfg.dataset.get('name'), ours)}: {', '.join(differ)} differ. "
-            + ("Leave dataset=... out to evaluate on the checkpoint's dataset, or pick one of the same shape"
-               if evaluate else "Fine-tune on a dataset of the same shape")
+            + (
+                "Leave dataset=... out to evaluate on the checkpoint's dataset, or pick one of the same shape"
+                if evaluate
+                else "Fine-tune on a dataset of the same shape"
+            )
         )
     if "model" not in explicit:  # `model=<name>` picks another architecture on purpose
         model = OmegaConf.create(saved_model)
         for key in sorted(k for k in explicit if k.startswith("model.")):
-            OmegaConf.update(model, key[len("model."):], OmegaConf.select(cfg, key), merge=False)
+            OmegaConf.update(model, key[len("model.") :], OmegaConf.select(cfg, key), merge=False)
         cfg.model = model
     saved_T = (saved.get("engine") or {}).get("T")
     if saved_T is not None and "engine.T" not in explicit and evaluate:
@@ -213,16 +232,20 @@ def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
         if not (run_dir / "last.pt").is_file():
             if RunStatus(run_dir).read().get("status") == "completed":  # save_checkpoint=false
                 records = [r for r in MetricsFile(run_dir).records() if "epoch" in r]
-                raise AlreadyCompleted(f"resume=auto: {run_dir} already completed; nothing to do",
-                                       records[-1] if records else {})
+                raise AlreadyCompleted(
+                    f"resume=auto: {run_dir} already completed; nothing to do",
+                    records[-1] if records else {},
+                )
             return cfg, run_dir, None
         path = run_dir / "last.pt"
     else:
         path = find_resume_checkpoint(resume, cfg.paths.log_dir)
     checkpoint = read_checkpoint(path)
     if checkpoint.get("format") != TRAIN_FORMAT:
-        raise ValueError(f"{path} is not a bso training checkpoint ({TRAIN_FORMAT}); "
-                         "resume needs the last.pt of a run")
+        raise ValueError(
+            f"{path} is not a bso training checkpoint ({TRAIN_FORMAT}); "
+            "resume needs the last.pt of a run"
+        )
     cfg = config_for_resume(cfg, checkpoint["config"], overrides, path)
     if checkpoint["epoch"] >= cfg.dataset.epochs:
         status = RunStatus(path.parent).read()
@@ -231,7 +254,9 @@ def prepare_resume(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
             record = records[-1] if records else checkpoint.get("record") or {}
             raise AlreadyCompleted(
                 f"resume=auto: {path.parent} already completed {checkpoint['epoch']} epochs; "
-                "nothing to do", record)
+                "nothing to do",
+                record,
+            )
         raise ValueError(
             f"{path}: the run already finished {checkpoint['epoch']} epochs (dataset.epochs="
             f"{cfg.dataset.epochs}); pass a larger dataset.epochs=... to train it longer"
@@ -278,9 +303,16 @@ def restore(checkpoint: dict, model, optimizer, schedules, dist) -> Progress:
         for key, value in rank_buffers[rank].items():
             state[key].copy_(value)
     threads = checkpoint.get("num_threads")
-    if threads and dist.device.type == "cpu" and threads != torch.get_num_threads() and dist.is_main:
-        log.warning(f"the checkpoint was trained with {threads} CPU threads, this run has "
-                    f"{torch.get_num_threads()}: float sums may round differently from here on")
+    if (
+        threads
+        and dist.device.type == "cpu"
+        and threads != torch.get_num_threads()
+        and dist.is_main
+    ):
+        log.warning(
+            f"the checkpoint was trained with {threads} CPU threads, this run has "
+            f"{torch.get_num_threads()}: float sums may round differently from here on"
+        )
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedules.load_state_dict(checkpoint["schedules"])
     set_rng_state(checkpoint["rng"][rank])
@@ -290,5 +322,3 @@ def restore(checkpoint: dict, model, optimizer, schedules, dist) -> Progress:
         best_acc1=checkpoint["best_acc1"],
         tally=checkpoint["tally"][rank] if mid_epoch else EpochTally(),
     )
-
-

@@ -129,8 +129,10 @@ class MetricsFile:
             return
         records = self.records()
         kept = [r for r in records if r.get("epoch", 0) <= epoch]
-        if record is not None and record.get("epoch") == epoch and not any(
-            r.get("epoch") == epoch for r in kept
+        if (
+            record is not None
+            and record.get("epoch") == epoch
+            and not any(r.get("epoch") == epoch for r in kept)
         ):
             kept.append(record)
         lines = [json.dumps(r) for r in kept]
@@ -256,7 +258,10 @@ def register_resolvers() -> None:
     cached, so every read of the run directory in one process gives the same answer."""
     from omegaconf import OmegaConf
 
-    for name, fn in (("bso_run_dir", run_dir_resolver), ("bso_hydra_subdir", hydra_subdir_resolver)):
+    for name, fn in (
+        ("bso_run_dir", run_dir_resolver),
+        ("bso_hydra_subdir", hydra_subdir_resolver),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
 

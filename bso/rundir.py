@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 # a run's own files: a directory holding any of them belongs to a run
-RUN_FILES = ("status.json", "metrics.jsonl", "last.pt", "best.pt", "last_1bit.pt", "best_1bit.pt",
-             "checkpoint.pt")
+RUN_FILES = (
+    "status.json",
+    "metrics.jsonl",
+    "last.pt",
+    "best.pt",
+    "last_1bit.pt",
+    "best_1bit.pt",
+    "checkpoint.pt",
+)
 # what Hydra writes into a run directory before the run starts (the log: hydra.job.name + .log)
 HYDRA_FILES = (".hydra", "train.log", "eval.log")
 
@@ -116,7 +123,9 @@ class RunLock:
         except FileNotFoundError:
             return "released"
         if idle > self.STALE_S:
-            return f"untouched for {idle:.0f} s (its holder touches it every {self.HEARTBEAT_S:.0f} s)"
+            return (
+                f"untouched for {idle:.0f} s (its holder touches it every {self.HEARTBEAT_S:.0f} s)"
+            )
         return None
 
     def _heartbeat(self) -> None:
@@ -136,8 +145,11 @@ class RunLock:
         if not self.enabled:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.now().isoformat(timespec="seconds")}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now().isoformat(timespec="seconds"),
+        }
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -147,9 +159,11 @@ class RunLock:
                     continue  # released in between
                 stale = self._stale(owner, me["host"])
                 if stale:
-                    log.warning(f"{self.path}: taking over the lock of process {owner.get('pid', '?')} "
-                                f"on {owner.get('host', '?')} (started {owner.get('started', '?')}), "
-                                f"{stale}")
+                    log.warning(
+                        f"{self.path}: taking over the lock of process {owner.get('pid', '?')} "
+                        f"on {owner.get('host', '?')} (started {owner.get('started', '?')}), "
+                        f"{stale}"
+                    )
                     self.path.unlink(missing_ok=True)
                     continue
                 raise RunRefused(
@@ -204,8 +218,9 @@ def hydra_value(text: str) -> str:
 
 def resume_command(run_dir: Path, world_size: int = 1) -> str:
     """The command that resumes ``run_dir``, ready to paste into a shell."""
-    launcher = (f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1
-                else "python train.py")
+    launcher = (
+        f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+    )
     arg = "resume=" + hydra_value(str(run_dir))
     if arg != shlex.quote(arg) and not any(c in arg for c in '"$`\\!'):
         return f'{launcher} "{arg}"'  # reads better than shlex's '"'"' for Hydra's single quotes

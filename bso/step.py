@@ -63,7 +63,9 @@ def online_step(
     if getattr(optimizer.binary, "flips_in_backward", False):  # lean mode (bso.make_lean):
         optimizer.binary.begin_time_step(t)  # the time step of the flips inside the next backward
     output = model(x)
-    loss = instantaneous_loss(output, target, 0.05, T) if loss_fn is None else loss_fn(output, target)
+    loss = (
+        instantaneous_loss(output, target, 0.05, T) if loss_fn is None else loss_fn(output, target)
+    )
     loss.backward()  # lean mode: BSO / T-BSO flips the packed +-1 weights here, inside backward
     flips = optimizer.step(t)  # plain mode: BSO / T-BSO flips here
     return StepOutput(output.detach(), loss.detach(), flips)

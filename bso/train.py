@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "constant")
 MB = 1e6
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -161,7 +163,9 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> 
 def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) -> dict:
     """Everything that can refuse the command, then ``job`` in its run directory."""
     overrides = command_line_overrides() if overrides is None else list(overrides)
-    hydra_dir = Path(cfg.paths.output_dir)  # what Hydra made for this command (rank > 0: a temp dir)
+    hydra_dir = Path(
+        cfg.paths.output_dir
+    )  # what Hydra made for this command (rank > 0: a temp dir)
     env = distributed.torchrun_env()
     main_rank = env is None or env["rank"] == 0
     lock = None
@@ -171,13 +175,18 @@ def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) 
             checkpoint, weights_from = None, _checkpoint_to_evaluate(cfg)
             run_dir = hydra_dir
         else:
-            cfg, run_dir, checkpoint = prepare_resume(cfg, overrides)  # refusals leave the run untouched
+            cfg, run_dir, checkpoint = prepare_resume(
+                cfg, overrides
+            )  # refusals leave the run untouched
             weights_from = cfg.get("init_from")
         weights = None
-        if weights_from and checkpoint is None:  # evaluation / fine-tuning: does the checkpoint fit?
+        if (
+            weights_from and checkpoint is None
+        ):  # evaluation / fine-tuning: does the checkpoint fit?
             blob = read_checkpoint(weights_from)
             saved = blob.get("config") or (
-                {"model": blob["model_config"]} if "model_config" in blob else None)
+                {"model": blob["model_config"]} if "model_config" in blob else None
+            )
             cfg = config_for_weights(cfg, saved, overrides, weights_from, evaluate=evaluating)
             weights = (blob, saved)
             model, _ = build_model(cfg, torch.device("cpu"))  # another architecture: refused now
@@ -185,8 +194,11 @@ def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) 
             del model
         lock = RunLock(run_dir, enabled=main_rank).acquire()  # one live process per run directory
         if checkpoint is None and main_rank:
-            rundir.claim(run_dir, overwrite=bool(cfg.get("overwrite")) or _restart_allowed(cfg, run_dir),
-                         hydra_subdir=hydra_subdir_used())
+            rundir.claim(
+                run_dir,
+                overwrite=bool(cfg.get("overwrite")) or _restart_allowed(cfg, run_dir),
+                hydra_subdir=hydra_subdir_used(),
+            )
     except AlreadyCompleted as done:  # a relaunched sweep: this job finished before
         log.info(f"{done}; skipping")
         _discard(hydra_dir, main_rank)
@@ -204,8 +216,10 @@ def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) 
 
 def _checkpoint_to_evaluate(cfg: DictConfig) -> str:
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
-        raise ConfigError("eval.py needs checkpoint=<a run's best.pt or last.pt, or a *_1bit.pt export>, "
-                          "e.g. python eval.py checkpoint=outputs/runs/<run>/best.pt")
+        raise ConfigError(
+            "eval.py needs checkpoint=<a run's best.pt or last.pt, or a *_1bit.pt export>, "
+            "e.g. python eval.py checkpoint=outputs/runs/<run>/best.pt"
+        )
     return str(cfg.checkpoint)
 
 
@@ -253,18 +267,24 @@ def _run(cfg, job, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weig
         if dist.is_main:
             log.error(
                 f"interrupted after epoch {state.get('epoch', 0)}; "
-                + (f"resume with: {rundir.resume_command(run_dir, dist.world_size)}"
-                   if (run_dir / "last.pt").is_file()
-                   else "no checkpoint was written (the first epoch had not finished)")
+                + (
+                    f"resume with: {rundir.resume_command(run_dir, dist.world_size)}"
+                    if (run_dir / "last.pt").is_file()
+                    else "no checkpoint was written (the first epoch had not finished)"
+                )
             )
         distributed.cleanup(dist, barrier=False)
         raise
     except RunDiverged as err:
-        _record_status(status, "diverged", error=str(err), diverged_epoch=err.epoch,
-                       diverged_batch=err.batch)
+        _record_status(
+            status, "diverged", error=str(err), diverged_epoch=err.epoch, diverged_batch=err.batch
+        )
         if dist.is_main:
-            kept = ("last.pt and best.pt hold the last finite epoch" if (run_dir / "last.pt").is_file()
-                    else "no checkpoint was written")
+            kept = (
+                "last.pt and best.pt hold the last finite epoch"
+                if (run_dir / "last.pt").is_file()
+                else "no checkpoint was written"
+            )
             log.error(f"diverged: {err} (status.json: diverged; {kept})")
         distributed.cleanup(dist, barrier=False)
         raise
@@ -281,7 +301,9 @@ def _record_status(status: RunStatus, state: str, **fields) -> dict:
     try:
         return status.write(state, **fields)
     except OSError as err:
-        log.error(f"could not write {status.path} ({err}); the run ended {state}: {fields.get('error')}")
+        log.error(
+            f"could not write {status.path} ({err}); the run ended {state}: {fields.get('error')}"
+        )
         return {**status.read(), "status": state, **fields} if status.enabled else {}
 
 
@@ -319,8 +341,11 @@ class Run:
         mine = {"tally": progress.tally, "rng": rng_state()}
         if self.dist.enabled and progress.tally.batches:
             buffers = {name for name, _ in self.model.named_buffers()}
-            mine["buffers"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-                               if k in buffers and v.is_floating_point()}
+            mine["buffers"] = {
+                k: v.detach().cpu().clone()
+                for k, v in self.model.state_dict().items()
+                if k in buffers and v.is_floating_point()
+            }
         per_rank = distributed.all_gather_object(mine)
         if not self.dist.is_main:
             return
@@ -345,8 +370,13 @@ class Run:
         if "buffers" in per_rank[0]:
             blob["rank_buffers"] = [r["buffers"] for r in per_rank]
         save_atomic(blob, self.run_dir / "last.pt")
-        export_1bit(self.model, self.run_dir / "last_1bit.pt", config=config,
-                    model_config=config["model"], epoch=progress.epoch)
+        export_1bit(
+            self.model,
+            self.run_dir / "last_1bit.pt",
+            config=config,
+            model_config=config["model"],
+            epoch=progress.epoch,
+        )
         if best:  # the same files: copied, not serialised again
             for name in ("", "_1bit"):
                 copy_atomic(self.run_dir / f"last{name}.pt", self.run_dir / f"best{name}.pt")
@@ -363,8 +393,10 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
     model, engine = build_model(cfg, device)
     epochs = int(cfg.dataset.epochs)
     if epochs < 1:
-        raise ValueError(f"dataset.epochs must be >= 1 to train, got {epochs} "
-                         "(python eval.py checkpoint=... evaluates a saved model without training)")
+        raise ValueError(
+            f"dataset.epochs must be >= 1 to train, got {epochs} "
+            "(python eval.py checkpoint=... evaluates a saved model without training)"
+        )
     if weights_from and checkpoint is None:  # e.g. ImageNet fine-tuning at T=4 from T=1
         load_weights(model, weights_from, blob, saved, cfg)
     # fast path (channels_last, cudnn.benchmark, compile, autocast), then DDP under torchrun
@@ -386,18 +418,30 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
             MetricsFile(run_dir).truncate_after(progress.epoch, checkpoint.get("record"))
             if not progress.tally.batches and cfg.save_checkpoint:
                 restore_exports(run_dir, model, progress, cfg)
-        log.info(f"resuming {run_dir} after epoch {progress.epoch}"
-                 + (f" and {progress.tally.batches} batches" if progress.tally.batches else ""))
+        log.info(
+            f"resuming {run_dir} after epoch {progress.epoch}"
+            + (f" and {progress.tally.batches} batches" if progress.tally.batches else "")
+        )
 
     size = model_size(model)
     run_config = {**OmegaConf.to_container(cfg, resolve=True), "model_size": size.as_dict()}
     if dist.is_main:
-        write_run_info(run_dir, cfg, device,
-                       {"model_size": size.as_dict(), "model": cfg.model.get("name"),
-                        "world_size": dist.world_size})
+        write_run_info(
+            run_dir,
+            cfg,
+            device,
+            {
+                "model_size": size.as_dict(),
+                "model": cfg.model.get("name"),
+                "world_size": dist.world_size,
+            },
+        )
     make_logger = instantiate(cfg.logger, _partial_=True) if dist.is_main else NullLogger
-    logger = make_logger(run_dir=run_dir, run_config=run_config,
-                         run_id=checkpoint.get("wandb_id") if checkpoint else None)
+    logger = make_logger(
+        run_dir=run_dir,
+        run_config=run_config,
+        run_id=checkpoint.get("wandb_id") if checkpoint else None,
+    )
     status.write("running", epoch=progress.epoch, wandb_id=logger.run_id)
     log.info(
         f"{cfg.model.get('name')} ({type(model).__name__}, {cfg.model.weights} weights): {size}\n"
@@ -405,8 +449,20 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
         f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test | {device} | "
         f"run dir {run_dir}" + (f" | {dist.world_size} processes" if dist.enabled else "")
     )
-    run = Run(cfg, dist, run_dir, status, model, train_model, engine, optimizer, schedules,
-              train_loader, test_loader, logger)
+    run = Run(
+        cfg,
+        dist,
+        run_dir,
+        status,
+        model,
+        train_model,
+        engine,
+        optimizer,
+        schedules,
+        train_loader,
+        test_loader,
+        logger,
+    )
 
     record: dict = {}
     outcome = "failed"
@@ -419,8 +475,12 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
         raise
     finally:
         logger.finish(outcome)
-    status.write("completed", epoch=progress.epoch, best_epoch=progress.best_epoch,
-                 best_test_acc1=progress.best_acc1)
+    status.write(
+        "completed",
+        epoch=progress.epoch,
+        best_epoch=progress.best_epoch,
+        best_test_acc1=progress.best_acc1,
+    )
     log.info(
         f"final test accuracy {100 * record['test/acc1']:.2f}% after {epochs} epochs; best "
         f"{100 * progress.best_acc1:.2f}% at epoch {progress.best_epoch}; run dir {run_dir}"
@@ -433,8 +493,13 @@ def restore_exports(run_dir: Path, model, progress: Progress, cfg) -> None:
     stale or missing: ``last_1bit.pt``, and ``best.pt`` / ``best_1bit.pt`` when that epoch was the
     best."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    export_1bit(model, run_dir / "last_1bit.pt", config=config, model_config=config["model"],
-                epoch=progress.epoch)
+    export_1bit(
+        model,
+        run_dir / "last_1bit.pt",
+        config=config,
+        model_config=config["model"],
+        epoch=progress.epoch,
+    )
     best = run_dir / "best.pt"
     if progress.best_epoch == progress.epoch and (
         not best.is_file() or read_checkpoint(best).get("epoch") != progress.epoch
@@ -457,22 +522,35 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
         lr, gamma = run.optimizer.lr, run.optimizer.gamma  # the values this epoch trains with
         start_epoch(run.train_loader, epoch, skip_batches=progress.tally.batches)
         check = FiniteCheck(epoch, run.device, divergence.check_every) if divergence.stop else None
-        tally = run.engine.train_epoch(run.train_model, run.optimizer, run.train_loader, run.device,
-                                       tally=progress.tally, should_stop=interrupted,
-                                       finite_check=check)
+        tally = run.engine.train_epoch(
+            run.train_model,
+            run.optimizer,
+            run.train_loader,
+            run.device,
+            tally=progress.tally,
+            should_stop=interrupted,
+            finite_check=check,
+        )
         if check is not None:  # the epoch's last batches, then every weight (bso/divergence.py)
             check.check()
             check.check_model(run.model)
         if tally.interrupted:  # save mid-epoch: a resumed run continues at the next batch
             tally.interrupted = False
             run.save(progress)
-            raise RunInterrupted(f"{interrupted.signal or 'a signal to another rank'} in epoch {epoch}")
+            raise RunInterrupted(
+                f"{interrupted.signal or 'a signal to another rank'} in epoch {epoch}"
+            )
         distributed.average_buffers(run.model)  # torchrun: BN running statistics, mean over ranks
         with snn:
-            test_m = evaluate(run.model, run.test_loader, run.engine.T, run.device, run.engine.mse_weight)
+            test_m = evaluate(
+                run.model, run.test_loader, run.engine.T, run.device, run.engine.mse_weight
+            )
         if divergence.stop and not math.isfinite(test_m["loss"]):
-            raise RunDiverged(f"the test loss is {test_m['loss']} after epoch {epoch}; the run stopped",
-                              epoch, None)
+            raise RunDiverged(
+                f"the test loss is {test_m['loss']} after epoch {epoch}; the run stopped",
+                epoch,
+                None,
+            )
         progress.epoch, progress.tally = epoch, EpochTally()
         improved = progress.update_best(epoch, test_m["acc1"])
 
@@ -483,8 +561,12 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
         metrics_file.write(record)  # first (flushed): a failed checkpoint write loses no record
         run.save(progress, best=improved, record=record)
         run.logger.log(record, step=epoch)
-        run.status.write("running", epoch=epoch, best_epoch=progress.best_epoch,
-                         best_test_acc1=progress.best_acc1)
+        run.status.write(
+            "running",
+            epoch=epoch,
+            best_epoch=progress.best_epoch,
+            best_test_acc1=progress.best_acc1,
+        )
         log.info(
             f"epoch {epoch:3d}/{epochs} | train loss {record['train/loss']:.4f} "
             f"acc {100 * record['train/acc1']:.2f}% | test loss {record['test/loss']:.4f} "
@@ -494,7 +576,9 @@ def fit(run: Run, progress: Progress, interrupted: GracefulInterrupt) -> dict:
             f"| peak RSS {record['memory/peak_rss_mb']:.0f} MB"
         )
         if interrupted():  # the signal came during evaluation: this epoch is saved
-            raise RunInterrupted(f"{interrupted.signal or 'a signal to another rank'} after epoch {epoch}")
+            raise RunInterrupted(
+                f"{interrupted.signal or 'a signal to another rank'} after epoch {epoch}"
+            )
     return record
 
 
@@ -544,8 +628,11 @@ def _evaluate(cfg, run_dir: Path, status: RunStatus, checkpoint: None, dist, wei
         write_run_info(run_dir, cfg, dist.device, {"model_size": model_size(model).as_dict()})
     with counter_for(cfg, model, engine.T) as snn:
         metrics = evaluate(model, test_loader, engine.T, dist.device, engine.mse_weight)
-    record = {"checkpoint": str(cfg.checkpoint), **{f"test/{k}": v for k, v in metrics.items()},
-              **snn.record()}
+    record = {
+        "checkpoint": str(cfg.checkpoint),
+        **{f"test/{k}": v for k, v in metrics.items()},
+        **snn.record(),
+    }
     MetricsFile(run_dir, enabled=dist.is_main).write(record)
     status.write("completed", evaluated=str(cfg.checkpoint))
     log.info(

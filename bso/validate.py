@@ -123,7 +123,11 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
     out = []
     for key, value in OmegaConf.to_container(node).items():
         path = f"{prefix}{key}"
-        out += _schema_keys(OmegaConf.select(node, key), path + ".") if isinstance(value, dict) else [path]
+        out += (
+            _schema_keys(OmegaConf.select(node, key), path + ".")
+            if isinstance(value, dict)
+            else [path]
+        )
     return out
 
 
@@ -185,7 +189,9 @@ def _type_name(key: str) -> str:
         node = node[part]
     ref = node._get_node(leaf)
     name = type(ref).__name__.replace("Node", "").lower()
-    return {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(name, name)
+    return {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(
+        name, name
+    )
 
 
 # --- unknown keys -------------------------------------------------------------------------------
@@ -264,8 +270,12 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
         raise ConfigError(
             f"{item}: no config file defines {key}, so nothing reads it"
-            + (f"; did you mean {' or '.join(close)}? (set an existing key without '+', e.g. "
-               f"{close[0]}={item.split('=', 1)[1]})" if close else "")
+            + (
+                f"; did you mean {' or '.join(close)}? (set an existing key without '+', e.g. "
+                f"{close[0]}={item.split('=', 1)[1]})"
+                if close
+                else ""
+            )
         )
 
 
@@ -278,9 +288,11 @@ def _renamed_key(key: str, value: str | None) -> str | None:
     """What to write instead of the key ``key`` (set to ``value``), or None when it is current."""
     shown = key if value is None else f"{key}={value}"
     if key == "optimizer.other" or key.startswith("optimizer.other."):
-        new = "optimizer.full_precision" + key[len("optimizer.other"):]
-        return (f"{shown}: the optimizer of the full-precision parameters (first conv, FC, BatchNorm) "
-                f"is optimizer.full_precision; write {new}" + (f"={value}" if value is not None else ""))
+        new = "optimizer.full_precision" + key[len("optimizer.other") :]
+        return (
+            f"{shown}: the optimizer of the full-precision parameters (first conv, FC, BatchNorm) "
+            f"is optimizer.full_precision; write {new}" + (f"={value}" if value is not None else "")
+        )
     if key == "engine.eval_only" or key.startswith("engine.eval_only."):
         return f"{shown}: evaluating a checkpoint is its own command: {EVAL_COMMAND}"
     return None
@@ -312,15 +324,19 @@ def old_spelling(overrides: list[str], entry: str = "train") -> str | None:
         if renamed:
             return renamed
         if key == "model" and any(v.strip().startswith("for_") for v in value.split(",")):
-            dataset = value.strip().split(",")[0].strip()[len("for_"):]
+            dataset = value.strip().split(",")[0].strip()[len("for_") :]
             model = _dataset_model(dataset, dirs)
-            return (f"model={value}: there are no for_<dataset> models; each dataset selects its own "
-                    + (f"(dataset={dataset} trains {model}); " if model else "; ")
-                    + "leave model= out, or name a model: "
-                    + (f"model={model}" if model else "model=<a file in configs/model/>"))
+            return (
+                f"model={value}: there are no for_<dataset> models; each dataset selects its own "
+                + (f"(dataset={dataset} trains {model}); " if model else "; ")
+                + "leave model= out, or name a model: "
+                + (f"model={model}" if model else "model=<a file in configs/model/>")
+            )
         if key == "checkpoint" and entry == "train":
-            return (f"{item}: train.py trains; evaluate a checkpoint with python eval.py {item} "
-                    f"(bso-eval when installed), or start a new run from its weights with init_from={value}")
+            return (
+                f"{item}: train.py trains; evaluate a checkpoint with python eval.py {item} "
+                f"(bso-eval when installed), or start a new run from its weights with init_from={value}"
+            )
     return None
 
 

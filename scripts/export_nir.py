@@ -28,26 +28,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", type=Path, help="a run directory, last.pt / best.pt or *_1bit.pt")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a run directory, last.pt / best.pt or *_1bit.pt"
+    )
     parser.add_argument("out", type=Path, help="the NIR file to write (HDF5, e.g. model.nir)")
     parser.add_argument(
-        "--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+        "--input-shape",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
         help="one sample's shape (default: the run's dataset: its in_channels and image size)",
     )
     parser.add_argument("--dt", type=float, default=DT, help="seconds per time step (default 1e-4)")
     parser.add_argument(
-        "--binary-weights", action="store_true",
+        "--binary-weights",
+        action="store_true",
         help="keep the binary convs' weights +-1: BatchNorm's scale goes into per-channel "
         "thresholds (not readable by spikingjelly's importer, so no --check)",
     )
     parser.add_argument(
-        "--check", type=int, default=0, metavar="N",
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
         help="compare bso and the exported graph on N test-set samples (reads the run's dataset)",
     )
     args = parser.parse_args(argv)
     if args.check and args.binary_weights:
-        parser.error("--check re-imports with spikingjelly's importer, which takes one threshold "
-                     "per layer; check the export without --binary-weights")
+        parser.error(
+            "--check re-imports with spikingjelly's importer, which takes one threshold "
+            "per layer; check the export without --binary-weights"
+        )
     return args
 
 

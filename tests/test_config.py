@@ -130,12 +130,23 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
 
     evaluation = subprocess.run(
-        [sys.executable, "eval.py", f"checkpoint={run_dir / 'best.pt'}", f"paths.log_dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "eval.py",
+            f"checkpoint={run_dir / 'best.pt'}",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     (eval_dir,) = (tmp_path / "evals").iterdir()
-    (evaluated,) = [json.loads(line) for line in (eval_dir / "metrics.jsonl").read_text().splitlines()]
+    (evaluated,) = [
+        json.loads(line) for line in (eval_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert evaluated["checkpoint"] == str(run_dir / "best.pt")
     assert evaluated["test/acc1"] == record["test/acc1"] and "firing_rate/all" in evaluated
     status = json.loads((eval_dir / "status.json").read_text())
@@ -148,7 +159,10 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
 def test_the_former_eval_switch_fails_with_one_line_naming_eval_py():
     proc = subprocess.run(
         [sys.executable, "train.py", "engine.eval_only=true", "checkpoint=outputs/runs/a/best.pt"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -157,25 +171,50 @@ def test_the_former_eval_switch_fails_with_one_line_naming_eval_py():
     ]
 
 
-@pytest.mark.parametrize("entry,argv,message", [
-    ("train", ["optimizer.other.lr=0.2"], "the optimizer of the full-precision parameters (first conv, "
-     "FC, BatchNorm) is optimizer.full_precision; write optimizer.full_precision.lr=0.2"),
-    ("train", ["-m", "+optimizer.other.nesterov=true"], "write optimizer.full_precision.nesterov=true"),
-    ("train", ["dataset=cifar10", "model=for_cifar10"], "model=for_cifar10: there are no for_<dataset> "
-     "models; each dataset selects its own (dataset=cifar10 trains vgg11); leave model= out, or name "
-     "a model: model=vgg11"),
-    ("train", ["model=for_imagenet,vgg11"], "(dataset=imagenet trains resnet18)"),
-    ("eval", ["checkpoint=a/best.pt", "engine.eval_only=true"], "python eval.py checkpoint="),
-    ("train", ["checkpoint=runs/a/best.pt"], "checkpoint=runs/a/best.pt: train.py trains; evaluate a "
-     "checkpoint with python eval.py checkpoint=runs/a/best.pt (bso-eval when installed), or start a "
-     "new run from its weights with init_from=runs/a/best.pt"),
-])
+@pytest.mark.parametrize(
+    "entry,argv,message",
+    [
+        (
+            "train",
+            ["optimizer.other.lr=0.2"],
+            "the optimizer of the full-precision parameters (first conv, "
+            "FC, BatchNorm) is optimizer.full_precision; write optimizer.full_precision.lr=0.2",
+        ),
+        (
+            "train",
+            ["-m", "+optimizer.other.nesterov=true"],
+            "write optimizer.full_precision.nesterov=true",
+        ),
+        (
+            "train",
+            ["dataset=cifar10", "model=for_cifar10"],
+            "model=for_cifar10: there are no for_<dataset> "
+            "models; each dataset selects its own (dataset=cifar10 trains vgg11); leave model= out, or name "
+            "a model: model=vgg11",
+        ),
+        ("train", ["model=for_imagenet,vgg11"], "(dataset=imagenet trains resnet18)"),
+        ("eval", ["checkpoint=a/best.pt", "engine.eval_only=true"], "python eval.py checkpoint="),
+        (
+            "train",
+            ["checkpoint=runs/a/best.pt"],
+            "checkpoint=runs/a/best.pt: train.py trains; evaluate a "
+            "checkpoint with python eval.py checkpoint=runs/a/best.pt (bso-eval when installed), or start a "
+            "new run from its weights with init_from=runs/a/best.pt",
+        ),
+    ],
+)
 def test_former_spellings_are_refused_with_the_spelling_to_use(entry, argv, message):
     assert message in old_spelling(argv, entry)
 
 
 def test_current_spellings_pass_the_former_spelling_check():
-    argv = ["-m", "optimizer.full_precision.lr=0.2", "model=vgg11", "engine.T=2,4", "hydra.run.dir=x"]
+    argv = [
+        "-m",
+        "optimizer.full_precision.lr=0.2",
+        "model=vgg11",
+        "engine.T=2,4",
+        "hydra.run.dir=x",
+    ]
     assert old_spelling(argv, "train") is None
     assert old_spelling(["checkpoint=runs/a/best.pt", "dataset=cifar10"], "eval") is None
 
@@ -184,7 +223,9 @@ def test_a_config_that_still_holds_a_former_key_is_refused():
     cfg = compose_config()
     with open_dict(cfg):
         cfg.optimizer.other = {"lr": 0.2}  # e.g. from an experiment file of one's own
-    with pytest.raises(ConfigError, match="is optimizer.full_precision; write optimizer.full_precision"):
+    with pytest.raises(
+        ConfigError, match="is optimizer.full_precision; write optimizer.full_precision"
+    ):
         validate(cfg, [])
     with pytest.raises(ConfigError, match="write optimizer.full_precision.lr=0.2"):
         validate(compose_config("+optimizer.other.lr=0.2"), ["+optimizer.other.lr=0.2"])
@@ -213,25 +254,43 @@ def test_each_dataset_sets_its_binary_optimizer_values(dataset):
         cfg = compose_config(f"optimizer={optimizer}", f"dataset={dataset}").optimizer
         assert cfg.binary is None and cfg.full_precision.lr == lr and "hparam_decay" not in cfg
     # the command line (and an experiment file) still sets any of them
-    cfg = compose_config("optimizer=tbso", f"dataset={dataset}", "optimizer.binary.gamma=2e-6",
-                         "optimizer.full_precision.lr=0.3").optimizer
+    cfg = compose_config(
+        "optimizer=tbso",
+        f"dataset={dataset}",
+        "optimizer.binary.gamma=2e-6",
+        "optimizer.full_precision.lr=0.3",
+    ).optimizer
     assert (cfg.binary.gamma, cfg.full_precision.lr) == (2e-6, 0.3)
 
 
 def test_the_imagenet_experiments_train_the_released_values():
     pretrain = compose_config("experiment=imagenet_tbso_pretrain")
-    assert (pretrain.engine.T, pretrain.dataset.epochs, pretrain.optimizer.binary.gamma) == (1, 100, 1e-6)
-    assert (pretrain.optimizer.full_precision.lr, pretrain.optimizer.hparam_decay.every_epochs) == (0.2, 20)
+    assert (pretrain.engine.T, pretrain.dataset.epochs, pretrain.optimizer.binary.gamma) == (
+        1,
+        100,
+        1e-6,
+    )
+    assert (pretrain.optimizer.full_precision.lr, pretrain.optimizer.hparam_decay.every_epochs) == (
+        0.2,
+        20,
+    )
     finetune = compose_config("experiment=imagenet_tbso_finetune")
     assert (finetune.engine.T, finetune.dataset.epochs) == (4, 30)
     assert (finetune.optimizer.binary.gamma, finetune.optimizer.binary.beta1) == (1e-11, 0.99999999)
     assert finetune.model.name == "resnet18" and finetune.optimizer.full_precision.lr == 0.2
 
 
-@pytest.mark.parametrize("dataset,shape", [
-    ("digits", (1, 8, 8)), ("cifar10", (3, 32, 32)), ("cifar100", (3, 32, 32)),
-    ("dvs_cifar10", (2, 48, 48)), ("gsc", (1, 32, 32)), ("imagenet", (3, 224, 224)),
-])
+@pytest.mark.parametrize(
+    "dataset,shape",
+    [
+        ("digits", (1, 8, 8)),
+        ("cifar10", (3, 32, 32)),
+        ("cifar100", (3, 32, 32)),
+        ("dvs_cifar10", (2, 48, 48)),
+        ("gsc", (1, 32, 32)),
+        ("imagenet", (3, 224, 224)),
+    ],
+)
 def test_every_dataset_knows_its_input_shape(dataset, shape):
     assert input_shape(compose_config(f"dataset={dataset}").dataset) == shape
 
@@ -239,8 +298,9 @@ def test_every_dataset_knows_its_input_shape(dataset, shape):
 def test_train_and_eval_write_to_their_own_directories():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         train_cfg = compose("train", overrides=["paths.log_dir=logs"], return_hydra_config=True)
-        eval_cfg = compose("eval", overrides=["paths.log_dir=logs", "checkpoint=a.pt"],
-                           return_hydra_config=True)
+        eval_cfg = compose(
+            "eval", overrides=["paths.log_dir=logs", "checkpoint=a.pt"], return_hydra_config=True
+        )
     assert train_cfg.hydra.run.dir.startswith("logs/runs/") and train_cfg.hydra.job.name == "train"
     assert eval_cfg.hydra.run.dir.startswith("logs/evals/") and eval_cfg.hydra.job.name == "eval"
     assert "checkpoint" not in train_cfg and "optimizer" not in eval_cfg
@@ -249,12 +309,24 @@ def test_train_and_eval_write_to_their_own_directories():
 
 @pytest.mark.parametrize(
     "dataset,model,in_channels,classes",
-    [("digits", "vgg_tiny", 1, 10), ("cifar10", "vgg11", 3, 10), ("cifar100", "vgg11", 3, 100),
-     ("dvs_cifar10", "vgg11", 2, 10), ("gsc", "vgg11", 1, 35), ("imagenet", "resnet18", 3, 1000)],
+    [
+        ("digits", "vgg_tiny", 1, 10),
+        ("cifar10", "vgg11", 3, 10),
+        ("cifar100", "vgg11", 3, 100),
+        ("dvs_cifar10", "vgg11", 2, 10),
+        ("gsc", "vgg11", 1, 35),
+        ("imagenet", "resnet18", 3, 1000),
+    ],
 )
-def test_a_dataset_brings_its_paper_model_unless_model_is_given(dataset, model, in_channels, classes):
+def test_a_dataset_brings_its_paper_model_unless_model_is_given(
+    dataset, model, in_channels, classes
+):
     cfg = compose_config(f"dataset={dataset}")
-    assert (cfg.model.name, cfg.model.in_channels, cfg.model.num_classes) == (model, in_channels, classes)
+    assert (cfg.model.name, cfg.model.in_channels, cfg.model.num_classes) == (
+        model,
+        in_channels,
+        classes,
+    )
     assert compose_config(f"dataset={dataset}", "model=resnet19").model.name == "resnet19"
     assert compose_config("model=resnet19", f"dataset={dataset}").model.name == "resnet19"
 
@@ -273,5 +345,9 @@ def test_headline_command_trains_the_released_recipe():
     assert cfg.engine.trace == "ndot" and cfg.engine["update"] == "per_step"
     assert cfg.engine.mse_weight == 0.05
     assert cfg.optimizer.lr_schedule == "constant" and cfg.optimizer.full_precision.lr == 0.1
-    assert dict(cfg.optimizer.hparam_decay) == {"every_epochs": 50, "factor": 0.1, "betas": ["beta1"]}
+    assert dict(cfg.optimizer.hparam_decay) == {
+        "every_epochs": 50,
+        "factor": 0.1,
+        "betas": ["beta1"],
+    }
     assert (cfg.optimizer.binary.gamma, cfg.optimizer.binary.threshold) == (5e-7, "code")

@@ -248,7 +248,9 @@ def test_torchvision_policy_is_a_named_option_that_trains_differently(golden):
     train, _ = _release_protocol(cfg, golden)
     assert not torch.equal(train, golden["train"])
     with pytest.raises(ValueError, match="augment.policy"):
-        build_transform(compose_config("dataset=cifar10", "dataset.augment.policy=imgnet").dataset, True)
+        build_transform(
+            compose_config("dataset=cifar10", "dataset.augment.policy=imgnet").dataset, True
+        )
 
 
 @pytest.mark.integration  # composes every CIFAR experiment file
@@ -328,7 +330,9 @@ def test_cutout_size_comes_from_the_dataset_config(length):
 def _epoch_batches(root, epoch, *overrides, rank=0, world_size=1, skip=0, seed=0):
     from bso.data import start_epoch
 
-    cfg = compose_config("dataset=cifar10", f"dataset.root={root}", "dataset.batch_size=4", *overrides)
+    cfg = compose_config(
+        "dataset=cifar10", f"dataset.root={root}", "dataset.batch_size=4", *overrides
+    )
     train, _ = build_dataloaders(cfg.dataset, seed=seed, rank=rank, world_size=world_size)
     start_epoch(train, epoch, skip_batches=skip)
     return [x for x, _ in train]
@@ -346,7 +350,10 @@ def test_augmentation_is_a_function_of_seed_epoch_rank_and_sample(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, workers, strict=True))
     # a run resumed after 2 batches of the epoch draws what the uninterrupted run drew
     resumed = _epoch_batches(root, 1, "dataset.num_workers=0", skip=2)
-    assert all(torch.equal(a, b) for a, b in zip(first[2:], resumed, strict=True)) and len(resumed) == 3
+    assert (
+        all(torch.equal(a, b) for a, b in zip(first[2:], resumed, strict=True))
+        and len(resumed) == 3
+    )
     # other epochs, ranks and seeds augment differently (same images in another order otherwise)
     for other in (
         _epoch_batches(root, 2, "dataset.num_workers=0"),
@@ -362,5 +369,15 @@ def test_sample_seeds_depend_on_every_key():
 
     base = sample_seed(0, 1, 0, 5)
     assert base == sample_seed(0, 1, 0, 5)
-    assert len({base, sample_seed(1, 1, 0, 5), sample_seed(0, 2, 0, 5), sample_seed(0, 1, 1, 5),
-                sample_seed(0, 1, 0, 6)}) == 5
+    assert (
+        len(
+            {
+                base,
+                sample_seed(1, 1, 0, 5),
+                sample_seed(0, 2, 0, 5),
+                sample_seed(0, 1, 1, 5),
+                sample_seed(0, 1, 0, 6),
+            }
+        )
+        == 5
+    )

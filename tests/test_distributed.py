@@ -37,7 +37,12 @@ WORLD = 2
 RUNS = {
     "tbso_per_step": ["engine.T=2"],
     # PyTorch's init: with the release's N(0, 0.01) classifier BSO flips nothing in this short epoch
-    "bso_accumulate": ["optimizer=bso", "engine.T=2", "engine.update=accumulate", "model.init=pytorch"],
+    "bso_accumulate": [
+        "optimizer=bso",
+        "engine.T=2",
+        "engine.update=accumulate",
+        "model.init=pytorch",
+    ],
     "bptt_latent": [
         "engine=bptt",
         "engine.T=2",
@@ -80,7 +85,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             )
             start_epoch(train_loader, 1)
             tally = engine.train_epoch(train_model, optimizer, train_loader, state.device)
-            train_m = {**tally.metrics(), "rank": {"samples": tally.samples, "correct": int(tally.correct)}}
+            train_m = {
+                **tally.metrics(),
+                "rank": {"samples": tally.samples, "correct": int(tally.correct)},
+            }
             distributed.average_buffers(model)
             test_m = evaluate(model, test_loader, engine.T, state.device, engine.mse_weight)
             torch.save(
@@ -182,15 +190,23 @@ def _lean_vs_plain_worker(rank: int, ports: list[int], out_dir: str) -> None:
 
     from bso.train import train
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1")
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1"
+    )
     torch.set_num_threads(1)
     runs = [(name, lean) for name in LEAN_VS_PLAIN for lean in ("true", "false")]
     for port, (name, lean) in zip(ports, runs, strict=True):
         os.environ["MASTER_PORT"] = str(port)
-        overrides = [*LEAN_VS_PLAIN[name], f"engine.lean={lean}", "dataset.epochs=1", "metrics.snn=false"]
-        train(compose_config(*overrides, output_dir=Path(out_dir) / f"{name}_lean_{lean}"),
-              overrides=overrides)
+        overrides = [
+            *LEAN_VS_PLAIN[name],
+            f"engine.lean={lean}",
+            "dataset.epochs=1",
+            "metrics.snn=false",
+        ]
+        train(
+            compose_config(*overrides, output_dir=Path(out_dir) / f"{name}_lean_{lean}"),
+            overrides=overrides,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +220,9 @@ def lean_vs_plain(tmp_path_factory):
             run = out / f"{name}_lean_{lean}"
             runs[name, lean == "true"] = {
                 "checkpoint": torch.load(run / "last.pt", weights_only=False),
-                "records": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()],
+                "records": [
+                    json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                ],
             }
     return runs
 
@@ -242,7 +260,9 @@ def test_two_rank_lean_mode_flips_bitwise_what_plain_ddp_flips(lean_vs_plain, na
     for key in binary:
         assert set(model_lean[key].unique().tolist()) == {-1.0, 1.0}
     # ... and the same optimizer state: momentum M (and T-BSO's v_l[t]) of every binary weight
-    _assert_equal_nested(lean["checkpoint"]["optimizer"], plain["checkpoint"]["optimizer"], "optimizer")
+    _assert_equal_nested(
+        lean["checkpoint"]["optimizer"], plain["checkpoint"]["optimizer"], "optimizer"
+    )
     momenta = [s["momentum"] for s in lean["checkpoint"]["optimizer"]["binary"]["state"].values()]
     assert len(momenta) == 3 and all(m.abs().sum() > 0 for m in momenta)
 
@@ -273,7 +293,14 @@ def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1, runs
     run = runs[0]
-    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt", "status.json", "train.log"):
+    for name in (
+        "config.yaml",
+        "run_info.json",
+        "metrics.jsonl",
+        "last.pt",
+        "status.json",
+        "train.log",
+    ):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1  # one writer
@@ -371,8 +398,17 @@ def test_resume_under_torchrun_continues_exactly(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
     def torchrun(*args, rc=0):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={WORLD}", "train.py", "logger=none", "engine.T=2", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            "train.py",
+            "logger=none",
+            "engine.T=2",
+            *args,
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == rc, proc.stderr[-3000:]
         return proc.stdout + proc.stderr
@@ -403,15 +439,18 @@ def _interrupted_worker(rank: int, ports: list[int], out_dir: str) -> None:
     from bso.engine import OnlineEngine
     from bso.train import RunInterrupted, train
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1")
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1"
+    )
     torch.set_num_threads(1)
     out = Path(out_dir)
     tiny = ("dataset.epochs=1", "engine.T=1", "dataset.batch_size=128")
 
     def run(port, run_dir, *overrides):
         os.environ["MASTER_PORT"] = str(port)
-        return train(compose_config(*tiny, *overrides, output_dir=run_dir), overrides=list(overrides))
+        return train(
+            compose_config(*tiny, *overrides, output_dir=run_dir), overrides=list(overrides)
+        )
 
     run(ports[0], out / "straight")
     original, calls = OnlineEngine.train_batch, []
@@ -439,19 +478,27 @@ def _interrupted_worker(rank: int, ports: list[int], out_dir: str) -> None:
 def test_torchrun_mid_epoch_resume_is_bitwise_batchnorm_statistics_included(tmp_path):
     """Each rank's BatchNorm running statistics (averaged over the ranks only at the epoch's end) go
     into the mid-epoch last.pt; the resumed run ends bitwise where the straight one did."""
-    mp.spawn(_interrupted_worker, args=([_free_port() for _ in range(3)], str(tmp_path)),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        _interrupted_worker,
+        args=([_free_port() for _ in range(3)], str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+    )
     cut = torch.load(tmp_path / "cut.pt", weights_only=False)
     assert cut["epoch"] == 0 and [t.batches for t in cut["tally"]] == [3, 3]
     bn = [k for k in cut["model"] if "running_mean" in k]
     r0, r1 = cut["rank_buffers"]
     assert bn and all(not torch.equal(r0[k], r1[k]) for k in bn)  # each rank's own statistics
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("straight", "resumed"))
+    a, b = (
+        torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("straight", "resumed")
+    )
     assert b["epoch"] == 1 and "rank_buffers" not in b  # an epoch-end checkpoint: one average
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    records = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-               for d in ("straight", "resumed")]
+    records = [
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("straight", "resumed")
+    ]
     assert [r["epoch"] for r in records[1]] == [1]
     for key in ("train/loss", "train/acc1", "test/loss", "test/acc1"):
         assert records[0][0][key] == records[1][0][key], key

@@ -108,7 +108,9 @@ def test_impossible_or_unknown_switches_are_refused():
         fastpath.check(OmegaConf.create({"channels_first": True}), CPU)
     from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ConfigCompositionException, match="Could not override 'fast.channels_first'"):
+    with pytest.raises(
+        ConfigCompositionException, match="Could not override 'fast.channels_first'"
+    ):
         compose_config("fast.channels_first=true")  # and Hydra refuses it on the command line
 
 

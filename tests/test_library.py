@@ -52,7 +52,14 @@ def router(model, gamma=0.0, T=T):
 
 
 def test_public_api_and_version():
-    assert set(bso.__all__) >= {"BSO", "TBSO", "CaseOptimizer", "convert", "make_lean", "online_step"}
+    assert set(bso.__all__) >= {
+        "BSO",
+        "TBSO",
+        "CaseOptimizer",
+        "convert",
+        "make_lean",
+        "online_step",
+    }
     for name in set(bso.__all__) - {"__version__"}:  # classes and functions
         assert callable(getattr(bso, name)), name
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -81,7 +88,9 @@ def test_convert_replaces_layers_keeps_first_and_last_full_precision_and_the_neu
 
 def test_converted_neuron_fires_exactly_as_the_spikingjelly_neuron():
     src = neuron.LIFNode(tau=2.0)  # spikingjelly's defaults: hard reset, decayed input
-    holder = bso.convert(nn.Sequential(nn.Linear(4, 4), src, nn.Linear(4, 4)), full_precision=[], trace=None)
+    holder = bso.convert(
+        nn.Sequential(nn.Linear(4, 4), src, nn.Linear(4, 4)), full_precision=[], trace=None
+    )
     converted = holder[1]
     reference = neuron.LIFNode(tau=2.0)
     xs = torch.randn(6, 3, 4) * 2
@@ -101,6 +110,7 @@ def test_init_sign_takes_the_sign_of_the_current_weights():
 def test_weight_gradient_comes_from_the_presynaptic_trace_through_pool_and_flatten():
     model = bso.convert(sj_net(), full_precision=["0"])  # the linear is binary too
     grads = {}
+
     def keep_grad(key):
         def hook(module, args, out):
             out.register_hook(lambda g: grads.update({key: g}))
@@ -151,7 +161,9 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
     model = bso.convert(Net(lambda s: (2 * s).flatten(1)))
-    with pytest.raises(RuntimeError, match=r"fc \(ConvertedLinear\) runs after the spiking neuron lif"):
+    with pytest.raises(
+        RuntimeError, match=r"fc \(ConvertedLinear\) runs after the spiking neuron lif"
+    ):
         bso.online_step(model, router(model), x, y, t=0, T=T)
     net = Net(lambda s: s)
     net.op = nn.Sequential(nn.Dropout(0.5), nn.Flatten())  # a dropout mask the trace cannot follow
@@ -160,8 +172,13 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
         bso.online_step(model, router(model), x, y, t=0, T=T)
     # a value (a layer's output, not spikes) through a flatten after a neuron fired: no trace needed
     seq = bso.convert(
-        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), lif(), nn.Conv2d(2, 2, 3, padding=1),
-                      nn.Flatten(), nn.Linear(128, 5)),
+        nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1),
+            lif(),
+            nn.Conv2d(2, 2, 3, padding=1),
+            nn.Flatten(),
+            nn.Linear(128, 5),
+        ),
         full_precision=["0"],
     )
     seen = {}
@@ -173,7 +190,9 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
     seq[4].register_forward_hook(keep)
     bso.online_step(seq, router(seq), x, y, t=0, T=T)
     # the linear's gradient is delta^T @ its input (the conv's values, as autograd has it)
-    torch.testing.assert_close(seq[4].weight.grad, seen["delta"].t() @ seen["input"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        seq[4].weight.grad, seen["delta"].t() @ seen["input"], rtol=1e-5, atol=1e-7
+    )
     assert seq[2].weight.grad.abs().sum() > 0  # the binary conv after the neuron: from its trace
     # evaluation needs no trace
     with torch.no_grad():
@@ -185,7 +204,10 @@ def test_a_view_of_the_spikes_is_recognised_and_an_unknown_op_is_an_error_naming
     [
         (neuron.IFNode(), r"cannot convert 1 \(IFNode\).*LIFNode only"),
         (nn.Conv1d(2, 2, 3), r"cannot convert 1 \(Conv1d\)"),
-        (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), r"cannot convert 1 \(Conv2d\).*zero"),
+        (
+            nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
+            r"cannot convert 1 \(Conv2d\).*zero",
+        ),
     ],
 )
 def test_unsupported_layers_and_neurons_are_named(module, match):
@@ -249,7 +271,9 @@ def test_misuse_errors():
     bptt = bso.convert(sj_net(), trace=None)
     with pytest.raises(ValueError, match="set up for BPTT"):
         bso.online_step(bptt, router(bptt), x, y, t=0, T=T)
-    plain = bso.convert(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 5)))
+    plain = bso.convert(
+        nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 5))
+    )
     with pytest.raises(ValueError, match="no spiking neurons"):
         bso.online_step(plain, router(plain), x.flatten(1), y, t=0, T=T)
 

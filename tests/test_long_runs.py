@@ -22,8 +22,18 @@ pytestmark = pytest.mark.integration  # trains, spawns processes or builds the w
 
 FAST = ("engine.T=2", "dataset.batch_size=128")
 # what must be identical between a straight and a resumed run (time, speed and RSS may differ)
-EXACT_KEYS = ("epoch", "train/loss", "train/acc1", "test/loss", "test/acc1", "lr", "gamma",
-              "flip_rate/all", "best/epoch", "best/test_acc1")
+EXACT_KEYS = (
+    "epoch",
+    "train/loss",
+    "train/acc1",
+    "test/loss",
+    "test/acc1",
+    "lr",
+    "gamma",
+    "flip_rate/all",
+    "best/epoch",
+    "best/test_acc1",
+)
 
 
 def _records(run_dir):
@@ -99,7 +109,9 @@ def test_interrupt_mid_epoch_resumes_at_the_next_batch(straight_run, tmp_path, m
 
 
 def test_resume_refuses_a_changed_recipe_and_a_finished_run(straight_run, tmp_path):
-    cfg = compose_config(f"resume={straight_run}", "optimizer.binary.gamma=1e-6", output_dir=tmp_path)
+    cfg = compose_config(
+        f"resume={straight_run}", "optimizer.binary.gamma=1e-6", output_dir=tmp_path
+    )
     with pytest.raises(ValueError, match=r"changes \['optimizer.binary.gamma'\]"):
         train(cfg, overrides=[f"resume={straight_run}", "optimizer.binary.gamma=1e-6"])
     with pytest.raises(ValueError, match="already finished 4 epochs"):
@@ -107,7 +119,9 @@ def test_resume_refuses_a_changed_recipe_and_a_finished_run(straight_run, tmp_pa
 
 
 def test_best_and_last_checkpoints_and_their_1bit_exports(straight_run, tmp_path):
-    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()
+    ]
     best = max(records, key=lambda r: r["test/acc1"])  # the first epoch with the top accuracy
     best = next(r for r in records if r["test/acc1"] == best["test/acc1"])
     assert records[-1]["best/epoch"] == best["epoch"]
@@ -116,23 +130,38 @@ def test_best_and_last_checkpoints_and_their_1bit_exports(straight_run, tmp_path
     assert (status["status"], status["best_epoch"]) == ("completed", best["epoch"])
     assert status["best_test_acc1"] == best["test/acc1"]
     for name, expected in (("best", best), ("last", records[-1])):
-        cfg = compose_config(f"checkpoint={straight_run / f'{name}_1bit.pt'}",
-                             output_dir=tmp_path / name, config_name="eval")
+        cfg = compose_config(
+            f"checkpoint={straight_run / f'{name}_1bit.pt'}",
+            output_dir=tmp_path / name,
+            config_name="eval",
+        )
         assert evaluate_checkpoint(cfg, overrides=[])["test/acc1"] == expected["test/acc1"]
 
 
 def test_eval_builds_the_model_the_checkpoint_was_trained_with(tmp_path):
     """A latent-weight BPTT checkpoint at T=3, evaluated without repeating its options."""
     run_dir = tmp_path / "latent"
-    final = train(compose_config("engine=bptt", "optimizer=adam", "model.weights=latent",
-                                 "engine.T=3", "dataset.epochs=1", output_dir=run_dir), overrides=[])
-    cfg = compose_config(f"checkpoint={run_dir / 'last.pt'}", output_dir=tmp_path / "eval",
-                         config_name="eval")
+    final = train(
+        compose_config(
+            "engine=bptt",
+            "optimizer=adam",
+            "model.weights=latent",
+            "engine.T=3",
+            "dataset.epochs=1",
+            output_dir=run_dir,
+        ),
+        overrides=[],
+    )
+    cfg = compose_config(
+        f"checkpoint={run_dir / 'last.pt'}", output_dir=tmp_path / "eval", config_name="eval"
+    )
     assert evaluate_checkpoint(cfg, overrides=[])["test/acc1"] == final["test/acc1"]
     wrong = ["model=vgg11", f"checkpoint={run_dir / 'last.pt'}"]
     with pytest.raises(ValueError, match=r"holds model vgg_tiny .* builds model vgg11") as err:
-        evaluate_checkpoint(compose_config(*wrong, output_dir=tmp_path / "wrong", config_name="eval"),
-                            overrides=wrong)
+        evaluate_checkpoint(
+            compose_config(*wrong, output_dir=tmp_path / "wrong", config_name="eval"),
+            overrides=wrong,
+        )
     assert len(str(err.value)) < 1200 and "\n" not in str(err.value)  # one line, not 100
     assert not (tmp_path / "wrong").exists()  # refused before any work
 
@@ -153,8 +182,12 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, straight_run):
 
 
 def test_failed_runs_record_the_error_and_zero_epochs_is_refused(tmp_path):
-    cfg = compose_config("dataset=cifar10", "model=vgg_tiny", f"dataset.root={tmp_path / 'nowhere'}",
-                         output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "dataset=cifar10",
+        "model=vgg_tiny",
+        f"dataset.root={tmp_path / 'nowhere'}",
+        output_dir=tmp_path / "run",
+    )
     with pytest.raises(FileNotFoundError):
         train(cfg, overrides=[])
     status = RunStatus(tmp_path / "run").read()
@@ -193,18 +226,38 @@ def test_sigterm_stops_cleanly_and_the_printed_command_resumes_exactly(tmp_path)
     """A real process: SIGTERM (Slurm preemption) -> checkpoint, status 'interrupted', exit 130 and
     one line naming the resume command; that command finishes with the uninterrupted run's weights."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    common = [sys.executable, "train.py", "logger=none", "device=cpu", "dataset.epochs=3",
-              "engine.T=1", *FAST[1:]]
+    common = [
+        sys.executable,
+        "train.py",
+        "logger=none",
+        "device=cpu",
+        "dataset.epochs=3",
+        "engine.T=1",
+        *FAST[1:],
+    ]
 
     def run(*args, **kwargs):
-        return subprocess.run([*common, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300, **kwargs)
+        return subprocess.run(
+            [*common, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            **kwargs,
+        )
 
     straight = tmp_path / "straight"
     assert run(f"hydra.run.dir={straight}").returncode == 0
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([*common, f"hydra.run.dir={interrupted}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*common, f"hydra.run.dir={interrupted}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)

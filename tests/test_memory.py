@@ -201,7 +201,13 @@ def test_lean_benchmark_script_tiny(tmp_path):
         assert b["lean"] == b["recompute"] == pytest.approx(4.125 + v_t)
         assert a["recompute"] < a["lean"] < a["plain"] and a["ratio"] == a["lean"] / a["plain"]
         assert a["recompute_ratio"] == a["recompute"] / a["plain"]
-        assert set(r["ms_per_time_step"]) == {"plain", "lean", "recompute", "ratio", "recompute_ratio"}
+        assert set(r["ms_per_time_step"]) == {
+            "plain",
+            "lean",
+            "recompute",
+            "ratio",
+            "recompute_ratio",
+        }
     assert "| tbso | activation peak (MB) |" in out.with_suffix(".md").read_text()
 
 

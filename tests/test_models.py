@@ -59,7 +59,9 @@ def test_resnet19_and_vgg11_ws_sizes():
     # 512 wide: 256*512*9 + 3 x 512*512*9
     assert r19.binary_params == 6 * 147_456 + 294_912 + 5 * 589_824 + 1_179_648 + 3 * 2_359_296
     ws = model_size(SpikingVGG(VGG11, num_classes=10, norm="none", weight_standardization=True))
-    assert ws.binary_params == 9_216_000 and round(ws.size_mb, 2) == 1.19  # no BN, a gain per channel
+    assert (
+        ws.binary_params == 9_216_000 and round(ws.size_mb, 2) == 1.19
+    )  # no BN, a gain per channel
 
 
 # --- construction and one training step ---------------------------------------------------------
@@ -83,7 +85,9 @@ def test_layer_list_parsing_and_errors():
     ("in_channels", "size", "classes"), [(3, 32, 100), (2, 48, 7)], ids=["cifar100", "dvs"]
 )
 @pytest.mark.parametrize("model_cls", [SpikingVGG, BiRealResNet18, SpikingResNet19])
-def test_models_take_cifar_and_dvs_inputs_and_any_number_of_classes(model_cls, in_channels, size, classes):
+def test_models_take_cifar_and_dvs_inputs_and_any_number_of_classes(
+    model_cls, in_channels, size, classes
+):
     model = model_cls(in_channels=in_channels, num_classes=classes)
     assert model(torch.rand(2, in_channels, size, size)).shape == (2, classes)
 
@@ -145,7 +149,10 @@ def test_agmm_gate_is_alpha_t_times_sigmoid_of_the_spatial_mean_times_x():
     """X'[t] = alpha[t] * sigmoid(E(X[t])) * X[t] (bso/models/agmm.py), E = mean over H, W per
     sample and channel; alpha[t] per time step, the last one reused beyond T; reset restarts t."""
     gate = AGMMGate(num_steps=2)
-    assert [n for n, _ in gate.named_parameters()] == ["alpha"] and gate.alpha.tolist() == [1.0, 1.0]
+    assert [n for n, _ in gate.named_parameters()] == ["alpha"] and gate.alpha.tolist() == [
+        1.0,
+        1.0,
+    ]
     with torch.no_grad():
         gate.alpha.copy_(torch.tensor([2.0, 0.5]))
     x = _gate_input()
@@ -180,7 +187,9 @@ def test_agmm_gate_global_mean_and_fixed_alpha():
     x = _gate_input()
     out = gate(x)
     for b, mean in enumerate((1.5, -0.5)):  # over channels and positions, per sample
-        torch.testing.assert_close(out[b].double(), _sigmoid(mean) * x[b].double(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            out[b].double(), _sigmoid(mean) * x[b].double(), rtol=1e-6, atol=0
+        )
     with pytest.raises(ValueError, match=r"unknown model.agmm_statistic='channel_mean'; choose"):
         AGMMGate(2, statistic="channel_mean")
 

@@ -77,7 +77,9 @@ def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
     block = model.blocks[1]
     a = (block.bn.weight / torch.sqrt(block.bn.running_var + block.bn.eps)).detach()
     conv = graph.nodes["blocks_1_conv"]
-    np.testing.assert_allclose(conv.weight, (block.conv.weight.detach() * a.view(-1, 1, 1, 1)).numpy())
+    np.testing.assert_allclose(
+        conv.weight, (block.conv.weight.detach() * a.view(-1, 1, 1, 1)).numpy()
+    )
     np.testing.assert_allclose(
         conv.bias, (block.bn.bias - a * block.bn.running_mean).detach().numpy()
     )
@@ -109,9 +111,15 @@ def test_command_line_exports_a_1bit_checkpoint(tmp_path):
     "build, layer",
     [
         (lambda: SpikingVGG("4C3-MP2-8C3", in_channels=1), "blocks.0.pool"),
-        (lambda: SpikingVGG("4C3-8C3", in_channels=1, agmm=True, weights="latent"), "blocks.1.gate"),
+        (
+            lambda: SpikingVGG("4C3-8C3", in_channels=1, agmm=True, weights="latent"),
+            "blocks.1.gate",
+        ),
         (lambda: SpikingResNet19(in_channels=1, widths=(4, 8, 8), blocks=(1, 1, 1)), "blocks.0"),
-        (lambda: BiRealResNet18(in_channels=1, widths=(4, 8, 8, 8), blocks_per_stage=1), "blocks.0"),
+        (
+            lambda: BiRealResNet18(in_channels=1, widths=(4, 8, 8, 8), blocks_per_stage=1),
+            "blocks.0",
+        ),
     ],
     ids=["max_pool", "agmm", "resnet19", "resnet18"],
 )
@@ -183,7 +191,9 @@ def test_binary_weights_export_keeps_pm1_weights_with_per_channel_thresholds(tmp
             assert torch.equal(their_spikes[t][layer], our_spikes[name][t]), (t, name)
     import export_nir  # scripts/
 
-    with pytest.raises(SystemExit) as exit_:  # spikingjelly's importer takes one threshold per layer
+    with pytest.raises(
+        SystemExit
+    ) as exit_:  # spikingjelly's importer takes one threshold per layer
         export_nir.parse_args(["run", "out.nir", "--binary-weights", "--check", "8"])
     assert exit_.value.code == 2
     assert "--check re-imports with spikingjelly's importer" in capsys.readouterr().err

@@ -23,9 +23,22 @@ def test_config_dir_is_the_checkouts_configs_here():
 @pytest.mark.integration
 def test_the_wheel_holds_every_config_and_the_console_scripts(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "--quiet", "--disable-pip-version-check", "-w", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}")
@@ -43,5 +56,8 @@ def test_the_wheel_holds_every_config_and_the_console_scripts(tmp_path):
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "bso-train = bso.cli:train" in text and "bso-report = bso.report.cli:main" in text
     assert "bso-eval = bso.cli:evaluate" in text
-    assert {"bso/configs/train.yaml", "bso/configs/eval.yaml"} <= names  # both entry points' configs
+    assert {
+        "bso/configs/train.yaml",
+        "bso/configs/eval.yaml",
+    } <= names  # both entry points' configs
     assert bso.__version__ == version

@@ -41,7 +41,9 @@ def release_model(golden: dict, **options) -> SpikingVGG:
 def release_optimizer(model, golden: dict):
     h = golden["hyper"]
     if golden["optimizer"] == "tbso":
-        binary = partial(TBSO, num_steps=h["T"], gamma=h["gamma"], beta1=h["beta1"], beta2=h["beta2"])
+        binary = partial(
+            TBSO, num_steps=h["T"], gamma=h["gamma"], beta1=h["beta1"], beta2=h["beta2"]
+        )
     else:  # the release's reset=True branch
         binary = partial(BSO, gamma=h["gamma"], beta=h["beta1"], reset_momentum=True)
     return build_router(model, binary, partial(torch.optim.SGD, lr=h["lr_fp"]))
@@ -134,7 +136,10 @@ def test_flips_per_layer_match_the_release_at_every_step(golden_run):
 def test_second_moments_match_the_release(golden_run):
     golden, ours = golden_run
     if golden["optimizer"] == "bso":  # BSO keeps no second moment
-        assert all("v" not in ours["router"].binary.state[w] for w in ours["router"].binary.binary_weights())
+        assert all(
+            "v" not in ours["router"].binary.state[w]
+            for w in ours["router"].binary.binary_weights()
+        )
         return
     for i, (v, step) in enumerate(zip(ours["v"], golden["steps"], strict=True)):
         assert torch.allclose(torch.tensor(v), torch.tensor(step["v_t"]), rtol=1e-5, atol=0), i
@@ -173,7 +178,9 @@ def _schedule_trace(optimizer_name: str, epochs: int, every: int = 50) -> list[d
     from bso.train import Schedules
     from conftest import compose_config
 
-    cfg = compose_config(f"optimizer={optimizer_name}", f"optimizer.hparam_decay.every_epochs={every}")
+    cfg = compose_config(
+        f"optimizer={optimizer_name}", f"optimizer.hparam_decay.every_epochs={every}"
+    )
     model = instantiate(cfg.model)
     router = build_optimizer(model, cfg.optimizer)
     schedules = Schedules(router, cfg.optimizer, epochs)
@@ -189,14 +196,18 @@ def test_release_schedule_decays_gamma_and_beta1_after_0_based_epoch_50_not_beta
     assert [s["gamma"] for s in seen[:51]] == [5e-7] * 51  # 1-based epochs 1..51: initial values
     assert seen[51]["gamma"] == pytest.approx(5e-8) and seen[100]["gamma"] == pytest.approx(5e-8)
     assert seen[101]["gamma"] == pytest.approx(5e-9)  # after 0-based epoch 100
-    assert 1 - seen[51]["beta1"] == pytest.approx(1e-4) and 1 - seen[101]["beta1"] == pytest.approx(1e-5)
+    assert 1 - seen[51]["beta1"] == pytest.approx(1e-4) and 1 - seen[101]["beta1"] == pytest.approx(
+        1e-5
+    )
     assert {s["beta2"] for s in seen} == {0.99999}  # the release never decays (1 - beta2)
     assert {s["lr"] for s in seen} == {0.1}  # full-precision SGD keeps lr 0.1
 
 
 def test_bso_schedule_decays_its_beta_and_unknown_betas_are_refused():
     seen = _schedule_trace("bso", epochs=53)
-    assert 1 - seen[50]["beta"] == pytest.approx(1e-3) and 1 - seen[51]["beta"] == pytest.approx(1e-4)
+    assert 1 - seen[50]["beta"] == pytest.approx(1e-3) and 1 - seen[51]["beta"] == pytest.approx(
+        1e-4
+    )
     from bso.optim import BSO
 
     w = torch.nn.Parameter(torch.ones(3))
@@ -282,9 +293,14 @@ def full_width_replay(lean: bool) -> tuple[dict, dict]:
     assert cfg.model.layers == golden["architecture"] and cfg.optimizer.name == golden["optimizer"]
     binary_cfg = cfg.optimizer.binary
     assert (binary_cfg.gamma, binary_cfg.beta1, binary_cfg.beta2, binary_cfg.eps) == (
-        h["gamma"], h["beta1"], h["beta2"], h["eps"]
+        h["gamma"],
+        h["beta1"],
+        h["beta2"],
+        h["eps"],
     )
-    assert cfg.optimizer.full_precision.lr == h["lr_fp"] and cfg.engine.mse_weight == h["mse_weight"]
+    assert (
+        cfg.optimizer.full_precision.lr == h["lr_fp"] and cfg.engine.mse_weight == h["mse_weight"]
+    )
     assert cfg.model.neuron.tau == h["tau"] and cfg.model.neuron.v_threshold == h["v_threshold"]
     assert binary_cfg.reset_momentum == h["bso_reset_momentum"]
 
@@ -460,7 +476,9 @@ def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
         spike = neuron(xi)
         spike.backward(grad)
         out[order] = (spike.detach(), neuron.v.detach(), xi.grad, neuron)
-    assert torch.equal(out["release"][0], out["fast"][0]) and torch.equal(out["release"][1], out["fast"][1])
+    assert torch.equal(out["release"][0], out["fast"][0]) and torch.equal(
+        out["release"][1], out["fast"][1]
+    )
     spike, v, grad_x, neuron = out["release"]
     charge = v + spike  # h = v[t] + V_th s[t]
     sg = torch.sigmoid(4.0 * (charge - 1.0))

@@ -89,7 +89,9 @@ def test_a_second_live_process_is_refused_and_a_stale_lock_taken_over(finished, 
     dead.wait()
     (run_dir / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     with caplog.at_level(logging.WARNING), RunLock(run_dir) as lock:
-        assert lock.held and f"process {dead.pid}" in caplog.text and "no longer runs" in caplog.text
+        assert (
+            lock.held and f"process {dead.pid}" in caplog.text and "no longer runs" in caplog.text
+        )
     (run_dir / "run.lock").write_text(json.dumps({"pid": 1, "host": "another-node"}))
     with pytest.raises(RunRefused, match="another-node.*delete .*run.lock"):
         RunLock(run_dir).acquire()  # another node's live job (its heartbeat is fresh)
@@ -113,7 +115,10 @@ def test_the_printed_resume_command_pastes_for_a_multirun_directory(finished, tm
     cfg = compose_config(argv[2], output_dir=tmp_path / "x")
     assert cfg.resume == str(job)
     assert shlex.split(resume_command(job, world_size=4))[:3] == [
-        "torchrun", "--nproc_per_node=4", "train.py"]
+        "torchrun",
+        "--nproc_per_node=4",
+        "train.py",
+    ]
 
 
 def test_a_mid_epoch_torchrun_checkpoint_is_refused_in_one_process_and_keeps_its_status(
@@ -126,8 +131,11 @@ def test_a_mid_epoch_torchrun_checkpoint_is_refused_in_one_process_and_keeps_its
     torch.save(blob, run_dir / "last.pt")
     RunStatus(run_dir).write("interrupted", epoch=1)
     status = (run_dir / "status.json").read_text()
-    with pytest.raises(ValueError, match=r"2 process\(es\) in the middle of an epoch.*"
-                                         r"torchrun --nproc_per_node=2 train.py resume="):
+    with pytest.raises(
+        ValueError,
+        match=r"2 process\(es\) in the middle of an epoch.*"
+        r"torchrun --nproc_per_node=2 train.py resume=",
+    ):
         _train(tmp_path / "hydra", f"resume={run_dir}", "dataset.epochs=2")
     assert (run_dir / "status.json").read_text() == status
 
@@ -141,8 +149,10 @@ def test_another_world_size_at_an_epoch_boundary_warns_that_the_global_batch_cha
     blob["tally"], blob["rng"] = blob["tally"] * 4, blob["rng"] * 4  # written by 4 processes
     with caplog.at_level(logging.WARNING):
         check_world_size(blob, finished / "last.pt")
-    assert "trained by 4 process(es), this run has 1: the global batch changes from 4 x 128 " \
-           "to 1 x 128" in caplog.text
+    assert (
+        "trained by 4 process(es), this run has 1: the global batch changes from 4 x 128 "
+        "to 1 x 128" in caplog.text
+    )
 
 
 # --- 4. divergence ------------------------------------------------------------------------------
@@ -150,7 +160,12 @@ def test_another_world_size_at_an_epoch_boundary_warns_that_the_global_batch_cha
 
 @pytest.mark.integration
 def test_a_diverging_run_stops_as_diverged_and_is_never_a_result(tmp_path):
-    nan = ["model.weights=full", "optimizer=sgd", "optimizer.full_precision.lr=1e8", "dataset.epochs=2"]
+    nan = [
+        "model.weights=full",
+        "optimizer=sgd",
+        "optimizer.full_precision.lr=1e8",
+        "dataset.epochs=2",
+    ]
     with pytest.raises(RunDiverged, match=r"non-finite .* epoch 1, batch \d+") as err:
         _train(tmp_path / "nan", *nan)
     status = RunStatus(tmp_path / "nan").read()
@@ -207,12 +222,13 @@ def test_a_full_disk_fails_the_run_and_loses_no_epoch(tmp_path, monkeypatch):
     assert [r["epoch"] for r in MetricsFile(run_dir).records()] == [1, 2]
     final = _train(tmp_path / "x", f"resume={run_dir}", "dataset.epochs=2")
     records = MetricsFile(run_dir).records()
-    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["test/acc1"] == final["test/acc1"]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["test/acc1"] == final[
+        "test/acc1"
+    ]
 
 
 @pytest.mark.integration
-def test_a_best_checkpoint_lost_to_a_full_disk_is_restored_on_resume(tmp_path, monkeypatch,
-                                                                      caplog):
+def test_a_best_checkpoint_lost_to_a_full_disk_is_restored_on_resume(tmp_path, monkeypatch, caplog):
     import bso.train as bso_train
 
     run_dir = tmp_path / "run"
@@ -253,20 +269,25 @@ def test_a_checkpoint_of_another_dataset_is_refused_before_any_work(finished, tm
     path = tmp_path / "cifar_best_1bit.pt"
     torch.save(blob, path)
     refused = tmp_path / "refused"
-    shapes = (r"trained on cifar10 \(in_channels=3, num_classes=10, image_size=32\).*"
-              r"dataset=digits \(in_channels=1, num_classes=10, image_size=8\): in_channels, "
-              r"image_size differ")
+    shapes = (
+        r"trained on cifar10 \(in_channels=3, num_classes=10, image_size=32\).*"
+        r"dataset=digits \(in_channels=1, num_classes=10, image_size=8\): in_channels, "
+        r"image_size differ"
+    )
     evaluation = [f"checkpoint={path}", "dataset=digits"]
     with pytest.raises(ValueError, match=shapes + ". Leave dataset=... out"):
-        evaluate_checkpoint(compose_config(*evaluation, output_dir=refused, config_name="eval"),
-                            overrides=evaluation)
+        evaluate_checkpoint(
+            compose_config(*evaluation, output_dir=refused, config_name="eval"),
+            overrides=evaluation,
+        )
     assert not refused.exists()
     with pytest.raises(ValueError, match=shapes + ". Fine-tune on a dataset of the same shape"):
         _train(refused, f"init_from={path}")
     assert not refused.exists()
     # eval without dataset=...: the checkpoint's own dataset, model and T
-    evaluated = config_for_weights(compose_config(config_name="eval"), blob["config"], [], path,
-                                   evaluate=True)
+    evaluated = config_for_weights(
+        compose_config(config_name="eval"), blob["config"], [], path, evaluate=True
+    )
     assert (evaluated.dataset.name, evaluated.model.in_channels) == ("cifar10", 3)
     assert evaluated.engine.T == blob["config"]["engine"]["T"] == 1
 
@@ -290,14 +311,17 @@ def test_a_run_saved_with_the_former_key_names_resumes(finished, tmp_path):
 # --- 8. config values --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override,message", [
-    ("engine.T=2.5", r"engine.T=2.5: expected an integer"),
-    ("dataset.epochs=1.5", r"dataset.epochs=1.5: expected an integer"),
-    ("+dataset.batchsize=8", r"no config file defines dataset.batchsize.*dataset.batch_size=8"),
-    ("optimizer.binary.gamma=1e-6x", r"optimizer.binary.gamma='1e-6x': expected a number"),
-    ("seed=abc", r"seed='abc': expected an integer"),
-    ("model.neuron.tau=0", r"model.neuron.tau=0.0: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("engine.T=2.5", r"engine.T=2.5: expected an integer"),
+        ("dataset.epochs=1.5", r"dataset.epochs=1.5: expected an integer"),
+        ("+dataset.batchsize=8", r"no config file defines dataset.batchsize.*dataset.batch_size=8"),
+        ("optimizer.binary.gamma=1e-6x", r"optimizer.binary.gamma='1e-6x': expected a number"),
+        ("seed=abc", r"seed='abc': expected an integer"),
+        ("model.neuron.tau=0", r"model.neuron.tau=0.0: must be > 0"),
+    ],
+)
 def test_bad_values_and_unread_keys_are_refused_with_their_key(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         _train(tmp_path / "run", override)
@@ -318,8 +342,14 @@ def test_typed_values_are_converted_and_constructor_arguments_may_be_added(tmp_p
 
 def test_the_runs_report_skips_evaluations_and_its_commands_name_real_files(finished, tmp_path):
     run_dir = _copy(finished, tmp_path / "runs" / "trained")
-    evaluate_checkpoint(compose_config(f"checkpoint={run_dir / 'best.pt'}", config_name="eval",
-                                       output_dir=tmp_path / "runs" / "evaluated"), overrides=[])
+    evaluate_checkpoint(
+        compose_config(
+            f"checkpoint={run_dir / 'best.pt'}",
+            config_name="eval",
+            output_dir=tmp_path / "runs" / "evaluated",
+        ),
+        overrides=[],
+    )
     from bso.report import cli as report_cli
 
     title, rows, _, _ = report_cli.build(report_cli.parse_args(["runs", str(tmp_path / "runs")]))
@@ -348,8 +378,18 @@ def test_resume_auto_on_a_completed_run_returns_its_result_and_writes_nothing(fi
 @pytest.mark.integration
 def test_a_relaunched_sweep_skips_finished_jobs_and_exits_0(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "logger=none", "device=cpu", "dataset.epochs=1",
-           *TINY, "seed=5", "resume=auto", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "logger=none",
+        "device=cpu",
+        "dataset.epochs=1",
+        *TINY,
+        "seed=5",
+        "resume=auto",
+        f"hydra.sweep.dir={sweep}",
+    ]
     first = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     (job,) = [p for p in sweep.iterdir() if p.is_dir() and (p / "last.pt").exists()]
@@ -366,9 +406,17 @@ def test_a_relaunched_sweep_skips_finished_jobs_and_exits_0(tmp_path):
 def test_user_errors_are_one_line_and_leave_no_directory(tmp_path):
     logs = tmp_path / "logs"  # where a new run directory would appear
     for args in (["resume=" + str(tmp_path / "no_such_run")], ["engine.T=2.5"]):
-        proc = subprocess.run([sys.executable, "train.py", "logger=none", f"paths.log_dir={logs}",
-                               *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "train.py", "logger=none", f"paths.log_dir={logs}", *args],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1, out
-        assert "Traceback" not in out and out.count("error:") == 1 and len(out.splitlines()) <= 3, out
+        assert "Traceback" not in out and out.count("error:") == 1 and len(out.splitlines()) <= 3, (
+            out
+        )
         assert not list(logs.glob("runs/*")), list(logs.glob("runs/*"))

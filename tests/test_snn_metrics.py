@@ -145,16 +145,24 @@ def test_a_digits_epoch_logs_the_metrics(tmp_path):
     from bso.train import train
 
     cfg = compose_config(
-        "dataset.epochs=1", "engine.T=2", "dataset.batch_size=256", "save_checkpoint=false",
-        "model.layers=8C3-16C3-AP2", output_dir=tmp_path,
+        "dataset.epochs=1",
+        "engine.T=2",
+        "dataset.batch_size=256",
+        "save_checkpoint=false",
+        "model.layers=8C3-16C3-AP2",
+        output_dir=tmp_path,
     )
     train(cfg, overrides=[])
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     # 8 x 8 x 8 and 16 x 8 x 8 neurons per sample, T=2 steps: the rates weigh them so
     rates = [record[f"firing_rate/blocks.{block}.neuron"] for block in range(2)]
     assert all(rate > 0 for rate in rates)  # both layers fire
-    assert record["spikes/per_sample"] == pytest.approx(2 * (512 * rates[0] + 1024 * rates[1]), rel=1e-9)
-    assert record["firing_rate/all"] == pytest.approx((512 * rates[0] + 1024 * rates[1]) / 1536, rel=1e-9)
+    assert record["spikes/per_sample"] == pytest.approx(
+        2 * (512 * rates[0] + 1024 * rates[1]), rel=1e-9
+    )
+    assert record["firing_rate/all"] == pytest.approx(
+        (512 * rates[0] + 1024 * rates[1]) / 1536, rel=1e-9
+    )
     assert record["macs/blocks.0.conv"] == 8 * 64 * 9 * 2  # 8 channels x 8x8 x fan-in 9 x T
     assert record["macs/classifier"] == 16 * 10 * 2
     assert record["sops/blocks.1.conv"] == record["sops/total"] > 0

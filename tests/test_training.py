@@ -124,7 +124,9 @@ def test_top1_and_top5_on_hand_built_logits():
     ce = sum(torch.nn.functional.cross_entropy(s, targets, reduction="sum") for s in steps) / 2 / 5
     assert record["loss"] == pytest.approx(float(ce), rel=1e-6)
     # 10 classes or fewer: no top-5 (it would be nearly always right)
-    record = evaluate(FixedLogits(steps[:, :, :10]), [(x, targets % 10)], T=2, device=torch.device("cpu"))
+    record = evaluate(
+        FixedLogits(steps[:, :, :10]), [(x, targets % 10)], T=2, device=torch.device("cpu")
+    )
     assert set(record) == {"loss", "acc1"}
 
 
@@ -152,7 +154,9 @@ def _start_weights(monkeypatch, cfg, overrides):
 
 
 @pytest.mark.integration
-def test_init_from_starts_from_the_checkpoints_weights_and_refuses_another_model(tmp_path, monkeypatch):
+def test_init_from_starts_from_the_checkpoints_weights_and_refuses_another_model(
+    tmp_path, monkeypatch
+):
     tiny = ["dataset.epochs=1", "engine.T=2", "metrics.snn=false"]
     train(compose_config(*tiny, output_dir=tmp_path / "first"), overrides=tiny)
     first = torch.load(tmp_path / "first" / "last.pt", weights_only=False)["model"]
@@ -161,15 +165,19 @@ def test_init_from_starts_from_the_checkpoints_weights_and_refuses_another_model
     assert not torch.equal(fresh["blocks.1.conv.weight"], first["blocks.1.conv.weight"])
     for name in ("last.pt", "last_1bit.pt"):  # the full checkpoint or the 1-bit export
         overrides = [*tiny, f"init_from={tmp_path / 'first' / name}"]
-        start = _start_weights(monkeypatch, compose_config(*overrides, output_dir=tmp_path / name),
-                               overrides)
+        start = _start_weights(
+            monkeypatch, compose_config(*overrides, output_dir=tmp_path / name), overrides
+        )
         assert start.keys() == first.keys()
         for key, value in first.items():  # +-1 weights, BatchNorm statistics, classifier: exactly
             assert torch.equal(start[key], value), (name, key)
     # another architecture on the command line: refused before the run directory exists
     overrides = [*tiny, "model.layers=16C3-AP2", f"init_from={tmp_path / 'first' / 'last.pt'}"]
-    with pytest.raises(ValueError, match=r"holds model vgg_tiny .*layers=32C3-64C3-AP2-128C3-128C3-AP2.*"
-                                         r"but this run builds model vgg_tiny .*layers=16C3-AP2"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds model vgg_tiny .*layers=32C3-64C3-AP2-128C3-128C3-AP2.*"
+        r"but this run builds model vgg_tiny .*layers=16C3-AP2",
+    ):
         train(compose_config(*overrides, output_dir=tmp_path / "other"), overrides=overrides)
     assert not (tmp_path / "other").exists()
 

@@ -38,6 +38,8 @@ def imagenet_datasets(root, image_size: int = 224, resize: int = 256):
     root = Path(root)
     check_present(root)
     return (
-        datasets.ImageFolder(root / "train", transform=imagenet_transform(True, image_size, resize)),
+        datasets.ImageFolder(
+            root / "train", transform=imagenet_transform(True, image_size, resize)
+        ),
         datasets.ImageFolder(root / "val", transform=imagenet_transform(False, image_size, resize)),
     )

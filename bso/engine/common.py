@@ -109,7 +109,9 @@ class Engine:
         correct = torch.as_tensor(tally.correct, device=device)
         loss_sum = torch.as_tensor(tally.loss_sum, dtype=torch.float64, device=device)
         start = time.perf_counter()
-        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+        bar = tqdm(
+            loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True
+        )
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if tally.batches == 0:  # activation memory: peak bytes of saved tensors, first batch
@@ -155,7 +157,9 @@ class EpochTally:
         the slowest / largest rank's; flips are the same on every rank (all-reduced gradients), so
         their maximum is that count. In one process: this rank's numbers."""
         samples, correct, loss_sum = all_reduce_sum(
-            torch.tensor([self.samples, int(self.correct), float(self.loss_sum)], dtype=torch.float64)
+            torch.tensor(
+                [self.samples, int(self.correct), float(self.loss_sum)], dtype=torch.float64
+            )
         ).tolist()
         seconds, activation_peak = all_reduce_max(
             torch.tensor([self.seconds, self.activation_peak_bytes], dtype=torch.float64)

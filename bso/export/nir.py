@@ -70,7 +70,8 @@ def check_exportable(model: nn.Module) -> None:
                 first = (name, module)
                 break
         raise _fail(
-            first[0] or type(model).__name__, first[1],
+            first[0] or type(model).__name__,
+            first[1],
             "residual blocks (two paths joined by an addition, a real-valued shortcut) are not "
             f"mapped yet; {type(model).__name__} is not a chain of conv -> LIF layers",
         )
@@ -86,14 +87,17 @@ def _check_block(name: str, block: SpikingConvBlock) -> None:
         raise _fail(f"{name}.bn", block.bn, "only BatchNorm2d (folded into the conv) or none")
     if not isinstance(block.gate, nn.Identity):
         raise _fail(
-            f"{name}.gate", block.gate,
+            f"{name}.gate",
+            block.gate,
             "AGMM's gate scales by a statistic of the whole feature map, which NIR has no node for",
         )
     neuron = block.neuron
     if not isinstance(neuron, LIFNode) or neuron.decay_input or neuron.v_reset is not None:
         raise _fail(f"{name}.neuron", neuron, "expected bso's LIF (soft reset, undecayed input)")
     if isinstance(block.pool, nn.MaxPool2d):
-        raise _fail(f"{name}.pool", block.pool, "NIR 1.0 has no max pooling (AvgPool2d, SumPool2d only)")
+        raise _fail(
+            f"{name}.pool", block.pool, "NIR 1.0 has no max pooling (AvgPool2d, SumPool2d only)"
+        )
     if not isinstance(block.pool, (nn.Identity, nn.AvgPool2d)):
         raise _fail(f"{name}.pool", block.pool, "only average pooling")
 
@@ -138,25 +142,39 @@ def plain_network(model: SpikingVGG, input_shape, soft_reset: bool = True) -> nn
         conv = block.conv
         w, b = fold_batchnorm(conv, block.bn, dtype)
         plain = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, bias=True, dtype=w.dtype,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            bias=True,
+            dtype=w.dtype,
         )
         plain.weight.data.copy_(w)
         plain.bias.data.copy_(b)
         layers[f"blocks_{i}_conv"] = plain
         neuron = block.neuron
         layers[f"blocks_{i}_neuron"] = sj_neuron.LIFNode(
-            tau=neuron.tau, decay_input=False, v_threshold=neuron.v_threshold,
+            tau=neuron.tau,
+            decay_input=False,
+            v_threshold=neuron.v_threshold,
             v_reset=None if soft_reset else 0.0,
         )
         if isinstance(block.pool, nn.AvgPool2d):
             pool = block.pool
             layers[f"blocks_{i}_pool"] = nn.AvgPool2d(
-                pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad,
+                pool.kernel_size,
+                pool.stride,
+                pool.padding,
+                pool.ceil_mode,
+                pool.count_include_pad,
                 pool.divisor_override,
             )
     with torch.no_grad():  # the spatial size before the global average pool
-        probe = nn.Sequential(*[m for m in layers.values() if not isinstance(m, sj_neuron.BaseNode)])
+        probe = nn.Sequential(
+            *[m for m in layers.values() if not isinstance(m, sj_neuron.BaseNode)]
+        )
         h, w_ = probe(torch.zeros(1, *input_shape, dtype=dtype)).shape[-2:]
     layers["global_pool"] = nn.AvgPool2d((h, w_))
     layers["flatten"] = nn.Flatten()
@@ -196,11 +214,17 @@ def to_nir(
         if isinstance(node, nir.LIF):
             source = name.replace("blocks_", "blocks.").replace("_neuron", ".neuron")
             node.metadata.update(
-                {"reset": "subtract", "fires_at": ">=", "bso_layer": source,
-                 "tau_steps": float(neurons[source].tau)}
+                {
+                    "reset": "subtract",
+                    "fires_at": ">=",
+                    "bso_layer": source,
+                    "tau_steps": float(neurons[source].tau),
+                }
             )
         elif isinstance(node, nir.Conv2d) and name.endswith("_conv"):
-            node.metadata["bso_layer"] = name.replace("blocks_", "blocks.").replace("_conv", ".conv")
+            node.metadata["bso_layer"] = name.replace("blocks_", "blocks.").replace(
+                "_conv", ".conv"
+            )
     graph.metadata.update(
         {
             "producer": "bso",
@@ -239,8 +263,12 @@ def fold_into_threshold(model: SpikingVGG, graph: nir.NIRGraph) -> None:
             a = a * bn.weight.double()
         if torch.any(a == 0):
             channel = int(torch.nonzero(a == 0)[0])
-            raise _fail(f"blocks.{i}.bn", bn, f"channel {channel} has a zero scale (gamma = 0); "
-                        "its threshold cannot absorb it (export with binary_weights=False)")
+            raise _fail(
+                f"blocks.{i}.bn",
+                bn,
+                f"channel {channel} has a zero scale (gamma = 0); "
+                "its threshold cannot absorb it (export with binary_weights=False)",
+            )
         _, bias = fold_batchnorm(conv, bn, torch.float64)
         node, lif = graph.nodes[f"blocks_{i}_conv"], graph.nodes[f"blocks_{i}_neuron"]
         signs = conv.effective_weight().detach().double() * a.sign().view(-1, 1, 1, 1)
@@ -265,8 +293,15 @@ def read_nir(path: str | Path) -> nir.NIRGraph:
     return nir.read(str(path))
 
 
-def simulate(graph: nir.NIRGraph | str | Path, x: torch.Tensor, T: int, *,
-             soft_reset: bool = True, dt: float = DT, dtype=torch.float32):
+def simulate(
+    graph: nir.NIRGraph | str | Path,
+    x: torch.Tensor,
+    T: int,
+    *,
+    soft_reset: bool = True,
+    dt: float = DT,
+    dtype=torch.float32,
+):
     """Run an NIR graph with spikingjelly's importer (``import_from_nir``) for ``T`` steps on the
     same input ``x`` and return (the output summed over the steps, every spiking layer's spikes per
     step). ``soft_reset=True`` switches the imported neurons to subtracting the threshold, as the
@@ -283,9 +318,11 @@ def simulate(graph: nir.NIRGraph | str | Path, x: torch.Tensor, T: int, *,
                 sub.v_reset = None
             layer = name.removesuffix(".module")
             spikes[layer] = []
-            handles.append(module.get_submodule(layer).register_forward_hook(
-                lambda m, a, out, key=layer: spikes[key].append(out[0].detach().clone())
-            ))
+            handles.append(
+                module.get_submodule(layer).register_forward_hook(
+                    lambda m, a, out, key=layer: spikes[key].append(out[0].detach().clone())
+                )
+            )
     state, summed = None, 0.0
     try:
         with torch.no_grad():

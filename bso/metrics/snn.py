@@ -97,10 +97,22 @@ def coverage(conv: nn.Conv2d, height: int, width: int, device) -> torch.Tensor:
     key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, height, width, str(device))
     if key not in _COVERAGE:
         ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64, device=device)
-        out = F.conv2d(torch.zeros(1, 1, height, width, dtype=torch.float64, device=device), ones,
-                       None, conv.stride, conv.padding, conv.dilation)
-        _COVERAGE[key] = conv2d_input((1, 1, height, width), ones, torch.ones_like(out),
-                                      conv.stride, conv.padding, conv.dilation)[0, 0]
+        out = F.conv2d(
+            torch.zeros(1, 1, height, width, dtype=torch.float64, device=device),
+            ones,
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )
+        _COVERAGE[key] = conv2d_input(
+            (1, 1, height, width),
+            ones,
+            torch.ones_like(out),
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )[0, 0]
     return _COVERAGE[key]
 
 
@@ -238,7 +250,9 @@ class SNNCounter:
         record = {}
         for name, spikes in t["spikes"].items():
             record[f"firing_rate/{name}"] = spikes / max(t["neuron_steps"][name], 1)
-        record["firing_rate/all"] = sum(t["spikes"].values()) / max(sum(t["neuron_steps"].values()), 1)
+        record["firing_rate/all"] = sum(t["spikes"].values()) / max(
+            sum(t["neuron_steps"].values()), 1
+        )
         record["spikes/per_sample"] = sum(t["spikes"].values()) / samples
         totals = {"sop": 0.0, "mac": 0.0}
         for name, macs in t["macs"].items():
@@ -281,8 +295,14 @@ def counter_for(cfg, model: nn.Module, T: int) -> SNNCounter | NoCounter:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, loader, T: int, device, energy: EnergyModel | None = None,
-            mse_weight: float = 0.0) -> dict:
+def measure(
+    model: nn.Module,
+    loader,
+    T: int,
+    device,
+    energy: EnergyModel | None = None,
+    mse_weight: float = 0.0,
+) -> dict:
     """Evaluate ``model`` on ``loader`` (test loss, accuracy) and count its firing rates, SOPs and
     energy in the same pass: one record, as a training epoch logs them (``test/...`` keys for the
     accuracy)."""

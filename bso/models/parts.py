@@ -21,7 +21,9 @@ class ModelOptions:
 
     name: str | None = None  # the config's name (vgg11, vgg_tiny, ...), for logs and reports
     weights: str = "binary"  # binary | latent | full, for the binary-able convs
-    init: str = "release"  # release: the released code's initialisation | pytorch: PyTorch's defaults
+    init: str = (
+        "release"  # release: the released code's initialisation | pytorch: PyTorch's defaults
+    )
     neuron: dict = field(default_factory=dict)  # LIFNode kwargs
     norm: str = "bn"  # bn: BatchNorm after each conv | none (with weight standardisation)
     weight_standardization: bool = False

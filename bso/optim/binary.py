@@ -187,7 +187,9 @@ class BSO(BinaryOptimizer):
         reset_momentum=True,
         float_order: str = "release",
     ):
-        defaults = dict(gamma=gamma, beta=beta, reset_momentum=reset_momentum, float_order=float_order)
+        defaults = dict(
+            gamma=gamma, beta=beta, reset_momentum=reset_momentum, float_order=float_order
+        )
         super().__init__(params, defaults)
 
     def flip_rule(self, p, weight, grad, group, t=None):

@@ -40,7 +40,9 @@ class CaseOptimizer(OptimizerRouter):
                 "binary with bso.convert(model) before building the optimizer"
             )
         binary_ids = {id(p) for _, p in named}
-        rest = [n for n, p in model.named_parameters() if id(p) not in binary_ids and p.requires_grad]
+        rest = [
+            n for n, p in model.named_parameters() if id(p) not in binary_ids and p.requires_grad
+        ]
         if rest and default is None:
             raise ValueError(
                 f"{type(model).__name__} has {len(rest)} full-precision parameters ({rest[0]!r}, "

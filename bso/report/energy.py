@@ -54,7 +54,16 @@ def architecture(run: RunRecord) -> str:
 
 
 # overrides that say where or how a run ran, not what it trained
-NOT_SETTING = ("seed", "hydra.", "logger", "device", "paths.", "save_checkpoint", "resume", "dataset.epochs")
+NOT_SETTING = (
+    "seed",
+    "hydra.",
+    "logger",
+    "device",
+    "paths.",
+    "save_checkpoint",
+    "resume",
+    "dataset.epochs",
+)
 
 
 def swept(run: RunRecord) -> dict[str, str]:
@@ -145,7 +154,11 @@ def energy_rows(runs: Sequence[RunRecord]) -> list[dict]:
         ]
     rows.sort(
         key=lambda r: (
-            r["dataset"], r["_arch"], r["_method"] != "fp_snn", r["method"], r["T"],
+            r["dataset"],
+            r["_arch"],
+            r["_method"] != "fp_snn",
+            r["method"],
+            r["T"],
             r.get("setting", ""),
         )
     )

@@ -23,7 +23,9 @@ from bso.optim import build_optimizer
 
 def build(order: str, lean: bool, T: int, device: torch.device):
     cfg = compose_config(
-        "experiment=cifar10_tbso", f"engine.T={T}", f"engine.lean={lean}",
+        "experiment=cifar10_tbso",
+        f"engine.T={T}",
+        f"engine.lean={lean}",
         f"optimizer.binary.float_order={order}",
     )
     torch.manual_seed(0)

@@ -109,7 +109,9 @@ def flip_check(method: str, T: int, batch: int, batches: int, layers: str, devic
             y = torch.randint(0, 10, (batch,), generator=gen).to(device)
             flips.append(engine.train_batch(model, optimizer, x, y)[2].cpu())
         runs[mode] = (flips, [w.cpu() for _, w in binary_weight_values(model)])
-    same_flips = all(torch.equal(a, b) for a, b in zip(runs["plain"][0], runs["lean"][0], strict=True))
+    same_flips = all(
+        torch.equal(a, b) for a, b in zip(runs["plain"][0], runs["lean"][0], strict=True)
+    )
     same_weights = all(
         torch.equal(a, b) for a, b in zip(runs["plain"][1], runs["lean"][1], strict=True)
     )
@@ -134,11 +136,16 @@ def _fig4_sweep(args, device, out: Path) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).parent / "memory_vs_T.py"),
-        "--T", *map(str, args.fig4_T),
-        "--batch", str(args.batch),
-        "--layers", args.layers,
-        "--device", str(device),
-        "--out", str(out),
+        "--T",
+        *map(str, args.fig4_T),
+        "--batch",
+        str(args.batch),
+        "--layers",
+        args.layers,
+        "--device",
+        str(device),
+        "--out",
+        str(out),
     ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.with_suffix(".json").read_text())

@@ -30,7 +30,6 @@ from bso.models import VGG11
 MODES = ("plain", "lean", "recompute")  # recompute: lean + engine.recompute_binary_convs=true
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter

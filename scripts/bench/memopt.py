@@ -51,8 +51,16 @@ class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
         for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
         )
     ]
 
@@ -147,7 +155,7 @@ def memory_in_subprocess(name, args) -> dict:
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"memory of {name} failed:\n{done.stdout}\n{done.stderr}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def measure_time(args, device) -> dict:
@@ -235,8 +243,13 @@ def main(argv=None) -> None:
             row["memory_over_plain"] = row["tensor_peak_bytes"] / memory[base]["tensor_peak_bytes"]
             row["time_over_plain"] = median_s[name] / median_s[base]
         rows.append(row)
-    meta = {**device_meta(device), "layers": args.layers, "T": args.T, "batch": args.batch,
-            "iters": args.iters}
+    meta = {
+        **device_meta(device),
+        "layers": args.layers,
+        "T": args.T,
+        "batch": args.batch,
+        "iters": args.iters,
+    }
     lines = [
         f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), VGG layers "
         f"`{args.layers}`, batch {args.batch}, T={args.T}; time: median of {args.iters} "

@@ -33,10 +33,16 @@ CATEGORIES = (
     ("batchnorm", r"batch_norm"),
     ("pooling", r"pool"),
     ("bit packing", r"bitwise|__lshift__|__rshift__|packbits|index_select|take"),
-    ("memory copies", r"copy_|clone|contiguous|_to_copy|^aten::to$|empty_like|cat|stack|zeros|fill_"),
+    (
+        "memory copies",
+        r"copy_|clone|contiguous|_to_copy|^aten::to$|empty_like|cat|stack|zeros|fill_",
+    ),
     ("reductions", r"sum|mean|norm|amax|max|min|all_reduce|count_nonzero"),
-    ("element-wise", r"add|sub|mul|div|sigmoid|ge|gt|lt|le|eq|where|sqrt|neg|abs|sign|clamp|pow|"
-                     r"exp|rsub|reciprocal|heaviside|xor|logical|masked|addcmul|addcdiv|lerp"),
+    (
+        "element-wise",
+        r"add|sub|mul|div|sigmoid|ge|gt|lt|le|eq|where|sqrt|neg|abs|sign|clamp|pow|"
+        r"exp|rsub|reciprocal|heaviside|xor|logical|masked|addcmul|addcdiv|lerp",
+    ),
 )
 
 
@@ -95,27 +101,46 @@ def markdown(meta: dict, results: dict) -> list[str]:
     ]
     for key, modes in results.items():
         names = list(modes)
-        cats = sorted({c for m in modes.values() for c in m["categories_ms"]},
-                      key=lambda c: -max(m["categories_ms"].get(c, 0.0) for m in modes.values()))
-        lines += [f"### {key}", "", "| category | " + " | ".join(f"{n} (ms) | {n} share" for n in names) + " |",
-                  "|---|" + "---|---|" * len(names)]
+        cats = sorted(
+            {c for m in modes.values() for c in m["categories_ms"]},
+            key=lambda c: -max(m["categories_ms"].get(c, 0.0) for m in modes.values()),
+        )
+        lines += [
+            f"### {key}",
+            "",
+            "| category | " + " | ".join(f"{n} (ms) | {n} share" for n in names) + " |",
+            "|---|" + "---|---|" * len(names),
+        ]
         for c in cats:
             cells = []
             for n in names:
                 ms = modes[n]["categories_ms"].get(c, 0.0)
                 cells.append(f"{ms:.1f} | {ms / modes[n]['profiled_ms']:.3f}")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
-        lines.append("| all profiled operators | " + " | ".join(
-            f"{modes[n]['profiled_ms']:.1f} | 1.000" for n in names) + " |")
+        lines.append(
+            "| all profiled operators | "
+            + " | ".join(f"{modes[n]['profiled_ms']:.1f} | 1.000" for n in names)
+            + " |"
+        )
         for n in names:
-            lines += ["", f"Top operators, {n}:", "", "| operator | ms | category |", "|---|---|---|"]
-            lines += [f"| `{op}` | {ms:.1f} | {category(op)} |" for op, ms in modes[n]["top_ops_ms"]]
+            lines += [
+                "",
+                f"Top operators, {n}:",
+                "",
+                "| operator | ms | category |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| `{op}` | {ms:.1f} | {category(op)} |" for op, ms in modes[n]["top_ops_ms"]
+            ]
         lines.append("")
     return lines
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--method", default="tbso", choices=["tbso", "bso"])
     parser.add_argument("--modes", nargs="+", default=["lean", "plain"], choices=["lean", "plain"])
     parser.add_argument("--batch", type=int, nargs="+", default=[16])
@@ -131,14 +156,20 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    meta = {**device_meta(device), "torch": torch.__version__, "method": args.method,
-            "layers": args.layers, "iters": args.iters}
+    meta = {
+        **device_meta(device),
+        "torch": torch.__version__,
+        "method": args.method,
+        "layers": args.layers,
+        "iters": args.iters,
+    }
     results = {}
     for batch in args.batch:
         for T in args.T:
             results[f"batch {batch}, T={T}"] = profiled(args, device, batch, T)
-    write_results(args.out, meta, [{"setting": k, **v} for k, v in results.items()],
-                  markdown(meta, results))
+    write_results(
+        args.out, meta, [{"setting": k, **v} for k, v in results.items()], markdown(meta, results)
+    )
 
 
 if __name__ == "__main__":

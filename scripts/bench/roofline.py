@@ -36,7 +36,6 @@ aten = torch.ops.aten
 CONV_OPS = (aten.convolution.default, aten.convolution_backward.default)
 
 
-
 def machine(device: torch.device) -> dict:
     meta = {
         "device": str(device),
@@ -64,7 +63,9 @@ def _spec(value):
 def _make(spec, generator):
     if isinstance(spec, tuple) and spec and spec[0] == "tensor":
         _, shape, stride, dtype, device = spec
-        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) if all(shape) else 0
+        size = (
+            1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) if all(shape) else 0
+        )
         flat = torch.randn(size, generator=generator).to(device=device, dtype=dtype)
         return flat.as_strided(shape, stride)  # the same layout (expanded dims included)
     if isinstance(spec, (list, tuple)):
@@ -204,8 +205,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[16])
     parser.add_argument("--T", type=int, nargs="+", default=[4, 6])
     parser.add_argument("--layers", default=VGG11)
-    parser.add_argument("--model-name", default=None, help="name in the results (default: VGG-11 "
-                        "for the VGG-11 layers, else the layer string)")
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        help="name in the results (default: VGG-11 for the VGG-11 layers, else the layer string)",
+    )
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per mode (median)")
     parser.add_argument("--channels-last", action="store_true", help="model in channels_last")
     parser.add_argument("--device", default="auto")
@@ -222,8 +226,12 @@ def run(args) -> tuple[dict, list[dict]]:
     for batch in args.batch:
         for T in args.T:
             rows.extend(measure(args, device, batch, T))
-    meta = {**machine(device), "iters": args.iters, "layers": args.layers,
-            "channels_last": args.channels_last}
+    meta = {
+        **machine(device),
+        "iters": args.iters,
+        "layers": args.layers,
+        "channels_last": args.channels_last,
+    }
     return meta, rows
 
 
