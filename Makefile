@@ -27,6 +27,11 @@ wheel:  ## build the wheel (the configs inside, as bso/configs) into dist/
 train: install  ## train T-BSO on the embedded digits dataset (CPU, no download); extra Hydra overrides in ARGS="..."
 	$(PYTHON) train.py $(ARGS)
 
+# The tests run with OpenMP threads that sleep when idle instead of spinning: on a busy machine (a
+# shared CI runner) spinning threads fight for the cores and the suite runs several times slower.
+# Results do not depend on it. OMP_WAIT_POLICY=ACTIVE make test restores OpenMP's default.
+test-fast test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
+
 test-fast: install-dev  ## unit and golden tests, the inner loop (< 1 min on 2 cores; not `integration`, not `slow`)
 	@$(PYTHON) -m pytest -m "not slow and not integration" $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
