@@ -56,6 +56,7 @@ def _method_keys(cfg) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_every_experiment_trains_the_method_bso_paper_defines():
     """configs/experiment/<dataset>_<method>[_stage].yaml spells out paper.METHODS[<method>]: the
     same engine, trace, update, optimizer and weights as the method's overrides on that dataset."""

@@ -192,6 +192,7 @@ def test_lean_and_plain_train_the_digits_identically_for_an_epoch(recompute_bina
 # ------------------------------------------------- memory: 1 bit + momentum per weight
 
 
+@pytest.mark.integration
 def test_lean_persistent_bytes_per_binary_weight_and_no_gradients():
     """VGG-11 (9.2M binary weights), T-BSO at T=6: packed weight + float32 momentum + T scalars."""
     torch.manual_seed(0)

@@ -180,6 +180,7 @@ def test_memory_benchmark_script_tiny(tmp_path):
         assert (p["persistent"]["transient_gradients"] > 0) is online
 
 
+@pytest.mark.integration
 def test_lean_benchmark_script_tiny(tmp_path):
     """make bench-lean, small: the three modes, same flips, the lean modes' three quantities beside the
     plain mode's with their ratios."""
@@ -211,6 +212,7 @@ def test_lean_benchmark_script_tiny(tmp_path):
     assert "| tbso | activation peak (MB) |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.integration
 def test_throughput_script_tiny(tmp_path):
     import json
 

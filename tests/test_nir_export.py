@@ -38,6 +38,7 @@ def digits_model(dtype=torch.float64, packed: bool = False):
     return model, cfg
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("packed", [False, True], ids=["float", "packed"])
 def test_round_trip_gives_bsos_spikes_and_logits(tmp_path, packed):
     """Every spike of every layer and every logit equal, with bso's soft reset (the graph's metadata)

@@ -11,6 +11,8 @@ import torch
 from bso.lean.fused import batchnorm_train_forward
 from bso.optim.binary import flip_where_above, flip_where_positive
 
+pytestmark = pytest.mark.integration  # runs the benchmark scripts on tiny models
+
 TINY = "8C3-AP2-16C3"  # the scripts/bench modules are importable in tests (pyproject: pythonpath)
 
 

@@ -35,6 +35,7 @@ def composed(cell: paper.Cell):
 # ------------------------------------------------------------------------- the paper as data
 
 
+@pytest.mark.integration
 def test_every_reproducible_cell_composes_to_its_setting():
     """Each command trains what the cell says: dataset, method, T, and the swept value."""
     reproducible = [c for c in ALL_CELLS if c.reproducible]
@@ -55,6 +56,7 @@ def test_every_reproducible_cell_composes_to_its_setting():
             assert cfg.optimizer.binary.gamma == 5e-7
 
 
+@pytest.mark.integration
 def test_digits_cells_train_the_same_method_and_value_on_the_digits():
     cells = [c for c in ALL_CELLS if c.method in paper.METHOD_OVERRIDES]
     minis = [c.on_digits() for c in cells]
@@ -67,6 +69,7 @@ def test_digits_cells_train_the_same_method_and_value_on_the_digits():
         assert mini.command.startswith("python train.py ") and "experiment=" not in mini.command
 
 
+@pytest.mark.integration
 def test_the_models_we_build_have_the_papers_sizes():
     """Table 2 / 5 model sizes (1-bit binary weights + 32-bit others) against our models.
     ImageNet's Bi-Real ResNet-18 is 4.16 MB here against the paper's 4.22: not asserted."""
@@ -407,6 +410,7 @@ def _csv_rows(path):
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.integration
 def test_reproduce_mini_cut_down(tmp_path):
     """Two Table 3 settings, one epoch, a narrow model: trained by a Hydra multirun, then
     rendered into the same table and figure."""

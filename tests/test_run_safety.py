@@ -29,6 +29,8 @@ from bso.train import evaluate_checkpoint, train
 from bso.validate import ConfigError
 from conftest import ROOT, compose_config
 
+pytestmark = pytest.mark.integration  # trains runs, fills disks, spawns train.py
+
 TINY = ("engine.T=1", "dataset.batch_size=128")
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -158,7 +160,6 @@ def test_another_world_size_at_an_epoch_boundary_warns_that_the_global_batch_cha
 # --- 4. divergence ------------------------------------------------------------------------------
 
 
-@pytest.mark.integration
 def test_a_diverging_run_stops_as_diverged_and_is_never_a_result(tmp_path):
     nan = [
         "model.weights=full",
@@ -197,7 +198,6 @@ def test_the_finite_check_reads_its_device_flag_only_when_due():
 # --- 6. I/O failures ----------------------------------------------------------------------------
 
 
-@pytest.mark.integration
 def test_a_full_disk_fails_the_run_and_loses_no_epoch(tmp_path, monkeypatch):
     """The checkpoint write of epoch 2 hits a full disk half-way: status `failed` with the error,
     no temp file, epoch 2's record kept; freeing space and resuming trains epoch 2 again."""
@@ -227,7 +227,6 @@ def test_a_full_disk_fails_the_run_and_loses_no_epoch(tmp_path, monkeypatch):
     ]
 
 
-@pytest.mark.integration
 def test_a_best_checkpoint_lost_to_a_full_disk_is_restored_on_resume(tmp_path, monkeypatch, caplog):
     import bso.train as bso_train
 
@@ -248,7 +247,6 @@ def test_a_best_checkpoint_lost_to_a_full_disk_is_restored_on_resume(tmp_path, m
     assert torch.load(run_dir / "best.pt", weights_only=False)["epoch"] == best
 
 
-@pytest.mark.integration
 def test_a_lost_metrics_record_is_recreated_from_the_checkpoint(tmp_path):
     metrics = MetricsFile(tmp_path)
     metrics.write({"epoch": 1, "test/acc1": 0.5})
@@ -375,7 +373,6 @@ def test_resume_auto_on_a_completed_run_returns_its_result_and_writes_nothing(fi
     assert _snapshot(no_checkpoints) == before
 
 
-@pytest.mark.integration
 def test_a_relaunched_sweep_skips_finished_jobs_and_exits_0(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
@@ -402,7 +399,6 @@ def test_a_relaunched_sweep_skips_finished_jobs_and_exits_0(tmp_path):
 # --- 11. short errors, nothing left behind ------------------------------------------------------
 
 
-@pytest.mark.integration
 def test_user_errors_are_one_line_and_leave_no_directory(tmp_path):
     logs = tmp_path / "logs"  # where a new run directory would appear
     for args in (["resume=" + str(tmp_path / "no_such_run")], ["engine.T=2.5"]):
