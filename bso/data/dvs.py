@@ -1,5 +1,5 @@
-"""CIFAR10-DVS through spikingjelly (spec section 4): events integrated into T frames (split by event
-number), resized to 48x48, random-crop augmentation, global mean/std normalisation.
+"""CIFAR10-DVS through spikingjelly (the paper's experimental setup): events integrated into T
+frames (split by event number), resized to 48x48, random-crop augmentation, global mean/std normalisation.
 
 Layout under ``dataset.root`` (spikingjelly's): either ``events_np/<class>/cifar10_<class>_<i>.npz``
 (events with keys t, x, y, p; what spikingjelly converts the .aedat files into) or the original

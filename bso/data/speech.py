@@ -4,9 +4,9 @@ Layout (torchaudio's, v0.02): ``<root>/<word>/<speaker>_nohash_<n>.wav`` for eac
 ``validation_list.txt`` and ``testing_list.txt`` (paths relative to ``<root>``). The test split is
 ``testing_list.txt``; training is every clip in neither list. ``_background_noise_`` is not a class.
 
-Features (spec section 4; details not given there, our choice): a log-Mel spectrogram (40 bands,
-30 ms windows, 10 ms hop) scaled to [0, 1] per clip, resized to 32x32 and normalised with mean 0.5 /
-std 0.5. Computed with torch alone (no torchaudio).
+Features (the paper gives only the 32x32 input and its normalisation; the rest is our choice):
+a log-Mel spectrogram (40 bands, 30 ms windows, 10 ms hop) scaled to [0, 1] per clip, resized to
+32x32 and normalised with mean 0.5 / std 0.5. Computed with torch alone (no torchaudio).
 """
 
 from __future__ import annotations
