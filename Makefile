@@ -36,7 +36,7 @@ eval: install  ## evaluate a saved model on its test set: make eval CKPT=outputs
 # Results do not depend on it. OMP_WAIT_POLICY=ACTIVE make test restores OpenMP's default.
 test-fast test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
 
-test-fast: install-dev  ## unit and golden tests, the inner loop (< 1 min on 2 cores; not `integration`, not `slow`)
+test-fast: install-dev  ## unit and golden tests, the inner loop (about a minute on 2 cores; not `integration`, not `slow`)
 	@$(PYTHON) -m pytest -m "not slow and not integration" $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
