@@ -267,29 +267,31 @@ def test_two_rank_lean_mode_flips_bitwise_what_plain_ddp_flips(lean_vs_plain, na
     assert len(momenta) == 3 and all(m.abs().sum() > 0 for m in momenta)
 
 
+def _torchrun(tmp_path, *overrides, rc=0) -> str:
+    """`torchrun --nproc_per_node=WORLD train.py logger=none <overrides>` (gloo, one thread per
+    process, temp files under tmp_path/tmp); asserts its exit status, returns its output."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={WORLD}", "train.py", "logger=none", *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == rc, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
 @pytest.mark.integration
 def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` (gloo): one run directory, written by rank 0; the
     other rank's Hydra directory (in the temp dir) is removed."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={WORLD}",
-        "train.py",
-        "logger=none",
+    _torchrun(
+        tmp_path,
         "dataset.epochs=1",
         "engine.T=2",
         "model.init=pytorch",  # learns within one epoch (the release's init needs two here)
         f"paths.log_dir={tmp_path / 'outputs'}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1, runs
     run = runs[0]
@@ -305,7 +307,9 @@ def test_torchrun_trains_the_digits_and_writes_one_run_directory(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1  # one writer
     assert records[0]["test/acc1"] > 0.5  # learnt (chance: 0.1)
-    assert not list(tmp.glob("bso-rank*"))  # rank 1's throwaway Hydra directory is gone
+    assert not list(
+        (tmp_path / "tmp").glob("bso-rank*")
+    )  # rank 1's throwaway Hydra directory is gone
     log = (run / "train.log").read_text()
     assert log.count("epoch   1/1") == 1 and "2 processes" in log
 
@@ -392,26 +396,9 @@ def test_multi_task_slurm_job_exports_torchrun_variables(monkeypatch):
 def test_resume_under_torchrun_continues_exactly(tmp_path):
     """2 processes: 1 epoch, then `resume=<run> dataset.epochs=2` under torchrun, ends with the
     weights of a straight 2-epoch torchrun run (per-rank RNG states are gathered into last.pt)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
     def torchrun(*args, rc=0):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={WORLD}",
-            "train.py",
-            "logger=none",
-            "engine.T=2",
-            *args,
-        ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == rc, proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
+        return _torchrun(tmp_path, "engine.T=2", *args, rc=rc)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torchrun("dataset.epochs=2", f"hydra.run.dir={straight}")
@@ -421,7 +408,9 @@ def test_resume_under_torchrun_continues_exactly(tmp_path):
     out = torchrun(f"resume={resumed}", "dataset.epochs=2", "seed=abc", rc=1)
     assert out.count("error: seed='abc': expected an integer") == 1, out
     torchrun(f"resume={resumed}", "dataset.epochs=2")
-    assert not list(tmp.glob("bso-rank*"))  # rank 1's Hydra directory of the resume is gone
+    assert not list(
+        (tmp_path / "tmp").glob("bso-rank*")
+    )  # rank 1's Hydra directory of the resume is gone
     a, b = (torch.load(d / "last.pt", weights_only=False) for d in (straight, resumed))
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
