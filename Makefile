@@ -65,16 +65,16 @@ bench-models: install  ## forward+backward ms per time step and size of every mo
 bench-data: install  ## data-loading samples/s (CIFAR-10, DVS-CIFAR10 synthetic files) -> benchmarks/results/data_loading.*
 	$(PYTHON) scripts/bench/data_loading.py $(ARGS)
 
-bench-roofline: install  ## iteration time vs its convolutions alone (lean, plain; VGG-11, batch 16, T=4/6) -> benchmarks/results/roofline.*
+bench-roofline: install  ## iteration time vs its convolutions alone (lean/plain, eager/fused; VGG-11, batch 16, T=4/6) -> benchmarks/results/roofline.*
 	$(PYTHON) scripts/bench/roofline.py $(ARGS)
 
-bench-profile: install  ## where an iteration's time goes: operators' self time by category (lean, plain) -> benchmarks/results/profile.*
+bench-profile: install  ## where an iteration's time goes: operators' self time by category (every mode) -> benchmarks/results/profile.*
 	$(PYTHON) scripts/bench/profile_step.py $(ARGS)
 
 bench-memopt: install  ## lean mode vs spikingjelly memopt: tensor memory peak and time -> benchmarks/results/memopt.*
 	$(PYTHON) scripts/bench/memopt.py $(ARGS)
 
-bench-gpu: install  ## CUDA only: throughput, loader, roofline, Figure 4 memory, lean-vs-plain flips -> benchmarks/results/gpu.*
+bench-gpu: install  ## CUDA only: throughput, loader, roofline, Figure 4 memory, flips of every mode vs plain -> benchmarks/results/gpu.*
 	$(PYTHON) scripts/bench/gpu.py $(ARGS)
 
 bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)

@@ -71,6 +71,7 @@ class LIFNode(sj_neuron.LIFNode):
         self.float_order = float_order
         self.detach_state = False
         self.trace_rule: str | None = None
+        self.fuse_elementwise = False  # bso.compiled.fuse_elementwise: the online step compiled
         self.register_memory("trace", None)
         self.register_memory("trace_potential", None)  # p[t-1] of the released NDOT rule
 
@@ -82,67 +83,98 @@ class LIFNode(sj_neuron.LIFNode):
     def single_step_functional_forward(self, inputs, states, **kwargs):
         x = inputs[0]
         v_prev, trace, p_prev = states  # v_prev = u[t-1] - V_th s[t-1]
+        if self.fuse_elementwise and self.trace_rule is not None and torch.is_grad_enabled():
+            from bso.compiled import fused_step  # torch.compile: loaded only when asked for
+
+            spike, v, trace, p_prev = fused_step(self, x, v_prev, trace, p_prev)
+            return (spike,), (v, trace, p_prev)
         if self.detach_state:
             v_prev = v_prev.detach()
         if self.float_order == "release" and self.v_reset is None and not self.decay_input:
             spike, v = self.release_step(x, v_prev)  # the release's neuron (soft reset) only
         else:
-            spike, v = sj_functional.lif_step(
-                x,
-                v_prev,
-                self.tau,
-                self.decay_input,
-                self.v_threshold,
-                self.v_reset,
-                self.surrogate_function,
-                self.detach_reset,
-            )
+            spike, v = self.spikingjelly_step(x, v_prev)
         if self.trace_rule is not None and torch.is_grad_enabled():
             trace, p_prev = self.presynaptic_trace(spike, trace, v, v_prev, p_prev)
         return (spike,), (v, trace, p_prev)
+
+    def spikingjelly_step(self, x: torch.Tensor, v_prev: torch.Tensor):
+        """One LIF step by spikingjelly (its fused CUDA / Triton kernels, its CPU composite)."""
+        return sj_functional.lif_step(
+            x,
+            v_prev,
+            self.tau,
+            self.decay_input,
+            self.v_threshold,
+            self.v_reset,
+            self.surrogate_function,
+            self.detach_reset,
+        )
 
     def release_step(self, x: torch.Tensor, v_prev: torch.Tensor):
         """One LIF step (soft reset, undecayed input) as torch operations: the values of
         spikingjelly's step, and the surrogate backward of its sigmoid function, which rounds as the
         released code does (``float_order="release"``). A neuron with a hard reset or a decayed
         input is not the release's neuron: it runs spikingjelly's step in either order."""
-        h = v_prev - v_prev / self.tau + x  # spikingjelly's charge: v - (v - 0) / tau + x
+        h = charge(x, v_prev, self.tau)
         spike = self.surrogate_function(h - self.v_threshold)
         reset = spike.detach() if self.detach_reset else spike
-        return spike, h - self.times_threshold(reset)
-
-    def times_threshold(self, x: torch.Tensor) -> torch.Tensor:
-        """V_th * x; x itself for V_th = 1 (the same values, and gradients, without the pass)."""
-        return x if self.v_threshold == 1.0 else x * self.v_threshold
+        return spike, h - times_threshold(reset, self.v_threshold)
 
     @torch.no_grad()
     def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
         """a_hat[t] = mu[t] * a_hat[t-1] + s[t] (paper Eq. 9); a_hat[1] = s[1].
         Returns the trace and, for the released NDOT rule, p[t] for the next step."""
-        spike, v = spike.detach(), v.detach()
-        if self.trace_rule == "ndot":  # released code: p[t] = v[t] - V_th s[t]
-            p = v - self.times_threshold(spike)
-            if trace is None:
-                return spike.clone(), p
-            return self.bounded_ratio(p, p_prev).mul_(trace).add_(spike), p  # mu * a_hat + s
-        if trace is None:
-            return spike.clone(), None
-        if self.trace_rule == "ottt":
-            return self.decay * trace + spike, None
-        return self.bounded_ratio(v, v_prev.detach()).mul_(trace).add_(spike), None
-
-    def bounded_ratio(self, numerator, denominator):
-        """clamp(numerator / denominator, -lambda, lambda); lambda where the ratio is not finite.
-        (In place on the ratio: the values of the out-of-place ops, in fewer passes.)"""
-        ratio = numerator / denominator
-        ratio.masked_fill_(torch.isfinite(ratio).logical_not_(), self.decay)
-        return ratio.clamp_(-self.decay, self.decay)
+        return trace_step(
+            self.trace_rule,
+            spike.detach(),
+            trace,
+            v.detach(),
+            v_prev.detach(),
+            p_prev,
+            self.decay,
+            self.v_threshold,
+        )
 
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
             + f", detach_state={self.detach_state}, trace={self.trace_rule}, float_order={self.float_order}"
         )
+
+
+def charge(x: torch.Tensor, v_prev: torch.Tensor, tau: float) -> torch.Tensor:
+    """h[t] = lambda * v[t-1] + I[t], rounded as spikingjelly computes it: v - (v - 0) / tau + x."""
+    return v_prev - v_prev / tau + x
+
+
+def times_threshold(x: torch.Tensor, v_threshold: float) -> torch.Tensor:
+    """V_th * x; x itself for V_th = 1 (the same values, and gradients, without the pass)."""
+    return x if v_threshold == 1.0 else x * v_threshold
+
+
+def trace_step(rule, spike, trace, v, v_prev, p_prev, decay: float, v_threshold: float):
+    """(a_hat[t], p[t]) of trace rule ``rule`` (see the module docstring) from this step's spikes
+    ``s[t]`` and potential ``v[t]``, the previous trace and potential; p[t] is None but for "ndot".
+    No autograd; the eager neuron and its compiled step (:mod:`bso.compiled`) both run this code."""
+    if rule == "ndot":  # released code: p[t] = v[t] - V_th s[t]
+        p = v - times_threshold(spike, v_threshold)
+        if trace is None:
+            return spike.clone(), p
+        return bounded_ratio(p, p_prev, decay).mul_(trace).add_(spike), p  # mu * a_hat + s
+    if trace is None:
+        return spike.clone(), None
+    if rule == "ottt":
+        return decay * trace + spike, None
+    return bounded_ratio(v, v_prev, decay).mul_(trace).add_(spike), None
+
+
+def bounded_ratio(numerator, denominator, bound: float):
+    """clamp(numerator / denominator, -bound, bound); bound where the ratio is not finite.
+    (In place on the ratio: the values of the out-of-place ops, in fewer passes.)"""
+    ratio = numerator / denominator
+    ratio.masked_fill_(torch.isfinite(ratio).logical_not_(), bound)
+    return ratio.clamp_(-bound, bound)
 
 
 def configure_neurons(model: nn.Module, detach_state: bool, trace_rule: str | None) -> None:

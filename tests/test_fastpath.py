@@ -161,3 +161,27 @@ def test_channels_last_layout_trains_like_contiguous():
     for w in binary:
         assert set(w.unique().tolist()) == {-1.0, 1.0}
         assert w.dim() != 4 or w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_reuse_host_memory_sets_glibc_malloc_options_or_refuses(monkeypatch):
+    calls = []
+
+    def fake_mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setattr(fastpath, "glibc_mallopt", lambda: fake_mallopt)
+    fastpath.apply(nn_model(), OmegaConf.create({"reuse_host_memory": False}), CPU)
+    assert calls == []  # off by default
+    fastpath.apply(nn_model(), OmegaConf.create({"reuse_host_memory": True}), CPU)
+    # no mmap for large blocks, no trimming of the heap's free top
+    assert calls == [(fastpath.M_MMAP_MAX, 0), (fastpath.M_TRIM_THRESHOLD, 2**31 - 1)]
+    with pytest.raises(ValueError, match="must be true or false"):
+        fastpath.check(OmegaConf.create({"reuse_host_memory": "auto"}), CPU)
+    monkeypatch.setattr(fastpath, "glibc_mallopt", lambda: None)  # macOS, musl
+    with pytest.raises(ValueError, match="not glibc.*false"):
+        fastpath.check(OmegaConf.create({"reuse_host_memory": True}), CPU)
+
+
+def nn_model():
+    return torch.nn.Linear(2, 2)

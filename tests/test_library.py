@@ -57,6 +57,7 @@ def test_public_api_and_version():
         "TBSO",
         "CaseOptimizer",
         "convert",
+        "fuse_elementwise",
         "make_lean",
         "online_step",
     }
@@ -312,6 +313,34 @@ def test_lean_mode_flips_exactly_as_the_plain_mode():
     assert total > 0
     assert torch.equal(lean[3].sign_values(), plain[3].weight)
     assert lean[3].weight.grad is None  # no stored binary-weight gradient
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_fused_elementwise_steps_flip_exactly_as_the_eager_ones(lean):
+    """bso.fuse_elementwise on a converted model (release float order, as the paper rows): the same
+    outputs and flips as the eager neurons, plain or lean."""
+    torch.manual_seed(2)
+    eager = bso.convert(sj_net())
+    for m in eager.modules():
+        if isinstance(m, ConvertedLIFNode):
+            m.float_order = "release"
+    if lean:
+        eager = bso.make_lean(eager)
+    fused = bso.fuse_elementwise(copy.deepcopy(eager))
+    assert [m.fuse_elementwise for m in fused.modules() if isinstance(m, ConvertedLIFNode)] == [
+        True,
+        True,
+    ]
+    opts = router(eager, gamma=1e-7), router(fused, gamma=1e-7)
+    total = 0
+    for _ in range(2):
+        x, y = batch()
+        for t in range(T):
+            a = bso.online_step(eager, opts[0], x, y, t=t, T=T)
+            b = bso.online_step(fused, opts[1], x, y, t=t, T=T)
+            assert torch.equal(a.output, b.output) and torch.equal(a.flips, b.flips)
+            total += int(a.flips.sum())
+    assert total > 0
 
 
 def test_bptt_over_a_multistep_network_trains_binary_weights():

@@ -233,6 +233,10 @@ def test_throughput_script_tiny(tmp_path):
         str(out),
     )
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert {r["method"] for r in rows} == {"bptt_latent", "bso", "tbso"}
+    assert {(r["method"], r["mode"]) for r in rows} == {
+        ("bptt_latent", "plain"),
+        *((m, mode) for m in ("bso", "tbso") for mode in ("lean", "lean_fused")),
+    }
     assert all(r["samples_per_s"] > 0 for r in rows)
+    assert all(r["binary_step_ms"] > 0 for r in rows if r["method"] != "bptt_latent")
     assert out.with_suffix(".md").is_file()

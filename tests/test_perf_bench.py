@@ -54,6 +54,9 @@ def test_roofline_records_the_iterations_convolutions(tmp_path):
     out = tmp_path / "roof"
     roofline.main(
         [
+            "--modes",
+            "lean",
+            "plain",
             "--layers",
             TINY,
             "--batch",
@@ -128,6 +131,7 @@ def test_bench_gpu_flip_check_runs_on_the_cpu():
     import gpu
 
     check = gpu.flip_check("tbso", 2, 2, 2, TINY, torch.device("cpu"))
+    assert set(check["same_flips_as_plain"]) == {"lean", "plain", "lean_fused", "plain_fused"}
     assert check["same_flips"] and check["same_final_weights"]
     assert check["batches"] == 2 and sum(check["flips_per_batch"]) > 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bso.compiled import fuse_elementwise
 from bso.engine import OnlineEngine, instantaneous_loss
 from bso.layers import named_binary_parameters
 from bso.models import SpikingVGG
@@ -54,6 +55,7 @@ def replay(
     engine: OnlineEngine | None = None,
     lean: bool = False,
     recompute_binary_convs: bool = False,
+    fuse: bool = False,
     **model_options,
 ) -> dict:
     """Train on the golden batches with the release recipe; record what each step produced."""
@@ -67,6 +69,8 @@ def replay(
         recompute_binary_convs=recompute_binary_convs,
     )
     engine.prepare(model)
+    if fuse:  # fast.fuse_elementwise: the compiled LIF steps (bso.compiled)
+        fuse_elementwise(model)
     router = release_optimizer(model, golden)
     logits, flips, second_moments = [], [], []
     forward, step = model.forward, router.step
@@ -100,18 +104,23 @@ def replay(
     params=[
         (optimizer, mode)
         for optimizer in ("tbso", "bso")
-        for mode in ("plain", "lean", "lean_recompute")
+        for mode in ("plain", "lean", "lean_recompute", "plain_fused", "lean_fused")
     ],
     ids=lambda p: "-".join(p),
 )
 def golden_run(request):
     optimizer, mode = request.param
     golden = load_golden(optimizer)
-    ours = replay(golden, lean=mode != "plain", recompute_binary_convs=mode == "lean_recompute")
+    ours = replay(
+        golden,
+        lean=mode.startswith("lean"),
+        recompute_binary_convs=mode == "lean_recompute",
+        fuse=mode.endswith("fused"),
+    )
     if mode == "lean_recompute":  # every binary conv recomputed its output in backward
         convs = [b for b in ours["model"].blocks if b.conv.is_binary]
         assert convs and all(b.recompute_conv for b in convs)
-    if mode != "plain":  # no binary-weight gradient was ever stored
+    if mode.startswith("lean"):  # no binary-weight gradient was ever stored
         assert all(p.grad is None for p in ours["router"].binary.binary_weights())
     return golden, ours
 
@@ -275,20 +284,29 @@ def _sha256_of_momentum(m: torch.Tensor) -> str:
     return hashlib.sha256((m.detach().contiguous() + 0.0).numpy().tobytes()).hexdigest()
 
 
-def full_width_replay(lean: bool) -> tuple[dict, dict]:
+def full_width_replay(lean: bool, fuse: bool = False) -> tuple[dict, dict]:
     """Train the golden's three batches with the DEFAULT paper row, overriding only what the golden
-    fixes (T = 4, the plain or lean mode); the model, optimizer, engine and float order are the
-    config's. Returns the golden and what each step produced."""
+    fixes (T = 4, the plain or lean mode) and, with ``fuse``, fast.fuse_elementwise; the model,
+    optimizer, engine and float order are the config's. Returns the golden and what each step
+    produced."""
     from hydra.utils import instantiate
 
+    from bso import fastpath
+    from bso.compiled import FusedAvgPool2d
     from bso.layers import binary_weight_values
+    from bso.neurons import LIFNode
     from bso.optim import build_optimizer
     from conftest import compose_config
 
     golden = torch.load(FULL_GOLDEN, weights_only=True)
     h = golden["hyper"]
     assert golden["source"]["threads"] == torch.get_num_threads() == 2  # conftest: 2 threads
-    cfg = compose_config("experiment=cifar10_tbso", f"engine.T={h['T']}", f"engine.lean={lean}")
+    cfg = compose_config(
+        "experiment=cifar10_tbso",
+        f"engine.T={h['T']}",
+        f"engine.lean={lean}",
+        f"fast.fuse_elementwise={fuse}",
+    )
     # what the golden was recorded with is what the paper row composes (nothing else overridden)
     assert cfg.model.layers == golden["architecture"] and cfg.optimizer.name == golden["optimizer"]
     binary_cfg = cfg.optimizer.binary
@@ -322,6 +340,10 @@ def full_width_replay(lean: bool) -> tuple[dict, dict]:
     engine = instantiate(cfg.engine)
     engine.prepare(model)
     assert engine.fused_update == lean
+    assert fastpath.apply(model, cfg.fast, torch.device("cpu")) is model
+    assert all(n.fuse_elementwise == fuse for n in model.modules() if isinstance(n, LIFNode))
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert pools and all(isinstance(m, FusedAvgPool2d) == fuse for m in pools)
     router = build_optimizer(model, cfg.optimizer)
     binary = router.binary
     steps = []
@@ -358,9 +380,14 @@ def full_width_replay(lean: bool) -> tuple[dict, dict]:
     return golden, {"steps": steps, "final": final, "lean": lean}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "lean"])
+@pytest.fixture(
+    scope="module",
+    params=[(False, False), (True, False), (False, True), (True, True)],
+    ids=["plain", "lean", "plain_fused", "lean_fused"],
+)
 def full_width_run(request):
-    return full_width_replay(lean=request.param)
+    lean, fuse = request.param
+    return full_width_replay(lean=lean, fuse=fuse)
 
 
 def test_full_width_vgg11_replays_the_release_bit_for_bit(full_width_run):

@@ -17,6 +17,7 @@ from spikingjelly.activation_based import surrogate
 from torch import nn
 
 from bso.bits import pack_bits, unpack_bits
+from bso.compiled import average_pool_backward, compiled, lif_input_gradient_from_state
 from bso.neurons import LIFNode
 
 try:  # the function spikingjelly's CPU LIF step differentiates through (see lif_input_gradient)
@@ -101,11 +102,14 @@ def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, po
         grad_spike = _avg_pool2d_backward(grad_out, pool, shape)
         grad_spike = grad_spike.contiguous(memory_format=memory_format)
     spike = unpack_bits(spike_bits, shape, v.dtype).contiguous(memory_format=memory_format)
-    # h[t] = v[t] + V_th s[t], exactly (in the forward's layout); s * 1 = s for V_th = 1
-    charge = v + (spike if neuron.v_threshold == 1.0 else spike * neuron.v_threshold)
-    del spike
-    grad_h = lif_input_gradient(neuron, charge, grad_spike)
-    del charge
+    if neuron.fuse_elementwise and neuron.float_order == "release":  # one compiled loop
+        grad_h = lif_input_gradient_from_state(neuron, grad_spike, v, spike)
+    else:
+        # h[t] = v[t] + V_th s[t], exactly (in the forward's layout); s * 1 = s for V_th = 1
+        charge = v + (spike if neuron.v_threshold == 1.0 else spike * neuron.v_threshold)
+        del spike
+        grad_h = lif_input_gradient(neuron, charge, grad_spike)
+        del charge
     # the backward autograd runs for the forward's BatchNorm kernel, from its saved statistics
     grads = torch.ops.aten._batch_norm_impl_index_backward(
         impl,
@@ -181,10 +185,11 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch.Tensor:
     """avg_pool2d's own backward kernel (the plain graph's, so the same bits), given only the input's
-    shape: it reads no input value, so a zero-stride stand-in replaces the saved spikes."""
+    shape: it reads no input value, so a zero-stride stand-in replaces the saved spikes. A fused pool
+    (fast.fuse_elementwise) runs it compiled, as its autograd backward does."""
     pair = torch.nn.modules.utils._pair
     stride = pool.stride if pool.stride is not None else pool.kernel_size
-    return torch.ops.aten.avg_pool2d_backward(
+    args = (
         grad,
         grad.new_zeros(()).expand(shape),
         pair(pool.kernel_size),
@@ -194,6 +199,9 @@ def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch
         pool.count_include_pad,
         pool.divisor_override,
     )
+    if getattr(pool, "fuse_elementwise", False):
+        return compiled(average_pool_backward, flatten=False)(*args)
+    return torch.ops.aten.avg_pool2d_backward(*args)
 
 
 def batchnorm_lif_step(

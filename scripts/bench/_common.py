@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from bso import paper
+from bso import fastpath, paper
+from bso.compiled import fuse_elementwise as fuse
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.layers import named_binary_parameters
 from bso.models import SpikingVGG
@@ -27,13 +28,18 @@ def build_method(
     device: torch.device,
     lean: bool = False,
     recompute_binary_convs: bool = False,
+    fuse_elementwise: bool = False,
 ):
-    """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method; ``lean`` puts the
-    online methods in the lean mode (engine.lean: packed weights, flip inside backward), optionally
-    recomputing the binary convs' outputs in backward (engine.recompute_binary_convs)."""
+    """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method, in the paper
+    recipe's float order (``float_order="release"``, as configs/optimizer/{bso,tbso}.yaml); ``lean``
+    puts the online methods in the lean mode (engine.lean: packed weights, flip inside backward),
+    optionally recomputing the binary convs' outputs in backward (engine.recompute_binary_convs);
+    ``fuse_elementwise`` compiles their LIF steps (fast.fuse_elementwise, bso.compiled)."""
     torch.manual_seed(0)
     weights = "latent" if method == "bptt_latent" else "binary"
-    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights).to(device)
+    neuron = {"float_order": "release"}
+    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights, neuron=neuron)
+    model = model.to(device)
     if method == "bptt_latent":  # BPTT, latent weights, Adam
         engine = BPTTEngine(T=T)
         optimizer = PlainOptimizer(
@@ -49,10 +55,49 @@ def build_method(
         )
         binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
     engine.prepare(model)  # before the optimizer: the lean mode replaces the binary weights
+    if fuse_elementwise:
+        fuse(model)
     if method != "bptt_latent":
         optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
     model.train()
     return model, engine, optimizer
+
+
+MODES = ("lean", "plain", "lean_fused", "plain_fused")  # engine.lean x fast.fuse_elementwise
+
+
+def build_mode(method: str, T: int, layers: str, device: torch.device, mode: str):
+    """:func:`build_method` for one of :data:`MODES`: "lean" / "plain" (engine.lean=true / false),
+    "_fused" with fast.fuse_elementwise=true."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    lean, fuse = mode.startswith("lean"), mode.endswith("_fused")
+    return build_method(method, T, layers, device, lean=lean, fuse_elementwise=fuse)
+
+
+def add_modes_flag(parser, default=MODES) -> None:
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(default),
+        choices=MODES,
+        help="lean / plain: engine.lean; _fused: fast.fuse_elementwise=true",
+    )
+
+
+def add_host_memory_flag(parser) -> None:
+    parser.add_argument(
+        "--reuse-host-memory",
+        action="store_true",
+        help="keep freed host memory in the process (train.py: fast.reuse_host_memory=true)",
+    )
+
+
+def apply_host_memory(args) -> bool:
+    """fast.reuse_host_memory=true with ``--reuse-host-memory``; whether it applied."""
+    if args.reuse_host_memory:
+        fastpath.reuse_host_memory()
+    return bool(args.reuse_host_memory)
 
 
 def sync(device: torch.device) -> None:

@@ -2,7 +2,7 @@
 time of the same iteration's convolutions alone (same kernels, shapes, strides and dtypes), and their
 ratio ``conv_share`` -- the share of an iteration the hardware's convolution kernels bound.
 
-    python scripts/bench/roofline.py                       # VGG-11, T-BSO, batch 16, T=4 and 6, lean + plain
+    python scripts/bench/roofline.py                       # VGG-11, T-BSO, batch 16, T=4 and 6, all modes
     python scripts/bench/roofline.py --batch 16 128 --T 4 --iters 2
     python scripts/bench/roofline.py --layers 8C3-AP2-16C3 --batch 4 --T 2 --iters 1 --out /tmp/r
 
@@ -23,11 +23,22 @@ import argparse
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, cpu_name, resolve_device, sync, write_results
+from _common import (
+    ROOT,
+    add_host_memory_flag,
+    add_modes_flag,
+    apply_host_memory,
+    build_mode,
+    cpu_name,
+    resolve_device,
+    sync,
+    write_results,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bso.models import VGG11
@@ -127,6 +138,20 @@ class ConvReplay:
             f(*a, **k)
 
 
+@contextmanager
+def eager_neurons(model):
+    """The neurons' eager steps for a while: torch.compile's loops cannot run under a dispatch mode
+    (the recorder); fusing changes no convolution call."""
+    fused = [m for m in model.modules() if getattr(m, "fuse_elementwise", False)]
+    for m in fused:
+        m.fuse_elementwise = False
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fuse_elementwise = True
+
+
 def timed(fn, device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -142,13 +167,14 @@ def measure(args, device, batch: int, T: int) -> list[dict]:
     y = torch.randint(0, 10, (batch,), device=device)
     built, replays, flips = {}, {}, {}
     for mode in args.modes:
-        model, engine, opt = build_method(args.method, T, args.layers, device, lean=mode == "lean")
+        model, engine, opt = build_mode(args.method, T, args.layers, device, mode)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         built[mode] = (model, engine, opt)
-        engine.train_batch(model, opt, x, y)  # warm-up (allocator, kernel selection)
-        with ConvRecorder() as rec:
-            flips[mode] = engine.train_batch(model, opt, x, y)[2].tolist()
+        # warm-up (allocator, kernel selection, compilation); every mode starts from the same state
+        flips[mode] = engine.train_batch(model, opt, x, y)[2].tolist()
+        with ConvRecorder() as rec, eager_neurons(model):  # the same convolutions, fused or not
+            engine.train_batch(model, opt, x, y)
         replays[mode] = ConvReplay(rec.calls)
         if not replays[mode].counts["backward"]:
             raise RuntimeError(f"{mode}: no convolution backward was recorded; cannot time it")
@@ -182,10 +208,13 @@ def measure(args, device, batch: int, T: int) -> list[dict]:
                 "conv_s_all": conv[mode],
             }
         )
-    if "plain" in args.modes:
-        plain = next(r for r in rows if r["mode"] == "plain")
-        for r in rows:
-            r["over_plain"] = r["iteration_ms"] / plain["iteration_ms"]
+    by_mode = {r["mode"]: r for r in rows}
+    for r in rows:  # against the plain mode (eager), and against plain with the same fusion
+        if "plain" in by_mode:
+            r["over_plain"] = r["iteration_ms"] / by_mode["plain"]["iteration_ms"]
+        same = by_mode.get(r["mode"].replace("lean", "plain"))
+        if same is not None:
+            r["over_plain_same_fusion"] = r["iteration_ms"] / same["iteration_ms"]
     for r in rows:
         print(
             f"{r['model']} {r['method']} batch {batch} T={T} {r['mode']}: iteration "
@@ -201,7 +230,7 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--method", default="tbso", choices=["tbso", "bso"])
-    parser.add_argument("--modes", nargs="+", default=["lean", "plain"], choices=["lean", "plain"])
+    add_modes_flag(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[16])
     parser.add_argument("--T", type=int, nargs="+", default=[4, 6])
     parser.add_argument("--layers", default=VGG11)
@@ -214,6 +243,7 @@ def parse_args(argv=None):
     parser.add_argument("--channels-last", action="store_true", help="model in channels_last")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/roofline")
+    add_host_memory_flag(parser)
     args = parser.parse_args(argv)
     if args.model_name is None:
         args.model_name = "VGG-11" if args.layers == VGG11 else args.layers
@@ -222,6 +252,7 @@ def parse_args(argv=None):
 
 def run(args) -> tuple[dict, list[dict]]:
     device = resolve_device(args.device)
+    reused = apply_host_memory(args)
     rows = []
     for batch in args.batch:
         for T in args.T:
@@ -229,6 +260,7 @@ def run(args) -> tuple[dict, list[dict]]:
     meta = {
         **machine(device),
         "iters": args.iters,
+        "reuse_host_memory": reused,
         "layers": args.layers,
         "channels_last": args.channels_last,
     }
@@ -241,15 +273,17 @@ def markdown(meta: dict, rows: list[dict]) -> list[str]:
         f"median of {meta['iters']} interleaved iterations per row",
         "",
         "| model | method | batch | T | mode | iteration (ms) | conv alone (ms) | conv share "
-        "| conv GFLOP/s | other (ms) | x plain | same flips |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conv GFLOP/s | other (ms) | x plain | x plain, same fusion | same flips |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['batch']} | {r['T']} | {r['mode']} "
             f"| {r['iteration_ms']:.0f} | {r['conv_ms']:.0f} | {r['conv_share']:.3f} "
             f"| {r['conv_gflops_per_s']:.0f} | {r['other_ms']:.0f} "
-            f"| {r.get('over_plain', float('nan')):.3f} | {r['same_flips_as_other_modes']} |"
+            f"| {r.get('over_plain', float('nan')):.3f} "
+            f"| {r.get('over_plain_same_fusion', float('nan')):.3f} "
+            f"| {r['same_flips_as_other_modes']} |"
         )
     return lines
 
