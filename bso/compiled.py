@@ -159,11 +159,7 @@ def fused_step(neuron: LIFNode, x, v_prev, trace, p_prev):
             return compiled(release_online_forward)(x, v_prev, trace, p_prev, *constants)
         return _ReleaseOnlineStep.apply(x, v_prev, trace, p_prev, neuron)
     spike, v = neuron.spikingjelly_step(x, v_prev)  # spikingjelly's own LIF operator
-    with torch.no_grad():
-        rule, spike_, v_ = neuron.trace_rule, spike.detach(), v.detach()
-        trace, p = compiled(trace_step)(
-            rule, spike_, trace, v_, v_prev, p_prev, neuron.decay, neuron.v_threshold
-        )
+    trace, p = neuron.presynaptic_trace(spike, trace, v, v_prev, p_prev, compiled(trace_step))
     return spike, v, trace, p
 
 

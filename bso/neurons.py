@@ -122,10 +122,11 @@ class LIFNode(sj_neuron.LIFNode):
         return spike, h - times_threshold(reset, self.v_threshold)
 
     @torch.no_grad()
-    def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
+    def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None, step=None):
         """a_hat[t] = mu[t] * a_hat[t-1] + s[t] (paper Eq. 9); a_hat[1] = s[1].
-        Returns the trace and, for the released NDOT rule, p[t] for the next step."""
-        return trace_step(
+        Returns the trace and, for the released NDOT rule, p[t] for the next step. ``step`` runs
+        :func:`trace_step` (default: itself; :mod:`bso.compiled` passes its compiled loop)."""
+        return (step or trace_step)(
             self.trace_rule,
             spike.detach(),
             trace,

@@ -18,7 +18,7 @@ from torch import nn
 
 from bso.bits import pack_bits, unpack_bits
 from bso.compiled import average_pool_backward, compiled, lif_input_gradient_from_state
-from bso.neurons import LIFNode
+from bso.neurons import LIFNode, times_threshold
 
 try:  # the function spikingjelly's CPU LIF step differentiates through (see lif_input_gradient)
     from spikingjelly._ops.surrogate import _surrogate_gradient, _surrogate_spec
@@ -106,7 +106,7 @@ def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, po
         grad_h = lif_input_gradient_from_state(neuron, grad_spike, v, spike)
     else:
         # h[t] = v[t] + V_th s[t], exactly (in the forward's layout); s * 1 = s for V_th = 1
-        charge = v + (spike if neuron.v_threshold == 1.0 else spike * neuron.v_threshold)
+        charge = v + times_threshold(spike, neuron.v_threshold)
         del spike
         grad_h = lif_input_gradient(neuron, charge, grad_spike)
         del charge

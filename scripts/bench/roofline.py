@@ -139,9 +139,9 @@ class ConvReplay:
 
 
 @contextmanager
-def eager_neurons(model):
-    """The neurons' eager steps for a while: torch.compile's loops cannot run under a dispatch mode
-    (the recorder); fusing changes no convolution call."""
+def unfused(model):
+    """The eager neurons and pools for a while (fast.fuse_elementwise off): torch.compile's loops
+    cannot run under a dispatch mode (the recorder); fusing changes no convolution call."""
     fused = [m for m in model.modules() if getattr(m, "fuse_elementwise", False)]
     for m in fused:
         m.fuse_elementwise = False
@@ -173,7 +173,7 @@ def measure(args, device, batch: int, T: int) -> list[dict]:
         built[mode] = (model, engine, opt)
         # warm-up (allocator, kernel selection, compilation); every mode starts from the same state
         flips[mode] = engine.train_batch(model, opt, x, y)[2].tolist()
-        with ConvRecorder() as rec, eager_neurons(model):  # the same convolutions, fused or not
+        with ConvRecorder() as rec, unfused(model):  # the same convolutions, fused or not
             engine.train_batch(model, opt, x, y)
         replays[mode] = ConvReplay(rec.calls)
         if not replays[mode].counts["backward"]:
