@@ -2,24 +2,31 @@
 PYTHON ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
+# The exact versions every install takes (pip constraints): the environment the suite passed on.
+# `make test-latest` tests the newest versions pyproject.toml allows; `make lock` re-records them.
+LOCK ?= requirements.lock
+LATEST_VENV ?= .venv-latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train eval test-fast test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train eval env test-fast test test-slow test-latest latest-venv lock lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
 
-.make-install.stamp: pyproject.toml
-	$(PYTHON) -m pip install $(PIP_FLAGS) -e .
+.make-install.stamp: pyproject.toml $(LOCK)
+	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(LOCK) -e .
 	@touch $@
 
-.make-dev.stamp: pyproject.toml .make-install.stamp
-	$(PYTHON) -m pip install $(PIP_FLAGS) -e ".[dev]"
+.make-dev.stamp: pyproject.toml $(LOCK) .make-install.stamp
+	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(LOCK) -e ".[dev]"
 	@touch $@
 
-install: .make-install.stamp  ## install the package and its dependencies (once; again when pyproject.toml changes)
+install: .make-install.stamp  ## install the package and its dependencies at the versions of requirements.lock (once; again when it or pyproject.toml changes)
 
-install-dev: .make-dev.stamp  ## install with the dev extras (pytest, ruff)
+install-dev: .make-dev.stamp  ## install with the dev extras (pytest, ruff), at the lock's versions
+
+env: install  ## what this machine can do with bso: versions, devices, compiler, lock match (python -m bso.env)
+	$(PYTHON) -m bso.env
 
 wheel:  ## build the wheel (the configs inside, as bso/configs) into dist/
 	$(PYTHON) -m pip wheel $(PIP_FLAGS) --no-deps -w dist .
@@ -36,13 +43,31 @@ eval: install  ## evaluate a saved model on its test set: make eval CKPT=outputs
 # Results do not depend on it. OMP_WAIT_POLICY=ACTIVE make test restores OpenMP's default.
 test-fast test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
 
-test-fast: install-dev  ## unit and golden tests, the inner loop (about a minute on 2 cores; not `integration`, not `slow`)
-	@$(PYTHON) -m pytest -m "not slow and not integration" $(ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+# pytest with a marker expression; collecting no test fails (pytest's exit status 5)
+PYTEST = rc=0; $(1) -m pytest -m "$(2)" $(ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test: install-dev  ## unit, golden and integration tests, what CI runs (< 10 min on 2 cores; not `slow`)
-	@$(PYTHON) -m pytest -m "not slow" $(ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+test-fast: install-dev  ## unit and golden tests, the inner loop (about a minute on 2 cores; not `integration`, not `slow`)
+	@$(call PYTEST,$(PYTHON),not slow and not integration)
+
+test: install-dev  ## unit, golden and integration tests on the lock's versions, what CI runs (< 10 min on 2 cores; not `slow`)
+	@$(call PYTEST,$(PYTHON),not slow)
+
+latest-venv:  # a fresh venv with the newest versions pyproject.toml allows
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_FLAGS) -e ".[dev]"
+
+test-latest: latest-venv  ## the same tests on the newest versions pyproject.toml allows, in a fresh venv (.venv-latest)
+	$(LATEST_VENV)/bin/python -m bso.env
+	@$(call PYTEST,$(LATEST_VENV)/bin/python,not slow)
+
+lock: latest-venv  ## re-record requirements.lock: the exact versions a fresh `pip install -e ".[dev]"` gets (then run make test)
+	@{ echo "# The exact versions of a fresh \`pip install -e \".[dev]\"\` (Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.system(), platform.machine())')),"; \
+	  echo "# which make install / make test use as pip constraints. Written by \`make lock\`; do not edit."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > $(LOCK)
+	@echo "wrote $(LOCK) ($$(grep -c '==' $(LOCK)) packages)"
 
 test-slow: install-dev  ## run only the slow checks
 	$(PYTHON) -m pytest -m slow $(ARGS)
@@ -95,5 +120,5 @@ lint: install-dev  ## ruff check and ruff format --check (what CI runs before th
 	$(PYTHON) -m ruff check $(LINT_PATHS)
 	$(PYTHON) -m ruff format --check $(LINT_PATHS)
 
-clean:  ## remove install stamps and caches (keeps outputs/)
-	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist
+clean:  ## remove install stamps, caches and the latest-versions venv (keeps outputs/)
+	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist $(LATEST_VENV)

@@ -30,7 +30,9 @@ match the eager bf16 operations bit for bit.
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from functools import partial
 
 import torch
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import surrogate
 from torch import nn
 
+from bso.compat import raise_recompile_limit
 from bso.neurons import LIFNode, charge, times_threshold, trace_step
 
 
@@ -95,11 +98,10 @@ RECOMPILE_LIMIT = 64
 def compiled(function, flatten: bool = True):
     """``function`` compiled by ``torch.compile`` (made once per function), called through
     :func:`_flat_call` when ``flatten`` (element-wise code). Raises torch's recompile limit
-    (``torch._dynamo.config.recompile_limit``, default 8) to :data:`RECOMPILE_LIMIT` for the
-    process: a sweep over thresholds or time constants in one process compiles a variant per value."""
+    (default 8) to :data:`RECOMPILE_LIMIT` for the process (:func:`bso.compat.raise_recompile_limit`):
+    a sweep over thresholds or time constants in one process compiles a variant per value."""
     if function not in _COMPILED:
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        raise_recompile_limit(RECOMPILE_LIMIT)
         run = torch.compile(function, dynamic=True)
         _COMPILED[function] = partial(_flat_call, run) if flatten else run
     return _COMPILED[function]
@@ -245,14 +247,20 @@ def fuse_elementwise(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_compiler() -> None:
-    """torch.compile on the CPU builds C++: refuse early, in one line, where no compiler is found."""
-    from torch._inductor import config
+def cpp_compiler(cxx: str | None = None) -> str:
+    """The C++ compiler torch.compile builds CPU code with: ``cxx``, else the ``CXX`` environment
+    variable (which Inductor reads too), else Inductor's default (``g++``; ``clang++`` on macOS)."""
+    return cxx or os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
 
-    name = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
-    if name and shutil.which(name) is None:
+
+def check_compiler(cxx: str | None = None) -> None:
+    """torch.compile on the CPU builds C++: refuse early, in one line, where the compiler
+    (:func:`cpp_compiler`) is not found."""
+    name = cpp_compiler(cxx)
+    if shutil.which(name) is None:
         raise RuntimeError(
             "fast.fuse_elementwise=true compiles the element-wise steps with torch.compile, which "
             f"needs a C++ compiler ({name}) on the CPU; none was found on PATH. Install one (e.g. "
-            "apt install g++) or leave fast.fuse_elementwise=false"
+            "apt install g++), name it in the CXX environment variable, or leave "
+            "fast.fuse_elementwise=false"
         )

@@ -1,6 +1,9 @@
 """The run directory: everything needed to trust and repeat a run.
 
-config.yaml      the resolved config             run_info.json   git commit, package versions, device
+config.yaml      the resolved config             run_info.json   command, device, model size
+environment.json the software environment: every installed distribution, the lock's hash and match,
+                 git commit, Python, torch's CUDA / cuDNN, threads (bso/env.py); a resume in another
+                 environment adds environment_<date>_<time>.json and says what changed
 status.json      running / completed / failed / interrupted / diverged, last and best epoch
 run.lock         while a process works in the directory: its pid and host (bso/rundir.py)
 metrics.jsonl    one JSON record per epoch       last.pt best.pt  training checkpoints (resume from them)
@@ -17,56 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import secrets
-import subprocess
 import sys
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bso.distributed import run_dir_for_rank
+from bso.env import describe
+
+log = logging.getLogger(__name__)
 
 # torchrun: Hydra's run directory of ranks > 0 goes to the temp dir (configs/hydra/default.yaml)
 if not OmegaConf.has_resolver("bso_rank_dir"):
     OmegaConf.register_new_resolver("bso_rank_dir", run_dir_for_rank)
-
-PACKAGES = (
-    "bso",
-    "torch",
-    "torchvision",
-    "spikingjelly",
-    "hydra-core",
-    "omegaconf",
-    "wandb",
-    "numpy",
-    "scikit-learn",
-    "tqdm",
-)
-
-
-def git_commit(path: Path) -> dict:
-    def git(*args):
-        out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
-def package_versions() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def write_run_info(run_dir: Path, cfg: DictConfig, device: torch.device, extra: dict) -> None:
@@ -74,10 +46,6 @@ def write_run_info(run_dir: Path, cfg: DictConfig, device: torch.device, extra: 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     info = {
         "command": sys.argv,
-        "git": git_commit(Path(__file__).resolve().parent),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": package_versions(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -85,6 +53,51 @@ def write_run_info(run_dir: Path, cfg: DictConfig, device: torch.device, extra: 
         **extra,
     }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    write_environment(run_dir)
+
+
+def write_environment(run_dir: Path) -> Path | None:
+    """``environment.json`` (:func:`bso.env.describe`). A run resumed in another environment keeps
+    the first one, writes ``environment_<date>_<time>.json`` and says in one line what changed;
+    None when nothing did."""
+    env = describe()
+    path = run_dir / "environment.json"
+    if path.is_file():
+        try:
+            changes = environment_changes(json.loads(path.read_text()), env)
+        except ValueError:
+            changes = ["environment.json unreadable"]
+        if not changes:
+            return None
+        path = run_dir / f"environment_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+        log.warning(
+            "this process runs in another environment than the run started in (%s); recorded in %s",
+            ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else ""),
+            path.name,
+        )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(env, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def environment_changes(before: dict, after: dict) -> list[str]:
+    """What differs between two :func:`bso.env.describe` records: distributions (``torch 2.14.1 ->
+    2.15.0``), the git commit, the lock file, torch's CUDA build."""
+    changes = []
+    old, new = before.get("distributions", {}), after.get("distributions", {})
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changes.append(f"{name} {old.get(name, 'absent')} -> {new.get(name, 'absent')}")
+    for key, field in (("git", "commit"), ("git", "dirty"), ("lock", "sha256")):
+        a, b = before.get(key, {}).get(field), after.get(key, {}).get(field)
+        if a != b:
+            changes.append(f"{key} {field} {a} -> {b}")
+    for field in ("cuda_build", "cudnn", "devices"):
+        a, b = before.get("torch_build", {}).get(field), after.get("torch_build", {}).get(field)
+        if a != b:
+            changes.append(f"{field} {a} -> {b}")
+    return changes
 
 
 class MetricsFile:

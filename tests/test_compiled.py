@@ -4,6 +4,8 @@ golden tests in test_release_parity.py replay the released code's runs with the 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -99,18 +101,31 @@ def test_fusing_a_bptt_model_or_without_a_compiler_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="not an online neuron.*fast.fuse_elementwise=false"):
         fuse_elementwise(model)
 
-    from torch._inductor import config
-
     cfg = compose_config("fast.fuse_elementwise=true")
     model = instantiate(cfg.model)
     instantiate(cfg.engine).prepare(model)
-    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler++"))
-    with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*no-such-compiler"):
+    monkeypatch.setenv("CXX", "no-such-compiler++")  # the compiler named by the environment
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*no-such-compiler.*CXX"):
         fastpath.apply(model, cfg.fast, torch.device("cpu"))
+    assert not any(getattr(m, "fuse_elementwise", False) for m in model.modules())
     monkeypatch.undo()
     assert fastpath.apply(model, cfg.fast, torch.device("cpu")) is model
     neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
     assert neurons and all(n.fuse_elementwise for n in neurons)
+
+
+def test_the_compiler_check_reads_its_argument_then_cxx(monkeypatch):
+    from bso.compiled import check_compiler, cpp_compiler
+
+    monkeypatch.delenv("CXX", raising=False)
+    assert cpp_compiler() == "g++" and cpp_compiler("clang++") == "clang++"
+    monkeypatch.setenv("CXX", "gcc-from-env")
+    assert cpp_compiler() == "gcc-from-env" and cpp_compiler("named++") == "named++"
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler \\(gcc-from-env\\)"):
+        check_compiler()
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler \\(no-such-c\\+\\+\\)"):
+        check_compiler("no-such-c++")
+    check_compiler(sys.executable)  # an executable on PATH passes the check
 
 
 @pytest.mark.parametrize(

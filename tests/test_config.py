@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
@@ -107,12 +109,16 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "epoch   1/1" in out and "final test accuracy" in out
-    names = ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt", "best.pt", "status.json")
+    names = ("config.yaml", "run_info.json", "environment.json", "metrics.jsonl", "last.pt")
+    names += ("best.pt", "status.json")
     for name in (*names, "train.log"):
         assert (run_dir / name).is_file(), name
     assert "epoch   1/1" in (run_dir / "train.log").read_text()
-    info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["packages"]["torch"] and "commit" in info["git"]
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["distributions"]["torch"] == metadata.version("torch")
+    assert {"hydra-core", "spikingjelly", "omegaconf", "pytest"} <= set(env["distributions"])
+    assert len(env["git"]["commit"]) == 40 and env["lock"]["sha256"]
+    assert env["torch_build"]["torch"] == torch.__version__ and env["threads"]["torch_intra_op"]
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in (
         "test/acc1",

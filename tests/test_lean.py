@@ -264,24 +264,27 @@ def test_recompute_after_a_max_pool_and_an_average_pool_trains_like_plain():
 
 @pytest.mark.parametrize("pool", ["none", "avg", "max"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("lif_gradient", ["cpu_shortcut", "rerun"])
+@pytest.mark.parametrize("missing", [None, "spikingjelly._ops", "torch.ops.aten._batch_norm"])
 def test_batchnorm_lif_pool_step_is_the_plain_graph_bit_for_bit_and_saves_bits(
-    pool, layout, lif_gradient, monkeypatch
+    pool, layout, missing, monkeypatch, caplog
 ):
     """The fused BatchNorm + LIF (+ average pool) step against the plain modules, at a second time
     step (a nonzero v[t-1]): same spikes, trace and running statistics, the same gradients for the
     BatchNorm input and affine parameters, bit for bit -- and, saved for backward, exactly the
     BatchNorm input, its two parameters and one bit per spike (a max pool keeps its own indices).
-    Both ways of differentiating the LIF step (bso.lean.fused.lif_input_gradient) are checked."""
-    import bso.lean.fused
+    The public paths taken where a private API is ``missing`` (bso.compat) give the same values:
+    the LIF step re-run (the path every device but the CPU takes) and BatchNorm re-run in backward."""
+    from bso import compat
     from bso.lean.fused import batchnorm_lif_step
     from bso.metrics.memory import SavedTensorMeter
     from bso.neurons import LIFNode, configure_neurons, reset_neurons
 
-    if lif_gradient == "rerun":  # the path every device but the CPU takes
-        monkeypatch.setattr(bso.lean.fused, "_surrogate_spec", None)
-    else:
-        assert bso.lean.fused._surrogate_spec is not None  # spikingjelly 2.0's layout
+    found = compat.private
+    monkeypatch.setattr(compat, "_WARNED", set())
+    if missing:  # as with a torch / spikingjelly that lacks it
+        monkeypatch.setattr(
+            compat, "private", lambda p: None if p.startswith(missing) else found(p)
+        )
 
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
@@ -318,6 +321,11 @@ def test_batchnorm_lif_pool_step_is_the_plain_graph_bit_for_bit_and_saves_bits(
     assert fused[-1] == expected
     # the plain graph keeps the LIF's charge too (and the spikes before an average pool)
     assert plain[-1] >= expected + spikes * 4 - spikes // 8 + (spikes * 4 if pool == "avg" else 0)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bso.compat"]
+    if missing:  # one line, once, naming what is missing
+        assert len(warnings) == 1 and warnings[0].startswith(f"bso: {missing}")
+    else:
+        assert warnings == []
 
 
 # ------------------------------------------------- checkpoints, the 1-bit export, resume

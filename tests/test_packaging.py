@@ -1,5 +1,5 @@
 """The installable package: the configs ship inside the wheel, the console scripts (bso-train,
-bso-eval, bso-report) are declared, the version has one source. (The fresh-virtual-environment
+bso-eval, bso-report, bso-env) are declared, the version has one source. (The fresh-virtual-environment
 check, `pip install <checkout>` then `bso-train` elsewhere, is in docs/library.md.)"""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_the_wheel_holds_every_config_and_the_console_scripts(tmp_path):
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "bso-train = bso.cli:train" in text and "bso-report = bso.report.cli:main" in text
-    assert "bso-eval = bso.cli:evaluate" in text
+    assert "bso-eval = bso.cli:evaluate" in text and "bso-env = bso.env:main" in text
     assert {
         "bso/configs/train.yaml",
         "bso/configs/eval.yaml",

@@ -15,15 +15,13 @@ import torch
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import surrogate
 from torch import nn
+from torch.nn import functional as F
 
+from bso import compat
 from bso.bits import pack_bits, unpack_bits
 from bso.compiled import average_pool_backward, compiled, lif_input_gradient_from_state
+from bso.models.parts import as_pair
 from bso.neurons import LIFNode, times_threshold
-
-try:  # the function spikingjelly's CPU LIF step differentiates through (see lif_input_gradient)
-    from spikingjelly._ops.surrogate import _surrogate_gradient, _surrogate_spec
-except ImportError:  # another spikingjelly layout: the re-run path serves every device
-    _surrogate_gradient = _surrogate_spec = None
 
 
 class _BatchNormLIF(torch.autograd.Function):
@@ -74,13 +72,19 @@ def batchnorm_train_forward(z: torch.Tensor, bn: nn.BatchNorm2d):
     batch counter and the running statistics alike; the kernel ``F.batch_norm`` picks on this
     device: ``aten._batch_norm_impl_index``), plus what its backward reads: the batch mean and
     inverse std (C values each), cuDNN's reserve space and which kernel ran. Backward then runs that
-    kernel's own backward (:func:`batchnorm_lif_backward`) without recomputing the statistics."""
+    kernel's own backward (:func:`batchnorm_lif_backward`) without recomputing the statistics.
+    Where torch lacks those kernels by name (:func:`bso.compat.batch_norm_kernels`), ``F.batch_norm``
+    runs, nothing is kept, and backward re-runs it (:func:`_batch_norm_rerun_backward`)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
-    y, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+    kernels = compat.batch_norm_kernels()
+    if kernels is None:
+        args = (bn.running_mean, bn.running_var, bn.weight, bn.bias, True, factor, bn.eps)
+        return F.batch_norm(z, *args), None
+    y, mean, invstd, reserve, impl = kernels[0](
         z,
         bn.weight,
         bn.bias,
@@ -96,7 +100,7 @@ def batchnorm_train_forward(z: torch.Tensor, bn: nn.BatchNorm2d):
 
 def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, pool, fired):
     """dL/dz, dL/dgamma, dL/dbeta of :func:`batchnorm_lif_forward`, bit for bit the plain graph's."""
-    v, shape, memory_format, (mean, invstd, reserve, impl) = fired
+    v, shape, memory_format, batch_stats = fired
     grad_spike = grad_out
     if pool is not None:  # in the spikes' layout, as the plain kernel gives it (input's)
         grad_spike = _avg_pool2d_backward(grad_out, pool, shape)
@@ -110,8 +114,11 @@ def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, po
         del spike
         grad_h = lif_input_gradient(neuron, charge, grad_spike)
         del charge
+    if batch_stats is None:  # no saved statistics (see batchnorm_train_forward)
+        return _batch_norm_rerun_backward(grad_h, z, weight, bias, bn.eps)
     # the backward autograd runs for the forward's BatchNorm kernel, from its saved statistics
-    grads = torch.ops.aten._batch_norm_impl_index_backward(
+    mean, invstd, reserve, impl = batch_stats
+    grads = compat.batch_norm_kernels()[1](
         impl,
         z,
         grad_h,
@@ -126,6 +133,18 @@ def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, po
         reserve,
     )
     return tuple(g if g is not None and g.numel() else None for g in grads)
+
+
+def _batch_norm_rerun_backward(grad_y, z, weight, bias, eps):
+    """dL/dz, dL/dgamma, dL/dbeta of training-mode BatchNorm, by re-running it (without running
+    statistics, so nothing is updated twice) and differentiating that: the same kernels as the
+    plain graph's, so the same values."""
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() if t is not None else None for t in (z, weight, bias)]
+        y = F.batch_norm(inputs[0], None, None, inputs[1], inputs[2], True, 0.0, eps)
+        wanted = [t for t in inputs if t is not None]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y))
+    return tuple(next(grads) if t is not None else None for t in inputs)
 
 
 def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.Tensor):
@@ -151,16 +170,13 @@ def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.
             x = (charge - neuron.v_threshold).detach().requires_grad_()
             (grad_h,) = torch.autograd.grad(neuron.surrogate_function(x), x, grad_spike)
         return grad_h
-    spec = _surrogate_spec(neuron.surrogate_function) if _surrogate_spec else None
-    shortcut = (
-        spec is not None
-        and charge.device.type == "cpu"
-        and charge.dtype == grad_spike.dtype == torch.float32
-    )
-    if shortcut:
+    cpu_float = charge.device.type == "cpu" and charge.dtype == grad_spike.dtype == torch.float32
+    found = compat.spikingjelly_cpu_surrogate() if cpu_float else None
+    spec = found[1](neuron.surrogate_function) if found else None
+    if spec is not None:
         surrogate_id, alpha = spec
         grad_spike = grad_spike.contiguous()  # as the composite's select/stack backward hands it on
-        return grad_spike * _surrogate_gradient(charge - neuron.v_threshold, alpha, surrogate_id)
+        return grad_spike * found[0](charge - neuron.v_threshold, alpha, surrogate_id)
     with torch.enable_grad():
         h = charge.detach().requires_grad_()
         s, _ = sj_functional.lif_step(
@@ -187,14 +203,13 @@ def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch
     """avg_pool2d's own backward kernel (the plain graph's, so the same bits), given only the input's
     shape: it reads no input value, so a zero-stride stand-in replaces the saved spikes. A fused pool
     (fast.fuse_elementwise) runs it compiled, as its autograd backward does."""
-    pair = torch.nn.modules.utils._pair
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     args = (
         grad,
         grad.new_zeros(()).expand(shape),
-        pair(pool.kernel_size),
-        pair(stride),
-        pair(pool.padding),
+        as_pair(pool.kernel_size),
+        as_pair(stride),
+        as_pair(pool.padding),
         pool.ceil_mode,
         pool.count_include_pad,
         pool.divisor_override,

@@ -116,6 +116,11 @@ class SpikingConvBlock(nn.Module):
         return spikes, (self.pool(trace) if trace is not None else None)
 
 
+def as_pair(value) -> tuple:
+    """A pool's or conv's size argument as a pair: 3 -> (3, 3), (2, 3) -> (2, 3)."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def spike_levels(pool: nn.Module) -> int | None:
     """What ``pool(spikes)`` holds, exactly and compactly: 1 for 0/1 values (no pool, a max pool);
     n for multiples of 1/n (an average pool over n spikes, n a power of 2 below 256, so that k / n is
@@ -123,8 +128,8 @@ def spike_levels(pool: nn.Module) -> int | None:
     if isinstance(pool, (nn.Identity, nn.MaxPool2d)):
         return 1
     if isinstance(pool, nn.AvgPool2d):
-        kernel = nn.modules.utils._pair(pool.kernel_size)
-        stride = nn.modules.utils._pair(pool.stride or pool.kernel_size)
+        kernel = as_pair(pool.kernel_size)
+        stride = as_pair(pool.stride or pool.kernel_size)
         n = kernel[0] * kernel[1]
         plain = stride == kernel and pool.padding in (0, (0, 0)) and pool.divisor_override is None
         if plain and not pool.ceil_mode and n < 256 and n & (n - 1) == 0:

@@ -133,8 +133,8 @@ class PlainOptimizer:
         before = [w >= 0 for w in self.latent]
         self.other.step()
         if self.clip_latent:
-            torch._foreach_clamp_min_(self.latent, -1.0)
-            torch._foreach_clamp_max_(self.latent, 1.0)
+            for w in self.latent:
+                w.clamp_(-1.0, 1.0)
         if not self.latent:
             return torch.zeros(0, dtype=torch.long)
         return torch.stack(

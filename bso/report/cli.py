@@ -8,6 +8,7 @@ run directories, side by side with the paper's numbers (bso.paper).
     bso-report fig5 outputs/ --figure fig5.png        # accuracy vs T per method
     bso-report fig4 [benchmarks/results/memory_vs_T.json] --figure fig4.png
     bso-report runs outputs/multirun/<sweep> [--by engine.T --figure acc.png]
+    bso-report runs outputs/ --env torch --env lock     # a column per package version / lock hash
     bso-report energy outputs/ --figure firing.png    # firing rates, SOPs, energy
 
 Per paper cell: the paper's value, ours (final-epoch test top-1, mean +- std over seeds; best epoch's
@@ -16,7 +17,10 @@ are named, never averaged in), and for a cell with no run the exact command that
 `python train.py -m +sweep=<artefact>` (or `bso-train -m ...`) runs a whole artefact (configs/sweep/).
 
 `runs` lists every run below ROOT, one row per distinct setting: the keys a multirun swept (from
-each run's .hydra/overrides.yaml) are columns, seeds are aggregated.
+each run's .hydra/overrides.yaml) are columns, seeds are aggregated. --env KEY (repeatable) adds a
+column from each run's environment.json -- a distribution's version (torch, spikingjelly, ...), `lock`
+(the lock file's hash; `*` where the environment differed from it), `git` or `python` -- and runs of
+one setting in different environments get separate rows.
 
 `energy` lists every setting below ROOT with its accuracy, firing rate, SOPs / MACs and energy per
 sample and the ratio to the full-precision SNN of the same architecture; --figure plots the firing
@@ -69,6 +73,13 @@ def parse_args(argv: list[str], fig4_json: Path = FIG4_JSON) -> argparse.Namespa
         help="run directories below this (default outputs/); fig4: the benchmark JSON",
     )
     parser.add_argument("--by", help="runs: the config key on the x axis of --figure")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="runs: a column from environment.json: a package (torch), lock, git or python",
+    )
     parser.add_argument("--figure", type=Path, help="write the figure to this PNG")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
@@ -90,6 +101,8 @@ def parse_args(argv: list[str], fig4_json: Path = FIG4_JSON) -> argparse.Namespa
             parser.error("runs: --by only chooses the figure's x axis; add --figure FILE.png")
         if args.digits or args.extra:
             parser.error("runs: --digits and --with apply to the paper artefacts only")
+    elif args.env:
+        parser.error(f"{args.artefact}: --env is for `runs`")
     else:
         if args.by:
             parser.error(f"{args.artefact}: --by is for `runs`; the artefact fixes its axes")
@@ -125,7 +138,7 @@ def build(args: argparse.Namespace):
     if args.artefact == "runs":
         if not runs:
             raise SystemExit(f"no run directories (config.yaml + metrics.jsonl) under {args.root}")
-        rows, keys = tables.runs_rows(runs)
+        rows, keys = tables.runs_rows(runs, args.env)
         fig = figures.runs_figure(rows, keys, args.by, args.figure) if args.figure else None
         return f"{len(runs)} runs under {args.root}", rows, None, fig
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from bso.env import canonical
+
 # The config keys that make two runs the same setting (besides the seed).
 IDENTITY_KEYS = (
     "dataset.name",
@@ -98,6 +100,24 @@ class RunRecord:
     status: str  # completed | running | failed | interrupted | diverged | unfinished
     overrides: list[str] = field(default_factory=list)  # .hydra/overrides.yaml
     size_mb: float | None = None
+    environment: dict = field(default_factory=dict)  # environment.json (bso.env.describe)
+
+    def environment_value(self, key: str) -> str:
+        """What ``bso-report runs --env KEY`` shows: ``lock`` (the lock file's hash, ``*`` where the
+        environment differed from it), ``git`` (the commit, ``+dirty``), ``python``, or an installed
+        distribution's version (``torch``); ``-`` where the run recorded none."""
+        env = self.environment
+        if key == "lock":
+            lock = env.get("lock", {})
+            sha = lock.get("sha256")
+            return "-" if not sha else sha[:12] + ("" if lock.get("matches") else "*")
+        if key == "git":
+            git = env.get("git", {})
+            commit = git.get("commit")
+            return "-" if not commit else commit[:12] + ("+dirty" if git.get("dirty") else "")
+        if key == "python":
+            return env.get("python", "-")
+        return env.get("distributions", {}).get(canonical(key), "-")
 
     @property
     def completed(self) -> bool:
@@ -162,9 +182,10 @@ def load_run(run_dir: Path) -> RunRecord:
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     info = run_dir / "run_info.json"
     size = json.loads(info.read_text()).get("model_size", {}) if info.is_file() else {}
-    return RunRecord(
-        run_dir, cfg, records, _status(run_dir, cfg, records), overrides, size.get("size_mb")
-    )
+    env_file = run_dir / "environment.json"
+    environment = json.loads(env_file.read_text()) if env_file.is_file() else {}
+    status = _status(run_dir, cfg, records)
+    return RunRecord(run_dir, cfg, records, status, overrides, size.get("size_mb"), environment)
 
 
 def is_evaluation(run_dir: Path) -> bool:

@@ -129,15 +129,20 @@ def sort_value(v):
         return (1, 0.0, str(v))
 
 
-def runs_rows(runs: Sequence[RunRecord]) -> tuple[list[dict], list[str]]:
-    """One row per distinct setting (swept keys as columns), seeds aggregated as mean +- std."""
+def runs_rows(
+    runs: Sequence[RunRecord], env_keys: Sequence[str] = ()
+) -> tuple[list[dict], list[str]]:
+    """One row per distinct setting (swept keys as columns), seeds aggregated as mean +- std;
+    ``env_keys`` (:meth:`RunRecord.environment_value`) add columns and split a setting's runs by
+    them, so results from different environments never share a row."""
     keys = [k for k in swept_keys(runs) if k != "engine.T"]
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         setting = tuple(setting_value(run, k) for k in keys)
-        groups.setdefault((identity(run.cfg), setting), []).append(run)
+        environment = tuple(run.environment_value(k) for k in env_keys)
+        groups.setdefault((identity(run.cfg), setting, environment), []).append(run)
     rows = []
-    for (_, setting), members in groups.items():
+    for (_, setting, environment), members in groups.items():
         cfg = members[0].cfg
         s = Summary(members)
         n = len(s.done)
@@ -148,6 +153,7 @@ def runs_rows(runs: Sequence[RunRecord]) -> tuple[list[dict], list[str]]:
             "method": method_of(cfg),
             "T": cfg.engine.T,
             **dict(zip(keys, setting, strict=True)),
+            **{f"env:{k}": v for k, v in zip(env_keys, environment, strict=True)},
             "epochs": cfg.dataset.epochs,
             "final": fmt_stats(s.final, n),
             "best": fmt_stats(s.best, n),

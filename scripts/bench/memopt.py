@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 from _common import ROOT, build_method, device_meta, resolve_device, timed_batch, write_results
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bso.compat import torch_dispatch_mode
 from bso.metrics.memory import SavedTensorMeter
 from bso.models import VGG11
 
@@ -73,7 +73,7 @@ def malloc_in_use() -> int:
     return info.uordblks + info.hblkhd
 
 
-class MallocPeak(TorchDispatchMode):
+class MallocPeak(torch_dispatch_mode()):
     """Peak of :func:`malloc_in_use` over every operator dispatched while active, above the start."""
 
     def __enter__(self):

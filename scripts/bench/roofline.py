@@ -39,8 +39,8 @@ from _common import (
     sync,
     write_results,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bso.compat import torch_dispatch_mode
 from bso.models import VGG11
 
 aten = torch.ops.aten
@@ -84,7 +84,7 @@ def _make(spec, generator):
     return spec
 
 
-class ConvRecorder(TorchDispatchMode):
+class ConvRecorder(torch_dispatch_mode()):
     """Records every convolution (forward and backward) dispatched while active."""
 
     def __init__(self):
