@@ -171,8 +171,15 @@ def capabilities(env: dict) -> list[tuple[str, str]]:
         ("spikingjelly CUDA kernels", _spikingjelly_cuda(cuda, triton)),
         ("wandb", _wandb_mode(env["distributions"])),
     ]
-    for path, found in compat.available().items():
-        rows.append((f"private API {path}", "present" if found else "missing (public fallback)"))
+    missing = [path for path, found in compat.available().items() if not found]
+    rows.append(
+        (
+            "private APIs",
+            f"missing: {', '.join(missing)} (public paths instead: bso/compat.py)"
+            if missing
+            else f"all {len(compat.PRIVATE_APIS)} present (bso/compat.py)",
+        )
+    )
     return rows
 
 
@@ -198,7 +205,7 @@ def _wandb_mode(installed: dict[str, str]) -> str:
     )
 
 
-KEY_PACKAGES = ("bso", "torch", "torchvision", "spikingjelly", "hydra-core", "omegaconf", "wandb")
+KEY_PACKAGES = ("torchvision", "spikingjelly", "hydra-core", "omegaconf")
 
 
 def render(env: dict) -> str:
@@ -222,7 +229,7 @@ def render(env: dict) -> str:
     rows = [
         ("Python", f"{env['python']} ({env['implementation']}) on {env['platform']}"),
         ("bso", f"{packages.get('bso', '?')}, git {commit}" + (" (dirty)" if git["dirty"] else "")),
-        *((name, packages.get(name, "not installed")) for name in KEY_PACKAGES[2:]),
+        *((name, packages.get(name, "not installed")) for name in KEY_PACKAGES),
         ("torch", f"{build['torch']}, CUDA build {build['cuda_build']}, cuDNN {build['cudnn']}"),
         (
             "CUDA devices",
