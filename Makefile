@@ -97,3 +97,7 @@ lint: install-dev  ## ruff check and ruff format --check (what CI runs before th
 
 clean:  ## remove install stamps and caches (keeps outputs/)
 	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist
+
+.PHONY: gpu-check
+gpu-check: install  ## CUDA: the GPU path checked and measured in 8 min, most important first; a rerun continues -> benchmarks/results/gpu_check.{jsonl,md}
+	$(PYTHON) scripts/bench/gpu_check.py $(ARGS)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import METHODS, MODES, ROOT, build_method, build_mode, device_meta, sync, write_results
+from _common import METHODS, MODES, ROOT, build_mode, device_meta, sync, write_results
 from omegaconf import OmegaConf
 from roofline import parse_args as roofline_args
 from roofline import run as roofline_run
@@ -51,19 +51,31 @@ from bso.models import VGG11
 
 
 def train_speed(
-    method: str, T: int, batch: int, iters: int, device, autocast: bool, layers: str = VGG11
+    method: str,
+    T: int,
+    batch: int,
+    iters: int,
+    device,
+    autocast: bool,
+    layers: str = VGG11,
+    mode: str | None = None,
+    compile: bool = False,
 ) -> dict:
+    """Samples/s, ms per time step and peak CUDA memory of ``method`` in ``mode`` (one of MODES;
+    default: lean for BSO/T-BSO, as trained, plain for BPTT-latent) with the fast path's defaults on
+    CUDA (channels_last, cudnn.benchmark), ``autocast`` (bf16) and ``compile`` (fast.compile)."""
+    mode = mode or ("plain" if method == "bptt_latent" else "lean")
     fast = OmegaConf.create(
         {
             "channels_last": device.type == "cuda",
             "cudnn_benchmark": device.type == "cuda",
             "autocast": autocast,
-            "compile": False,
-            "fuse_elementwise": False,
+            "compile": compile,
+            "fuse_elementwise": False,  # build_mode fuses for the "_fused" modes
             "reuse_host_memory": False,
         }
     )
-    model, engine, optimizer = build_method(method, T, layers, device, lean=method != "bptt_latent")
+    model, engine, optimizer = build_mode(method, T, layers, device, mode)
     trained = fastpath.apply(model, fast, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -83,7 +95,9 @@ def train_speed(
         "T": T,
         "batch": batch,
         "autocast": autocast,
-        "lean": method != "bptt_latent",
+        "compile": compile,
+        "mode": mode,
+        "lean": mode.startswith("lean"),
         "samples_per_s": batch / seconds,
         "ms_per_time_step": seconds / T * 1e3,
         "peak_cuda_allocated_mb": peak,
@@ -100,8 +114,8 @@ def deterministic() -> None:
 
 def flip_check(method: str, T: int, batch: int, batches: int, layers: str, device) -> dict:
     """Every mode (lean / plain, eager / fused element-wise steps) from the same seed on the same
-    batches: flips of every batch and the final +-1 weights, compared bit for bit with the plain
-    mode's."""
+    batches: flips of every batch, the final +-1 weights and the flip optimizer's state (momentum;
+    T-BSO's second moment), compared bit for bit with the plain mode's."""
     runs = {}
     for mode in MODES:
         model, engine, optimizer = build_mode(method, T, layers, device, mode)
@@ -111,16 +125,17 @@ def flip_check(method: str, T: int, batch: int, batches: int, layers: str, devic
             x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
             y = torch.randint(0, 10, (batch,), generator=gen).to(device)
             flips.append(engine.train_batch(model, optimizer, x, y)[2].cpu())
-        runs[mode] = (flips, [w.cpu() for _, w in binary_weight_values(model)])
-    plain_flips, plain_weights = runs["plain"]
-    same_flips = {
-        mode: all(torch.equal(a, b) for a, b in zip(plain_flips, flips, strict=True))
-        for mode, (flips, _) in runs.items()
-    }
-    same_weights = {
-        mode: all(torch.equal(a, b) for a, b in zip(plain_weights, weights, strict=True))
-        for mode, (_, weights) in runs.items()
-    }
+        state = optimizer.state_dict()["binary"]["state"]  # BSO/T-BSO's momentum (and v_l[t])
+        momenta = [v.cpu() for k in sorted(state) for v in state[k].values() if torch.is_tensor(v)]
+        runs[mode] = (flips, [w.cpu() for _, w in binary_weight_values(model)], momenta)
+    plain_flips, plain_weights, plain_momenta = runs["plain"]
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    same_flips = {mode: same(plain_flips, run[0]) for mode, run in runs.items()}
+    same_weights = {mode: same(plain_weights, run[1]) for mode, run in runs.items()}
+    same_momenta = {mode: same(plain_momenta, run[2]) for mode, run in runs.items()}
     return {
         "method": method,
         "T": T,
@@ -129,8 +144,10 @@ def flip_check(method: str, T: int, batch: int, batches: int, layers: str, devic
         "flips_per_batch": [f.sum().item() for f in plain_flips],
         "same_flips_as_plain": same_flips,
         "same_final_weights_as_plain": same_weights,
+        "same_momentum_as_plain": same_momenta,
         "same_flips": all(same_flips.values()),
         "same_final_weights": all(same_weights.values()),
+        "same_momentum": all(same_momenta.values()),
     }
 
 
@@ -293,7 +310,7 @@ def main(argv=None) -> None:
         *({"flip_check": f} for f in flips),
     ]
     write_results(args.out, {**meta, "roofline": roofline_meta}, results, lines)
-    if not all(f["same_flips"] and f["same_final_weights"] for f in flips):
+    if not all(f["same_flips"] and f["same_final_weights"] and f["same_momentum"] for f in flips):
         sys.exit("a mode flipped differently from the plain mode on this device (see the results)")
 
 
