@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -120,6 +121,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def require_cuda(name: str, allow_cpu: bool, command: str, otherwise: str) -> torch.device:
+    """The device ``name`` of a CUDA benchmark; without CUDA (or for a non-CUDA ``name``) one
+    ``error:`` line and exit, before anything is written, unless ``allow_cpu``."""
+    device = torch.device(name)
+    if not allow_cpu:
+        if not torch.cuda.is_available():
+            sys.exit(
+                f"error: {command} measures CUDA training and needs a GPU, but "
+                f"torch.cuda.is_available() is False here (torch {torch.__version__}); nothing "
+                f"was written. Run it on a CUDA machine, or {otherwise}."
+            )
+        if device.type != "cuda":
+            sys.exit(f"error: --device must be a CUDA device, got {name!r} (or pass --allow-cpu)")
+    return device
 
 
 def cpu_name() -> str:

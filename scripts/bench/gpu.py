@@ -38,7 +38,16 @@ import time
 from pathlib import Path
 
 import torch
-from _common import METHODS, MODES, ROOT, build_mode, device_meta, sync, write_results
+from _common import (
+    METHODS,
+    MODES,
+    ROOT,
+    build_mode,
+    device_meta,
+    require_cuda,
+    sync,
+    write_results,
+)
 from omegaconf import OmegaConf
 from roofline import parse_args as roofline_args
 from roofline import run as roofline_run
@@ -221,17 +230,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if not args.allow_cpu:
-        if not torch.cuda.is_available():
-            sys.exit(
-                "bench-gpu measures CUDA training and needs a GPU, but torch.cuda.is_available() is "
-                f"False here (torch {torch.__version__}); nothing was written. Run it on a CUDA "
-                "machine, or use `make bench-throughput` / `make bench-data` / `make bench-roofline` "
-                "for the CPU figures."
-            )
-        if device.type != "cuda":
-            sys.exit(f"--device must be a CUDA device, got {args.device!r} (or pass --allow-cpu)")
+    device = require_cuda(
+        args.device,
+        args.allow_cpu,
+        "bench-gpu",
+        "use `make bench-throughput` / `make bench-data` / `make bench-roofline` for the CPU figures",
+    )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS call
 
     rows = []

@@ -1,25 +1,28 @@
 """The GPU check (`make gpu-check`): a short device window turned into verified results. The items
-run most important first, each in its own process, and each result is appended to
+run most important first, each in its own process (forked from a server that imported torch and
+bso once, CUDA untouched), and each result is appended to
 ``<out>.jsonl`` (and ``<out>.md`` re-rendered from it) the moment it exists; a call stops when its
 time budget is spent, and the next call skips what is done and continues.
 
     python scripts/bench/gpu_check.py                        # CUDA, full size, 480 s budget
     python scripts/bench/gpu_check.py --budget-s 300         # a shorter window
     python scripts/bench/gpu_check.py --list                 # the items and what each proves
-    python scripts/bench/gpu_check.py --only flips speed_tbso --redo failed
+    python scripts/bench/gpu_check.py --only flips speed --redo failed
     python scripts/bench/gpu_check.py --allow-cpu --device cpu --out /tmp/gc   # tiny, on the CPU
 
 Items, in order (``--list`` prints them with their sizes):
 
 a. correctness: ``train_tbso`` / ``train_bso`` run the real ``experiment=cifar10_tbso`` /
-   ``cifar10_bso`` configs through train.py on synthetic CIFAR-10 files in the real format (the
+   ``cifar10_bso`` configs through train.py's entry point (Hydra's main, in a forked process, as
+   ``python train.py`` runs it) on synthetic CIFAR-10 files in the real format (the
    loader with its augmentation, pinned copies, checkpoints, the 1-bit export), under
    deterministic kernels: straight, then cut by SIGINT after one batch and resumed; the resumed run
    must end bit for bit where the straight one did. ``flips``: every mode (lean / plain, eager /
    fused element-wise loops) flips the same weights as the plain mode. ``ddp``: train.py under
-   torchrun, two ranks sharing the device (gloo) with SyncBatchNorm on CUDA. ``nccl``: a one-rank
-   torchrun process group (NCCL on CUDA, gloo on the CPU), its collectives, and DDP with
-   SyncBatchNorm flipping what the bare model flips.
+   torchrun, two ranks sharing the device (gloo: NCCL takes one device per rank) with
+   SyncBatchNorm on CUDA. ``nccl``: a one-rank process group in torchrun's environment (NCCL on
+   CUDA, gloo on the CPU), its collectives, and DDP with SyncBatchNorm flipping what the bare model
+   flips.
 b. headline: T-BSO, BSO (lean and plain) and BPTT-latent samples/s, ms per time step and peak CUDA
    memory at batch 128, T=6 (Table 2's setting), with the fast path's defaults.
 c. Figure 4's memory points (T = 1, 2, 4, 8, 16, 35: one item per T) and the roofline at batch
@@ -61,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _common import METHODS, MODES, ROOT, build_mode, environment
+from _common import METHODS, MODES, ROOT, build_mode, environment, require_cuda
 
 from bso.models import VGG11
 
@@ -795,24 +798,30 @@ def main(argv=None) -> int:
         "--redo", nargs="+", default=[], metavar="ITEM", help="run again: names, failed, all"
     )
     parser.add_argument("--list", action="store_true", help="print the items and exit")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu_check")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results: <out>.jsonl and <out>.md (default: benchmarks/results/gpu_check, or "
+        "gpu_check_cpu on a CPU)",
+    )
     args = parser.parse_args(argv)
 
     # CUDA's availability asked through NVML: the driver stays uninitialised in the processes that
     # fork the items' processes (a forked child cannot use CUDA once its parent initialised it)
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    device = torch.device(args.device)
-    if not args.allow_cpu:
-        if not torch.cuda.is_available():
-            sys.exit(
-                "error: gpu-check measures CUDA training and needs a GPU, but "
-                f"torch.cuda.is_available() is False here (torch {torch.__version__}); nothing "
-                "was written. Run it on a CUDA machine, or pass --allow-cpu --device cpu for the "
-                "tiny CPU run."
-            )
-        if device.type != "cuda":
-            sys.exit(f"error: --device must be a CUDA device, got {args.device!r} (or --allow-cpu)")
+    device = require_cuda(
+        args.device,
+        args.allow_cpu,
+        "gpu-check",
+        "pass --allow-cpu --device cpu for the tiny CPU run",
+    )
     size = SIZES[args.size or ("full" if device.type == "cuda" else "tiny")]
+    if args.out is None:
+        args.out = (
+            ROOT
+            / "benchmarks/results"
+            / ("gpu_check" if device.type == "cuda" else "gpu_check_cpu")
+        )
     items = everything = plan(size, device)
     names = [i.name for i in items]
     if args.only:
@@ -925,7 +934,9 @@ def _summary(r: dict) -> str:
         return f"{res['backend']}, world size {res['world_size']}, DDP flips as the bare model"
     if kind == "speed":
         return "; ".join(
-            f"{x['mode']} T={x['T']}: {x['samples_per_s']:.0f} samples/s" for x in res["rows"]
+            f"{x['method']} {x['mode']}{' bf16' if x['autocast'] else ''}"
+            f"{' compiled' if x['compile'] else ''} T={x['T']}: {x['samples_per_s']:.0f} samples/s"
+            for x in res["rows"]
         )
     if kind == "fig4":
         return "; ".join(
@@ -942,6 +953,14 @@ def _summary(r: dict) -> str:
     return ""
 
 
+def _table(title: str, header: str, rows: list[tuple]) -> list[str]:
+    """A titled Markdown table; nothing without rows."""
+    if not rows:
+        return []
+    head = [title, "", f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
+    return ["", *head, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def render(records: list[dict], items: list[Item]) -> str:
     """The Markdown report of the latest record of every item (device and versions named)."""
     latest = _latest(records)
@@ -956,52 +975,39 @@ def render(records: list[dict], items: list[Item]) -> str:
         for r in latest
     ]
     ok = [r for r in latest if r["status"] in ("ok", "failed")]
-    speed = [x for r in ok if r["kind"] == "speed" for x in r["result"]["rows"]]
-    if speed:
-        lines += [
-            "",
-            "Training speed (channels_last + cudnn.benchmark on CUDA; peak = CUDA allocated):",
-            "",
-            "| method | mode | T | batch | autocast | compile | samples/s | ms per time step "
-            "| peak MB |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {x['method']} | {x['mode']} | {x['T']} | {x['batch']} "
-            f"| {'bf16' if x['autocast'] else 'off'} | {x['compile']} | {x['samples_per_s']:.1f} "
-            f"| {x['ms_per_time_step']:.2f} | {_mb(x['peak_cuda_allocated_mb'])} |"
-            for x in speed
-        ]
-    fig4 = [x for r in ok if r["kind"] == "fig4" for x in r["result"]["points"]]
-    if fig4:
-        lines += [
-            "",
-            "Figure 4 (BSO/T-BSO lean, as trained; peak: CUDA allocated, or RSS on a CPU):",
-            "",
-            "| method | T | batch | activation MB | peak MB |",
-            "|---|---|---|---|---|",
-        ]
-        for x in sorted(fig4, key=lambda x: (x["method"], x["T"])):
-            peak = x.get("cuda_peak_allocated_bytes", x.get("peak_rss_bytes", 0)) / 1e6
-            lines.append(
-                f"| {x['method']} | {x['T']} | {x['batch']} "
-                f"| {x['activation_peak_bytes'] / 1e6:.1f} | {peak:.0f} |"
-            )
-    roof = [x for r in ok if r["kind"] == "roofline" for x in r["result"]["rows"]]
-    if roof:
-        lines += [
-            "",
-            "Roofline (T-BSO; iteration against its convolutions alone):",
-            "",
-            "| batch | T | mode | iteration ms | conv ms | conv share | x plain | same flips |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {x['batch']} | {x['T']} | {x['mode']} | {x['iteration_ms']:.1f} "
-            f"| {x['conv_ms']:.1f} | {x['conv_share']:.3f} | {x.get('over_plain', 1):.3f} "
-            f"| {x['same_flips_as_other_modes']} |"
-            for x in roof
-        ]
+
+    def rows_of(kind: str, key: str) -> list[dict]:
+        return [x for r in ok if r["kind"] == kind for x in r["result"][key]]
+
+    lines += _table(
+        "Training speed (channels_last + cudnn.benchmark on CUDA; peak = CUDA allocated):",
+        "method | mode | T | batch | autocast | compile | samples/s | ms per time step | peak MB",
+        [
+            (x["method"], x["mode"], x["T"], x["batch"], "bf16" if x["autocast"] else "off")
+            + (x["compile"], f"{x['samples_per_s']:.1f}", f"{x['ms_per_time_step']:.2f}")
+            + (_mb(x["peak_cuda_allocated_mb"]),)
+            for x in rows_of("speed", "rows")
+        ],
+    )
+    lines += _table(
+        "Figure 4 (BSO/T-BSO lean, as trained; peak: CUDA allocated, or RSS on a CPU):",
+        "method | T | batch | activation MB | peak MB",
+        [
+            (x["method"], x["T"], x["batch"], f"{x['activation_peak_bytes'] / 1e6:.1f}")
+            + (_mb(x.get("cuda_peak_allocated_bytes", x.get("peak_rss_bytes", 0)) / 1e6),)
+            for x in sorted(rows_of("fig4", "points"), key=lambda x: (x["method"], x["T"]))
+        ],
+    )
+    lines += _table(
+        "Roofline (T-BSO; iteration against its convolutions alone):",
+        "batch | T | mode | iteration ms | conv ms | conv share | x plain | same flips",
+        [
+            (x["batch"], x["T"], x["mode"], f"{x['iteration_ms']:.1f}", f"{x['conv_ms']:.1f}")
+            + (f"{x['conv_share']:.3f}", f"{x.get('over_plain', 1):.3f}")
+            + (x["same_flips_as_other_modes"],)
+            for x in rows_of("roofline", "rows")
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 
