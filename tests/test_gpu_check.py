@@ -126,3 +126,19 @@ def test_unknown_item_names_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown item.*--redo"):
         gpu_check.main([*argv, "--redo", "speeed"])
     assert not list(tmp_path.iterdir())
+
+
+def test_the_plan_lists_anywhere_most_important_first(capsys):
+    """--list needs no GPU: the full-size items, correctness first, Figure 4 one item per T."""
+    assert gpu_check.main(["--list"]) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line[1] == "."]
+    assert names[:6] == [
+        "a. train_tbso",
+        "a. train_bso",
+        "a. flips",
+        "a. ddp",
+        "a. nccl",
+        "b. speed",
+    ]
+    assert [n for n in names if "fig4" in n] == [f"c. fig4_T{T}" for T in (1, 2, 4, 8, 16, 35)]
+    assert names.index("c. roofline_b128_T6") < names.index("d. loader")

@@ -171,8 +171,8 @@ def plan(size: dict, device: torch.device) -> list[Item]:
                 "batches": size["flip_batches"],
             },
             "lean / plain and eager / fused element-wise loops (Triton on CUDA) flip the same "
-            "weights, batch by batch, and end with the same +-1 weights (T-BSO and BSO; "
-            "deterministic kernels)",
+            "weights, batch by batch, and end with the same +-1 weights and optimizer state "
+            "(momentum; T-BSO's second moment), deterministic kernels",
         ),
         Item(
             "ddp",
@@ -809,12 +809,14 @@ def main(argv=None) -> int:
     # CUDA's availability asked through NVML: the driver stays uninitialised in the processes that
     # fork the items' processes (a forked child cannot use CUDA once its parent initialised it)
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    device = require_cuda(
-        args.device,
-        args.allow_cpu,
-        "gpu-check",
-        "pass --allow-cpu --device cpu for the tiny CPU run",
-    )
+    device = torch.device(args.device)
+    if not args.list:  # the plan can be listed anywhere
+        device = require_cuda(
+            args.device,
+            args.allow_cpu,
+            "gpu-check",
+            "pass --allow-cpu --device cpu for the tiny CPU run",
+        )
     size = SIZES[args.size or ("full" if device.type == "cuda" else "tiny")]
     if args.out is None:
         args.out = (
