@@ -858,7 +858,8 @@ def main(argv=None) -> int:
         if ran and left <= 0:
             rest = " ".join(i.name for i in pending[n:])
             print(
-                f"gpu-check: the {args.budget_s:.0f} s budget is spent; left for the next call: {rest}"
+                f"gpu-check: the {args.budget_s:.0f} s budget is spent; results so far in "
+                f"{args.out.with_suffix('.md')}; left for the next call (the same command): {rest}"
             )
             break
         timeout = args.item_timeout_s if not ran else min(left, args.item_timeout_s)
