@@ -46,7 +46,7 @@ def test_tiny_run_stops_at_its_budget_and_the_next_call_continues(tmp_path):
     tbso = next(r for r in by["flips"]["rows"] if r["method"] == "tbso")
     assert sum(tbso["flips_per_batch"]) > 0 and tbso["same_momentum"]
     assert by["nccl"]["backend"] == "gloo" and by["nccl"]["same_flips_as_bare"]["lean"]
-    assert by["ddp"]["ranks"] == 2
+    assert by["ddp"]["ranks"] == 1 and by["ddp"]["train_loss"] > 0
     assert [(r["method"], r["mode"]) for r in by["speed"]["rows"]] == [
         ("tbso", "lean"),
         ("tbso", "plain"),

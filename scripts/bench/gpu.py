@@ -121,12 +121,14 @@ def deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def flip_check(method: str, T: int, batch: int, batches: int, layers: str, device) -> dict:
+def flip_check(
+    method: str, T: int, batch: int, batches: int, layers: str, device, modes=MODES
+) -> dict:
     """Every mode (lean / plain, eager / fused element-wise steps) from the same seed on the same
     batches: flips of every batch, the final +-1 weights and the flip optimizer's state (momentum;
     T-BSO's second moment), compared bit for bit with the plain mode's."""
     runs = {}
-    for mode in MODES:
+    for mode in modes:
         model, engine, optimizer = build_mode(method, T, layers, device, mode)
         gen = torch.Generator(device="cpu").manual_seed(1)
         flips = []

@@ -83,6 +83,7 @@ SIZES = {
         "train_per_file": 64,  # 5 x 64 = 320 training images: batches of 128, 128, 64
         "train_overrides": [],  # the experiment's own model, batch and T
         "flip_methods": ["tbso", "bso"],
+        "flip_modes": list(MODES),
         "flip_batch": 32,
         "flip_batches": 2,
         "ranks": 2,
@@ -103,10 +104,11 @@ SIZES = {
         "train_methods": ["tbso"],
         "train_per_file": 2,  # 10 training images: 2 batches of 5
         "train_overrides": ["model.layers=8C3-AP2-16C3-AP2", "engine.T=2", "dataset.batch_size=5"],
-        "flip_methods": ["tbso"],  # compiling the fused modes is most of a tiny run's time
+        "flip_methods": ["tbso"],
+        "flip_modes": ["lean", "plain"],  # the fused ones compile for long; tests/test_perf_bench
         "flip_batch": 2,
         "flip_batches": 2,
-        "ranks": 2,
+        "ranks": 1,  # a torchrun of train.py; two ranks on a CPU: tests/test_distributed
         "fig4_T": [1, 2],
         "roofline": [[4, 2]],
         "roofline_more": [],
@@ -165,6 +167,7 @@ def plan(size: dict, device: torch.device) -> list[Item]:
             "flips",
             {
                 "methods": size["flip_methods"],
+                "modes": size["flip_modes"],
                 "layers": size["layers"],
                 "T": T,
                 "batch": size["flip_batch"],
@@ -182,7 +185,7 @@ def plan(size: dict, device: torch.device) -> list[Item]:
                 "ranks": size["ranks"],
                 "per_file": size["train_per_file"],
                 "overrides": size["train_overrides"],
-                "sync_batchnorm": cuda,
+                "sync_batchnorm": cuda and size["ranks"] > 1,
             },
             "train.py under torchrun: the ranks share the device (gloo), SyncBatchNorm on CUDA; "
             "one run directory, the epoch completed",
@@ -426,7 +429,7 @@ def item_flips(p: dict, device: torch.device, work: Path) -> tuple[dict, dict]:
 
     gpu.deterministic()
     rows = [
-        gpu.flip_check(method, p["T"], p["batch"], p["batches"], p["layers"], device)
+        gpu.flip_check(method, p["T"], p["batch"], p["batches"], p["layers"], device, p["modes"])
         for method in p["methods"]
     ]
     checks = {}
