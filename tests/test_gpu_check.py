@@ -142,3 +142,14 @@ def test_the_plan_lists_anywhere_most_important_first(capsys):
     ]
     assert [n for n in names if "fig4" in n] == [f"c. fig4_T{T}" for T in (1, 2, 4, 8, 16, 35)]
     assert names.index("c. roofline_b128_T6") < names.index("d. loader")
+
+
+def test_nondeterministic_operations_are_named_from_torchs_warnings():
+    lines = [
+        "/x/engine.py:12: UserWarning: index_add_cuda_ does not have a deterministic implementation,"
+        " but you set 'torch.use_deterministic_algorithms(True, warn_only=True)'.",
+        "scatter_add_cuda_kernel does not have a deterministic implementation, but you set ...",
+        "index_add_cuda_ does not have a deterministic implementation, but you set ...",
+        "epoch   1/1 | train loss 2.19",
+    ]
+    assert gpu_check.nondeterministic_ops(lines) == ["index_add_cuda_", "scatter_add_cuda_kernel"]
