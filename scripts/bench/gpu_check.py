@@ -834,7 +834,7 @@ def main(argv=None) -> int:
 
     # CUDA's availability asked through NVML: the driver stays uninitialised in the processes that
     # fork the items' processes (a forked child cannot use CUDA once its parent initialised it)
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     device = torch.device(args.device)
     if not args.list:  # the plan can be listed anywhere
         device = require_cuda(
