@@ -102,6 +102,10 @@ bench-memopt: install  ## lean mode vs spikingjelly memopt: tensor memory peak a
 bench-gpu: install  ## CUDA only: throughput, loader, roofline, Figure 4 memory, flips of every mode vs plain -> benchmarks/results/gpu.*
 	$(PYTHON) scripts/bench/gpu.py $(ARGS)
 
+.PHONY: gpu-check
+gpu-check: install  ## CUDA: the GPU path checked and measured in 8 min, most important first; a rerun continues -> benchmarks/results/gpu_check.{jsonl,md}
+	$(PYTHON) scripts/bench/gpu_check.py $(ARGS)
+
 bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)
 
 reproduce-mini: install  ## the paper's Tables 2-4 and Figures 4-5, small, on the digits (CPU, minutes) -> benchmarks/results/mini/

@@ -132,7 +132,7 @@ def test_bench_gpu_flip_check_runs_on_the_cpu():
 
     check = gpu.flip_check("tbso", 2, 2, 2, TINY, torch.device("cpu"))
     assert set(check["same_flips_as_plain"]) == {"lean", "plain", "lean_fused", "plain_fused"}
-    assert check["same_flips"] and check["same_final_weights"]
+    assert check["same_flips"] and check["same_final_weights"] and check["same_momentum"]
     assert check["batches"] == 2 and sum(check["flips_per_batch"]) > 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -121,6 +123,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def require_cuda(name: str, allow_cpu: bool, command: str, otherwise: str) -> torch.device:
+    """The device ``name`` of a CUDA benchmark; without CUDA (or for a non-CUDA ``name``) one
+    ``error:`` line and exit, before anything is written, unless ``allow_cpu``."""
+    device = torch.device(name)
+    if not allow_cpu:
+        if not torch.cuda.is_available():
+            sys.exit(
+                f"error: {command} measures CUDA training and needs a GPU, but "
+                f"torch.cuda.is_available() is False here (torch {torch.__version__}); nothing "
+                f"was written. Run it on a CUDA machine, or {otherwise}."
+            )
+        if device.type != "cuda":
+            sys.exit(f"error: --device must be a CUDA device, got {name!r} (or pass --allow-cpu)")
+    return device
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
     try:
@@ -135,6 +153,53 @@ def cpu_name() -> str:
 def device_meta(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": str(device), "device_name": name, "threads": torch.get_num_threads()}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``), or None without one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def environment(device: torch.device) -> dict:
+    """:func:`device_meta` plus what a GPU number depends on: the driver, the CUDA runtime torch was
+    built with, cuDNN, torch, Triton, spikingjelly and Python versions; on CUDA the compute
+    capability and memory of the device."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    meta = {
+        **device_meta(device),
+        "cpu": cpu_name(),
+        "driver": nvidia_driver() if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "spikingjelly": _version("spikingjelly"),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["compute_capability"] = f"{props.major}.{props.minor}"
+        meta["device_memory_gb"] = round(props.total_memory / 2**30, 1)
+    return meta
 
 
 def write_results(out: Path, meta: dict, rows: list[dict], markdown: list[str]) -> None:

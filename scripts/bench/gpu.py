@@ -38,7 +38,16 @@ import time
 from pathlib import Path
 
 import torch
-from _common import METHODS, MODES, ROOT, build_method, build_mode, device_meta, sync, write_results
+from _common import (
+    METHODS,
+    MODES,
+    ROOT,
+    build_mode,
+    device_meta,
+    require_cuda,
+    sync,
+    write_results,
+)
 from omegaconf import OmegaConf
 from roofline import parse_args as roofline_args
 from roofline import run as roofline_run
@@ -51,19 +60,31 @@ from bso.models import VGG11
 
 
 def train_speed(
-    method: str, T: int, batch: int, iters: int, device, autocast: bool, layers: str = VGG11
+    method: str,
+    T: int,
+    batch: int,
+    iters: int,
+    device,
+    autocast: bool,
+    layers: str = VGG11,
+    mode: str | None = None,
+    compile: bool = False,
 ) -> dict:
+    """Samples/s, ms per time step and peak CUDA memory of ``method`` in ``mode`` (one of MODES;
+    default: lean for BSO/T-BSO, as trained, plain for BPTT-latent) with the fast path's defaults on
+    CUDA (channels_last, cudnn.benchmark), ``autocast`` (bf16) and ``compile`` (fast.compile)."""
+    mode = mode or ("plain" if method == "bptt_latent" else "lean")
     fast = OmegaConf.create(
         {
             "channels_last": device.type == "cuda",
             "cudnn_benchmark": device.type == "cuda",
             "autocast": autocast,
-            "compile": False,
-            "fuse_elementwise": False,
+            "compile": compile,
+            "fuse_elementwise": False,  # build_mode fuses for the "_fused" modes
             "reuse_host_memory": False,
         }
     )
-    model, engine, optimizer = build_method(method, T, layers, device, lean=method != "bptt_latent")
+    model, engine, optimizer = build_mode(method, T, layers, device, mode)
     trained = fastpath.apply(model, fast, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -83,7 +104,9 @@ def train_speed(
         "T": T,
         "batch": batch,
         "autocast": autocast,
-        "lean": method != "bptt_latent",
+        "compile": compile,
+        "mode": mode,
+        "lean": mode.startswith("lean"),
         "samples_per_s": batch / seconds,
         "ms_per_time_step": seconds / T * 1e3,
         "peak_cuda_allocated_mb": peak,
@@ -92,18 +115,22 @@ def train_speed(
 
 def deterministic() -> None:
     """Deterministic kernels for the bitwise check of every mode against plain (cuBLAS needs its workspace
-    setting before the first cuBLAS call: set in main before any CUDA work)."""
-    torch.use_deterministic_algorithms(True)
+    setting before the first cuBLAS call: set in main before any CUDA work). An operation without a
+    deterministic CUDA kernel warns (``does not have a deterministic implementation``) instead of
+    raising, so that the check still runs and says which operation may have moved a flip."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
 
-def flip_check(method: str, T: int, batch: int, batches: int, layers: str, device) -> dict:
+def flip_check(
+    method: str, T: int, batch: int, batches: int, layers: str, device, modes=MODES
+) -> dict:
     """Every mode (lean / plain, eager / fused element-wise steps) from the same seed on the same
-    batches: flips of every batch and the final +-1 weights, compared bit for bit with the plain
-    mode's."""
+    batches: flips of every batch, the final +-1 weights and the flip optimizer's state (momentum;
+    T-BSO's second moment), compared bit for bit with the plain mode's."""
     runs = {}
-    for mode in MODES:
+    for mode in modes:
         model, engine, optimizer = build_mode(method, T, layers, device, mode)
         gen = torch.Generator(device="cpu").manual_seed(1)
         flips = []
@@ -111,16 +138,17 @@ def flip_check(method: str, T: int, batch: int, batches: int, layers: str, devic
             x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
             y = torch.randint(0, 10, (batch,), generator=gen).to(device)
             flips.append(engine.train_batch(model, optimizer, x, y)[2].cpu())
-        runs[mode] = (flips, [w.cpu() for _, w in binary_weight_values(model)])
-    plain_flips, plain_weights = runs["plain"]
-    same_flips = {
-        mode: all(torch.equal(a, b) for a, b in zip(plain_flips, flips, strict=True))
-        for mode, (flips, _) in runs.items()
-    }
-    same_weights = {
-        mode: all(torch.equal(a, b) for a, b in zip(plain_weights, weights, strict=True))
-        for mode, (_, weights) in runs.items()
-    }
+        state = optimizer.state_dict()["binary"]["state"]  # BSO/T-BSO's momentum (and v_l[t])
+        momenta = [v.cpu() for k in sorted(state) for v in state[k].values() if torch.is_tensor(v)]
+        runs[mode] = (flips, [w.cpu() for _, w in binary_weight_values(model)], momenta)
+    plain_flips, plain_weights, plain_momenta = runs["plain"]
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    same_flips = {mode: same(plain_flips, run[0]) for mode, run in runs.items()}
+    same_weights = {mode: same(plain_weights, run[1]) for mode, run in runs.items()}
+    same_momenta = {mode: same(plain_momenta, run[2]) for mode, run in runs.items()}
     return {
         "method": method,
         "T": T,
@@ -129,8 +157,10 @@ def flip_check(method: str, T: int, batch: int, batches: int, layers: str, devic
         "flips_per_batch": [f.sum().item() for f in plain_flips],
         "same_flips_as_plain": same_flips,
         "same_final_weights_as_plain": same_weights,
+        "same_momentum_as_plain": same_momenta,
         "same_flips": all(same_flips.values()),
         "same_final_weights": all(same_weights.values()),
+        "same_momentum": all(same_momenta.values()),
     }
 
 
@@ -204,17 +234,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if not args.allow_cpu:
-        if not torch.cuda.is_available():
-            sys.exit(
-                "bench-gpu measures CUDA training and needs a GPU, but torch.cuda.is_available() is "
-                f"False here (torch {torch.__version__}); nothing was written. Run it on a CUDA "
-                "machine, or use `make bench-throughput` / `make bench-data` / `make bench-roofline` "
-                "for the CPU figures."
-            )
-        if device.type != "cuda":
-            sys.exit(f"--device must be a CUDA device, got {args.device!r} (or pass --allow-cpu)")
+    device = require_cuda(
+        args.device,
+        args.allow_cpu,
+        "bench-gpu",
+        "use `make bench-throughput` / `make bench-data` / `make bench-roofline` for the CPU figures",
+    )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS call
 
     rows = []
@@ -293,7 +318,7 @@ def main(argv=None) -> None:
         *({"flip_check": f} for f in flips),
     ]
     write_results(args.out, {**meta, "roofline": roofline_meta}, results, lines)
-    if not all(f["same_flips"] and f["same_final_weights"] for f in flips):
+    if not all(f["same_flips"] and f["same_final_weights"] and f["same_momentum"] for f in flips):
         sys.exit("a mode flipped differently from the plain mode on this device (see the results)")
 
 
