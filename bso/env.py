@@ -103,11 +103,11 @@ def torch_build() -> dict:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if cuda
         else [],
-        "driver": _nvidia_driver() if cuda else None,
+        "driver": nvidia_driver() if cuda else None,
     }
 
 
-def _nvidia_driver() -> str | None:
+def nvidia_driver() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from functools import partial
@@ -15,6 +14,7 @@ import torch
 from bso import fastpath, paper
 from bso.compiled import fuse_elementwise as fuse
 from bso.engine import BPTTEngine, OnlineEngine
+from bso.env import distributions, lock_state, nvidia_driver
 from bso.layers import named_binary_parameters
 from bso.models import SpikingVGG
 from bso.optim import BSO, TBSO, PlainOptimizer, build_router
@@ -164,26 +164,13 @@ def _version(package: str) -> str | None:
         return None
 
 
-def nvidia_driver() -> str | None:
-    """The NVIDIA driver's version (``nvidia-smi``), or None without one."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.split()
-    return lines[0] if out.returncode == 0 and lines else None
-
-
 def environment(device: torch.device) -> dict:
     """:func:`device_meta` plus what a GPU number depends on: the driver, the CUDA runtime torch was
-    built with, cuDNN, torch, Triton, spikingjelly and Python versions; on CUDA the compute
-    capability and memory of the device."""
+    built with, cuDNN, torch, Triton, spikingjelly and Python versions, the lock file's hash and
+    whether this environment matches it (:mod:`bso.env`); on CUDA the compute capability and memory
+    of the device."""
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    lock = lock_state(distributions())
     meta = {
         **device_meta(device),
         "cpu": cpu_name(),
@@ -194,6 +181,8 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "spikingjelly": _version("spikingjelly"),
         "python": platform.python_version(),
+        "lock_sha256": lock["sha256"],
+        "lock_matches": lock["matches"],
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
