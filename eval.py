@@ -9,7 +9,7 @@ failed (one `error:` line, e.g. a checkpoint that does not fit the model), 130 i
 import hydra
 from omegaconf import DictConfig
 
-from bso.cli import refuse_old_spellings, run
+from bso.cli import check_command_line, run
 from bso.train import evaluate_checkpoint
 
 
@@ -19,5 +19,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    refuse_old_spellings("eval")
+    check_command_line("eval")
     main()

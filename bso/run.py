@@ -164,19 +164,43 @@ class RunStatus:
     def write(self, status: str, **fields) -> dict:
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}; one of {STATUSES}")
-        record = {**self.read(), **fields, "status": status, "updated": _now()}
+        try:
+            previous = self.read()
+        except ValueError:  # an unreadable status.json (cut short, garbage): replaced
+            previous = {}
+        record = {**previous, **fields, "status": status, "updated": _now()}
         self._record = record
         if not self.enabled:
             return record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(".status.json.tmp")
+        text = json.dumps(record, indent=2)
         try:
-            tmp.write_text(json.dumps(record, indent=2))
+            with tmp.open("w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except OSError:
+        except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise
+            if not self._write_in_place(text):
+                raise OSError(err.errno, f"could not write {self.path}: {err.strerror}") from err
         return record
+
+    def _write_in_place(self, text: str) -> bool:
+        """A full disk has no block for a new file, but the old status.json has its own: overwrite
+        it in place (the status stays one small file; not atomic, the last resort)."""
+        if not self.path.is_file() or len(text.encode()) > 4096:
+            return False
+        try:
+            with self.path.open("r+") as f:
+                f.write(text)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            return False
+        return True
 
 
 def _now() -> str:
@@ -243,8 +267,10 @@ def hydra_subdir_resolver(resume: str | None, run_dir: str | None = None) -> str
         if resume in (None, "", "auto") and not (run_dir and (Path(run_dir) / ".hydra").exists()):
             _SUBDIRS[key] = ".hydra"
         else:
-            kind = "resume" if resume else kind
-            _SUBDIRS[key] = f".hydra/{kind}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+            kind = "resume" if resume else kind  # the hex: two commands in the same second
+            _SUBDIRS[key] = (
+                f".hydra/{kind}_{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(2)}"
+            )
     return _SUBDIRS[key]
 
 

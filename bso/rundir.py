@@ -54,23 +54,39 @@ def holds_a_run(run_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (run_dir / name).exists()]
 
 
-def claim(run_dir: Path, overwrite: bool, hydra_subdir: str | None = None) -> None:
+def claim(
+    run_dir: Path, overwrite: bool, hydra_subdir: str | None = None, reason: str = "overwrite=true"
+) -> None:
     """A fresh run in ``run_dir``: refuse the directory of another run unless ``overwrite``
-    (``hydra_subdir``: where Hydra put this command's files, moved up to ``.hydra/`` then)."""
+    (``hydra_subdir``: where Hydra put this command's files, moved up to ``.hydra/`` then;
+    ``reason``: why the old files go, for the log)."""
     found = holds_a_run(run_dir)
     if not found:
         return
     if not overwrite:
         status = _read_status(run_dir)
+        if (run_dir / "last.pt").is_file():
+            how = (
+                f"Continue it with {resume_command(run_dir)} (resume=auto does the same for "
+                "requeued jobs), choose another hydra.run.dir, or pass overwrite=true to delete its "
+                "files and start afresh"
+            )
+        else:
+            how = (
+                "It has no last.pt to continue from (it stopped before its first epoch ended, or "
+                "saved none): pass overwrite=true (or resume=auto) to delete its files and start "
+                "it afresh, or choose another hydra.run.dir"
+            )
         raise RunRefused(
-            f"{run_dir} already holds a run ({status or 'no status'}; {', '.join(found)}). "
-            f"Continue it with {resume_command(run_dir)} (resume=auto does the same for requeued jobs), "
-            "choose another hydra.run.dir, or pass overwrite=true to delete its files and start afresh"
+            f"{run_dir} already holds a run ({status or 'no status'}; {', '.join(found)}). {how}"
         )
-    log.warning(f"overwrite=true: deleting the run files of {run_dir} ({', '.join(found)})")
+    log.warning(f"{reason}: deleting the run files of {run_dir} ({', '.join(found)})")
     for name in found:
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+    for name in HYDRA_FILES[1:]:  # the old run's log (appended to by this command's handler)
+        if (run_dir / name).is_file():
+            os.truncate(run_dir / name, 0)
     own = run_dir / hydra_subdir if hydra_subdir and hydra_subdir.startswith(".hydra/") else None
     if own is not None and own.is_dir():  # this run's Hydra files replace the old run's
         for path in own.iterdir():
@@ -205,6 +221,12 @@ def discard_refused(hydra_dir: Path | None, subdir: str | None = None) -> None:
                 handler.close()
                 root.removeHandler(handler)
         shutil.rmtree(hydra_dir, ignore_errors=True)
+        for parent in list(hydra_dir.resolve().parents)[
+            :2
+        ]:  # runs/ and the log dir, if it made them
+            if parent == Path.cwd() or any(parent.iterdir()):
+                break
+            parent.rmdir()
     elif subdir and subdir.startswith(".hydra/"):
         shutil.rmtree(hydra_dir / subdir, ignore_errors=True)
 
