@@ -16,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -67,9 +68,35 @@ def check_command_line(entry: str, argv: list[str] | None = None) -> None:
         a.split("=")[0] in HYDRA_FLAGS_WITHOUT_A_RUN or a.startswith("--shell") for a in argv
     ):
         return
-    message = composition_error(argv, "train" if entry == "train" else "eval")
+    cfg, message = compose_command_line(argv, "train" if entry == "train" else "eval")
+    message = message or unwritable_log_dir(cfg)
     if message:
         raise SystemExit(f"error: {message}")
+
+
+def unwritable_log_dir(cfg: DictConfig) -> str | None:
+    """Where the command would write (``paths.log_dir``, or the run directory ``resume=`` names)
+    when it cannot be written (a read-only disk, no permission); None when it can."""
+    targets = []
+    for key in ("paths.log_dir", "resume"):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if value and value not in ("auto", "latest") and "${" not in str(value):
+            targets.append((key, Path(str(value))))
+    for key, path in targets:
+        if key == "resume" and path.is_file():
+            path = path.parent
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            return (
+                f"{key}={OmegaConf.select(cfg, key)}: {existing} cannot be written (a read-only "
+                "disk or no permission); "
+                + (
+                    "set paths.log_dir=<a writable directory>"
+                    if key == "paths.log_dir"
+                    else "copy the run to a writable place and resume it there"
+                )
+            )
+    return None
 
 
 def _expand(argv: list[str]) -> tuple[list[str], str | None]:
@@ -114,9 +141,11 @@ def _group_sweeps(argv: list[str]) -> list[list[str]]:
     return extra
 
 
-def composition_error(argv: list[str], config_name: str = "train") -> str | None:
-    """What is wrong with composing ``config_name`` with the command line ``argv`` (sweeps: each
-    group option, the first value of the rest), as one line; None when it composes."""
+def compose_command_line(
+    argv: list[str], config_name: str = "train"
+) -> tuple[DictConfig | None, str | None]:
+    """``config_name`` composed with the command line ``argv`` (sweeps: each group option, the first
+    value of the rest): (the config, None), or (None, what is wrong as one line)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -124,14 +153,14 @@ def composition_error(argv: list[str], config_name: str = "train") -> str | None
 
     overrides, message = _expand(argv)
     if message:
-        return message
+        return None, message
     try:
-        compose_configs([overrides], config_name)
+        (cfg,) = compose_configs([overrides], config_name)
         for extra in _group_sweeps(argv):
             compose_configs([[*overrides, *extra]], config_name)
     except (HydraException, OmegaConfBaseException) as err:
-        return _explain(err, overrides, config_name)
-    return None
+        return None, _explain(err, overrides, config_name)
+    return cfg, None
 
 
 def visible_options(options) -> list[str]:

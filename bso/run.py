@@ -274,6 +274,41 @@ def hydra_subdir_resolver(resume: str | None, run_dir: str | None = None) -> str
     return _SUBDIRS[key]
 
 
+def _sweep_overrides(argv: list[str]) -> list[str]:
+    """What identifies a sweep on its command line: the overrides but resume= and hydra.sweep.dir=."""
+    return sorted(
+        a
+        for a in argv
+        if not a.startswith("-") and not a.lstrip("+~").startswith(("resume=", "hydra.sweep.dir="))
+    )
+
+
+def previous_sweep(log_dir: str | Path, argv: list[str]) -> Path | None:
+    """The newest sweep directory under ``<log_dir>/multirun`` whose command line
+    (``multirun.yaml``'s overrides) was ``argv``'s, resume= and hydra.sweep.dir= aside."""
+    wanted = _sweep_overrides(argv)
+    found = []
+    for saved in Path(log_dir).glob("multirun/*/multirun.yaml"):
+        try:
+            task = OmegaConf.load(saved).hydra.overrides.task
+        except Exception:  # noqa: BLE001 - an unreadable sweep record is not this sweep
+            continue
+        if _sweep_overrides([str(item) for item in task]) == wanted:
+            found.append(saved.parent)
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def sweep_dir_resolver(log_dir: str, resume: str | None) -> str:
+    """``hydra.sweep.dir``: ``<log_dir>/multirun/<date>_<time>``; with ``resume=auto``, the previous
+    sweep of the same command line if there is one, so that a relaunched sweep (a requeue, a
+    crashed launcher) finds its jobs' run directories and continues them."""
+    if resume == "auto":
+        previous = previous_sweep(log_dir, sys.argv[1:])
+        if previous is not None:
+            return str(previous)
+    return f"{log_dir}/multirun/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
 def hydra_subdir_used() -> str | None:
     """The ``.hydra`` subdirectory this process's Hydra wrote (None outside a Hydra run)."""
     return list(_SUBDIRS.values())[-1] if _SUBDIRS else None
@@ -287,6 +322,7 @@ def register_resolvers() -> None:
     for name, fn in (
         ("bso_run_dir", run_dir_resolver),
         ("bso_hydra_subdir", hydra_subdir_resolver),
+        ("bso_sweep_dir", sweep_dir_resolver),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
