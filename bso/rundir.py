@@ -80,13 +80,13 @@ def claim(
         raise RunRefused(
             f"{run_dir} already holds a run ({status or 'no status'}; {', '.join(found)}). {how}"
         )
+    for name in HYDRA_FILES[1:]:  # the old run's log (appended to by this command's handler)
+        if (run_dir / name).is_file():
+            os.truncate(run_dir / name, 0)
     log.warning(f"{reason}: deleting the run files of {run_dir} ({', '.join(found)})")
     for name in found:
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "wandb", ignore_errors=True)
-    for name in HYDRA_FILES[1:]:  # the old run's log (appended to by this command's handler)
-        if (run_dir / name).is_file():
-            os.truncate(run_dir / name, 0)
     own = run_dir / hydra_subdir if hydra_subdir and hydra_subdir.startswith(".hydra/") else None
     if own is not None and own.is_dir():  # this run's Hydra files replace the old run's
         for path in own.iterdir():
@@ -208,18 +208,40 @@ class RunLock:
         self.release()
 
 
-def discard_refused(hydra_dir: Path | None, subdir: str | None = None) -> None:
+def log_sizes() -> dict[str, int]:
+    """The size of each log file the root logger writes to (Hydra's ``train.log``), so that a
+    refused command can take its lines out of an existing run's log (:func:`discard_refused`)."""
+    sizes = {}
+    for handler in logging.getLogger().handlers:
+        path = getattr(handler, "baseFilename", None)
+        if path:
+            with contextlib.suppress(OSError):
+                sizes[path] = os.path.getsize(path)
+    return sizes
+
+
+def discard_refused(
+    hydra_dir: Path | None, subdir: str | None = None, sizes: dict[str, int] | None = None
+) -> None:
     """Remove what Hydra made for a refused command: a run directory holding nothing but Hydra's
     own files, or (a command in an existing run directory) its own ``.hydra/<kind>_<time>``
-    folder ``subdir``."""
+    folder ``subdir`` and its lines in the run's log (``sizes``: :func:`log_sizes` before them)."""
     if hydra_dir is None or not hydra_dir.is_dir():
         return
+    root = logging.getLogger()
+    inside = str(hydra_dir.resolve()) + os.sep
+    for handler in list(root.handlers):  # the log stays as it was: no line of a refused command
+        path = str(getattr(handler, "baseFilename", ""))
+        if path.startswith(inside):
+            handler.close()
+            root.removeHandler(handler)
+            size = (sizes or {}).get(path, 0)
+            with contextlib.suppress(OSError):
+                if size:
+                    os.truncate(path, size)
+                else:
+                    os.unlink(path)
     if {p.name for p in hydra_dir.iterdir()} <= set(HYDRA_FILES):
-        root = logging.getLogger()
-        for handler in list(root.handlers):  # train.log is about to go
-            if str(getattr(handler, "baseFilename", "")).startswith(str(hydra_dir.resolve())):
-                handler.close()
-                root.removeHandler(handler)
         shutil.rmtree(hydra_dir, ignore_errors=True)
         for parent in list(hydra_dir.resolve().parents)[
             :2
@@ -229,6 +251,8 @@ def discard_refused(hydra_dir: Path | None, subdir: str | None = None) -> None:
             parent.rmdir()
     elif subdir and subdir.startswith(".hydra/"):
         shutil.rmtree(hydra_dir / subdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # .hydra itself when this command made it
+            (hydra_dir / ".hydra").rmdir()
 
 
 def hydra_value(text: str) -> str:

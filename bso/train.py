@@ -182,6 +182,7 @@ def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) 
     directory. A refusal leaves no trace: the directory Hydra made for the command is removed and an
     existing run's files are untouched."""
     overrides = command_line_overrides() if overrides is None else list(overrides)
+    sizes = rundir.log_sizes()  # a refusal takes its lines out of an existing run's log
     hydra_dir = Path(
         cfg.paths.output_dir
     )  # what Hydra made for this command (rank > 0: a temp dir)
@@ -222,12 +223,12 @@ def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) 
             )
     except AlreadyCompleted as done:  # a relaunched sweep: this job finished before
         log.info(f"{done}; skipping")
-        _discard(hydra_dir, main_rank)
+        _discard(hydra_dir, main_rank, sizes)
         return done.record
     except BaseException:
         if lock is not None:
             lock.release()
-        _discard(hydra_dir, main_rank)
+        _discard(hydra_dir, main_rank, sizes)
         raise
     try:
         return _run(cfg, job, run_dir, checkpoint, hydra_dir, weights, datasets)
@@ -328,6 +329,14 @@ def _checkpoint_to_evaluate(cfg: DictConfig) -> str:
     return str(path)
 
 
+def describe(err: BaseException) -> str:
+    """``err``'s message on one line (an OSError bso raised: without its ``[Errno N]``)."""
+    text = str(err)
+    if isinstance(err, OSError) and err.strerror and err.filename is None:
+        text = err.strerror
+    return " ".join(text.split())
+
+
 def user_error(err: BaseException) -> bool:
     """Print a user's mistake (a refused command, a bad value, a missing or unreadable file, a
     checkpoint that does not fit, a full disk) as one ``error:`` line on stderr (and in the run's
@@ -338,7 +347,7 @@ def user_error(err: BaseException) -> bool:
     if not isinstance(err, (RunRefused, ConfigError, ValueError, OSError, RunDiverged, DataError)):
         return False
     if distributed.is_main() and (distributed.torchrun_env() or {"rank": 0})["rank"] == 0:
-        line = "error: " + " ".join(str(err).split())
+        line = "error: " + describe(err)
         print(line, file=sys.stderr, flush=True)
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
         for handler in logging.getLogger().handlers:  # the log file; the console has it already
@@ -354,10 +363,11 @@ def _restart_allowed(cfg: DictConfig, run_dir: Path) -> bool:
     return cfg.get("resume") == "auto" and not list(run_dir.glob("*.pt"))
 
 
-def _discard(hydra_dir: Path, main_rank: bool) -> None:
-    """A refused command leaves nothing behind (rank > 0: its temp dir; rank 0: an empty run dir)."""
+def _discard(hydra_dir: Path, main_rank: bool, sizes: dict | None = None) -> None:
+    """A refused command leaves nothing behind (rank > 0: its temp dir; rank 0: an empty run dir,
+    or its own files in an existing one)."""
     if main_rank:
-        rundir.discard_refused(hydra_dir, hydra_subdir_used())
+        rundir.discard_refused(hydra_dir, hydra_subdir_used(), sizes)
     elif hydra_dir.name.startswith("bso-rank"):
         shutil.rmtree(hydra_dir, ignore_errors=True)
 
@@ -418,7 +428,7 @@ def _record_status(status: RunStatus, state: str, **fields) -> dict:
         return status.write(state, **fields)
     except OSError as err:
         print(
-            f"error: {err}; the run ended {state} but its status.json could not say so",
+            f"warning: {describe(err)}; the run ended {state} but its status.json could not say so",
             file=sys.stderr,
             flush=True,
         )
