@@ -1,4 +1,4 @@
-"""Evaluate a saved model on the test set: `python eval.py checkpoint=outputs/runs/<run>/best.pt`.
+"""Evaluate a saved model on the test set: `python eval.py checkpoint=outputs/runs/<run>` (its best.pt).
 
 The model, T and dataset are the checkpoint's own (configs/eval.yaml says what the command line may
 change); a 1-bit export (best_1bit.pt) evaluates the same. Writes outputs/evals/<date>_<time>_<6 hex>/
