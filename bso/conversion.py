@@ -315,6 +315,11 @@ def _find_convertible(model: nn.Module):
             synaptic.append((name, module))
         elif isinstance(module, nn.modules.conv._ConvNd | nn.Bilinear):
             raise TypeError(f"cannot convert {label}: bso.convert supports {_SUPPORTED}")
+        elif isinstance(module, nn.RNNBase | nn.MultiheadAttention):
+            raise TypeError(
+                f"cannot convert {label}: its weights would stay full precision and its state "
+                f"outside the presynaptic trace; bso.convert supports {_SUPPORTED}"
+            )
         elif isinstance(module, LIFNode):
             raise ValueError(f"{label} is already a bso neuron")
         elif isinstance(module, sj_neuron.LIFNode) and type(module) is sj_neuron.LIFNode:

@@ -445,3 +445,32 @@ def test_python_train_py_prints_the_one_line_on_stderr(tmp_path):
         timeout=300,
     )
     assert full.returncode == 1 and "Traceback" in full.stderr  # the trace is kept on request
+
+
+# --- the library ------------------------------------------------------------------------------------
+
+
+def test_convert_refuses_a_recurrent_layer_by_name():
+    import bso
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LSTM(4, 4))
+    with pytest.raises(TypeError, match=r"cannot convert 1 \(LSTM\): its weights would stay full"):
+        bso.convert(net)
+
+
+def test_wandb_online_without_network_is_one_line(monkeypatch, tmp_path):
+    import wandb
+
+    from bso.loggers import WandbLogger
+
+    def offline(**kwargs):
+        raise wandb.errors.CommError("failed to reach api.wandb.ai\nretrying ...")
+
+    monkeypatch.setattr(wandb, "init", offline)
+    with pytest.raises(ValueError) as err:
+        WandbLogger(tmp_path, mode="online")
+    assert str(err.value) == (
+        "logger.mode=online: wandb could not start (CommError: failed to reach api.wandb.ai); log in "
+        "(wandb login) and check the network, or use logger.mode=offline (wandb sync uploads it "
+        "later) or logger=none"
+    )
