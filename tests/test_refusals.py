@@ -474,3 +474,18 @@ def test_wandb_online_without_network_is_one_line(monkeypatch, tmp_path):
         "(wandb login) and check the network, or use logger.mode=offline (wandb sync uploads it "
         "later) or logger=none"
     )
+
+
+def test_convert_for_online_training_refuses_a_seq_to_ann_container():
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    import bso
+
+    net = torch.nn.Sequential(
+        layer.SeqToANNContainer(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)),
+        neuron.LIFNode(),
+    )
+    functional.set_step_mode(net, "s")  # what the multi-step refusal suggests: not enough here
+    with pytest.raises(ValueError, match=r"0 is a spikingjelly SeqToANNContainer, which takes"):
+        bso.convert(net, full_precision=())
+    bso.convert(net, trace=None, full_precision=())  # BPTT takes [T, B, ...]: converted
