@@ -145,11 +145,21 @@ def load_weights(model, path, blob: dict, saved: dict | None, cfg: DictConfig) -
         return load_checkpoint(model, path, blob)
     except ValueError as err:
         theirs = (saved or {}).get("model", {})
+        held = (
+            f"{theirs.get('name', '?')} ({theirs.get('_target_', '?')}, layers="
+            f"{theirs.get('layers', '-')}, weights={theirs.get('weights', '?')})"
+        )
+        built = (
+            f"{cfg.model.get('name')} ({cfg.model._target_}, layers={cfg.model.get('layers', '-')}, "
+            f"weights={cfg.model.weights})"
+        )
+        if held == built:  # the same model: the file's weights are not what its config says
+            raise ValueError(
+                f"{path} says it holds model {held}, but its weights do not fit that model: the file "
+                f"is damaged or was changed; use another checkpoint of the run. {err}"
+            ) from err
         raise ValueError(
-            f"{path} holds model {theirs.get('name', '?')} ({theirs.get('_target_', '?')}, "
-            f"layers={theirs.get('layers', '-')}, weights={theirs.get('weights', '?')}), but this run "
-            f"builds model {cfg.model.get('name')} ({cfg.model._target_}, layers="
-            f"{cfg.model.get('layers', '-')}, weights={cfg.model.weights}). {err}"
+            f"{path} holds model {held}, but this run builds model {built}. {err}"
         ) from err
 
 

@@ -489,3 +489,19 @@ def test_convert_for_online_training_refuses_a_seq_to_ann_container():
     with pytest.raises(ValueError, match=r"0 is a spikingjelly SeqToANNContainer, which takes"):
         bso.convert(net, full_precision=())
     bso.convert(net, trace=None, full_precision=())  # BPTT takes [T, B, ...]: converted
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_own_config_is_called_damaged(
+    command, finished, tmp_path
+):
+    blob = torch.load(finished / "best.pt", weights_only=False)
+    key = next(k for k, v in blob["model"].items() if v.dim() == 4)
+    blob["model"][key] = torch.zeros(1)  # no checksum (torch.save): read, then it does not fit
+    torch.save(blob, tmp_path / "edited.pt")
+    code, _, err, left = command("eval", f"checkpoint={tmp_path / 'edited.pt'}")
+    assert code == 1 and left == []
+    assert re.match(
+        rf"{re.escape(str(tmp_path / 'edited.pt'))} says it holds model vgg_tiny \(.*\), but its "
+        r"weights do not fit that model: the file is damaged or was changed",
+        _one_error_line(err),
+    )
