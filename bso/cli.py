@@ -69,31 +69,36 @@ def check_command_line(entry: str, argv: list[str] | None = None) -> None:
     ):
         return
     cfg, message = compose_command_line(argv, "train" if entry == "train" else "eval")
-    message = message or unwritable_log_dir(cfg)
+    message = message or unwritable_log_dir(cfg, argv)
     if message:
         raise SystemExit(f"error: {message}")
 
 
-def unwritable_log_dir(cfg: DictConfig) -> str | None:
-    """Where the command would write (``paths.log_dir``, or the run directory ``resume=`` names)
-    when it cannot be written (a read-only disk, no permission); None when it can."""
+def unwritable_log_dir(cfg: DictConfig, argv: list[str] = ()) -> str | None:
+    """Where the command would write (``paths.log_dir``, ``hydra.run.dir`` / ``hydra.sweep.dir``
+    when the command line sets them, or the run directory ``resume=`` names) when it cannot be
+    written (a read-only disk, no permission); None when it can."""
     targets = []
     for key in ("paths.log_dir", "resume"):
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         if value and value not in ("auto", "latest") and "${" not in str(value):
-            targets.append((key, Path(str(value))))
-    for key, path in targets:
+            targets.append((key, str(value)))
+    for item in argv:
+        key, _, value = item.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            targets.append((key, value.strip("'\"")))
+    for key, value in targets:
+        path = Path(value)
         if key == "resume" and path.is_file():
             path = path.parent
         existing = next((p for p in (path, *path.parents) if p.exists()), None)
         if existing is not None and not os.access(existing, os.W_OK):
             return (
-                f"{key}={OmegaConf.select(cfg, key)}: {existing} cannot be written (a read-only "
-                "disk or no permission); "
+                f"{key}={value}: {existing} cannot be written (a read-only disk or no permission); "
                 + (
-                    "set paths.log_dir=<a writable directory>"
-                    if key == "paths.log_dir"
-                    else "copy the run to a writable place and resume it there"
+                    "copy the run to a writable place and resume it there"
+                    if key == "resume"
+                    else f"set {key}=<a writable directory>"
                 )
             )
     return None
