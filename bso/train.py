@@ -423,25 +423,33 @@ def _run(
         distributed.cleanup(dist, barrier=False)
         raise
     except BaseException as err:
-        _record_status(status, "failed", error=f"{type(err).__name__}: {err}")
+        _record_status(
+            status,
+            "failed",
+            error=f"{type(err).__name__}: {err}",
+            said=str(status.path) in str(err),  # the error is the status write itself
+        )
         distributed.cleanup(dist, barrier=False)
         raise
     distributed.cleanup(dist)
     return record
 
 
-def _record_status(status: RunStatus, state: str, **fields) -> dict:
-    """Write the final status; when even that fails (a full disk), say so in the log."""
+def _record_status(status: RunStatus, state: str, said: bool = False, **fields) -> dict:
+    """Write the final status; when even that fails (a full disk), say so on stderr (unless
+    ``said``: the error that ended the run was that write)."""
     if len(str(fields.get("error") or "")) > 2000:  # status.json stays small (one disk block)
         fields["error"] = str(fields["error"])[:2000] + " ..."
     try:
         return status.write(state, **fields)
     except OSError as err:
-        print(
-            f"warning: {describe(err)}; the run ended {state} but its status.json could not say so",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not said:
+            print(
+                f"warning: {describe(err)}; the run ended {state} but its status.json could not "
+                "say so",
+                file=sys.stderr,
+                flush=True,
+            )
         with contextlib.suppress(OSError, ValueError):
             return {**status.read(), "status": state, **fields} if status.enabled else {}
         return {"status": state, **fields}
