@@ -204,18 +204,13 @@ def _is_record(record: dict) -> bool:
 
 def load_run(run_dir: Path) -> RunRecord:
     """The run in ``run_dir`` (config.yaml, metrics.jsonl, status.json, .hydra/overrides.yaml,
-    run_info.json's model size; each but config.yaml optional; an unreadable optional file or line
-    is skipped with a warning)."""
+    run_info.json's model size; each but config.yaml optional)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     records = read_records(run_dir / "metrics.jsonl")
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    try:
-        overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    except Exception as err:  # noqa: BLE001 - YAML errors have no common base
-        warn(f"{overrides_file}: unreadable ({type(err).__name__}); ignored")
-        overrides = []
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     info = run_dir / "run_info.json"
-    size = ((_read_json(info) if info.is_file() else None) or {}).get("model_size") or {}
+    size = json.loads(info.read_text()).get("model_size", {}) if info.is_file() else {}
     return RunRecord(
         run_dir, cfg, records, _status(run_dir, cfg, records), overrides, size.get("size_mb")
     )
