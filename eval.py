@@ -1,4 +1,4 @@
-"""Evaluate a saved model on the test set: `python eval.py checkpoint=outputs/runs/<run>/best.pt`.
+"""Evaluate a saved model on the test set: `python eval.py checkpoint=outputs/runs/<run>` (its best.pt).
 
 The model, T and dataset are the checkpoint's own (configs/eval.yaml says what the command line may
 change); a 1-bit export (best_1bit.pt) evaluates the same. Writes outputs/evals/<date>_<time>_<6 hex>/
@@ -9,7 +9,7 @@ failed (one `error:` line, e.g. a checkpoint that does not fit the model), 130 i
 import hydra
 from omegaconf import DictConfig
 
-from bso.cli import refuse_old_spellings, run
+from bso.cli import check_command_line, run
 from bso.train import evaluate_checkpoint
 
 
@@ -19,5 +19,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    refuse_old_spellings("eval")
+    check_command_line("eval")
     main()

@@ -10,7 +10,7 @@ the log says).
 import hydra
 from omegaconf import DictConfig
 
-from bso.cli import refuse_old_spellings, run
+from bso.cli import check_command_line, run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -19,5 +19,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    refuse_old_spellings("train")
+    check_command_line("train")
     main()

@@ -1,8 +1,12 @@
 """Checkpoints: the training checkpoint (``last.pt`` / ``best.pt``: everything a run needs to continue
 exactly), and the 1-bit export (``last_1bit.pt`` / ``best_1bit.pt``).
 
-Every file is written atomically (a temporary file, then a rename), so a crash never leaves a
-truncated checkpoint behind.
+Every file is written atomically (a temporary file, flushed to disk, then a rename), so a crash
+never leaves a truncated checkpoint behind, and carries the SHA-256 of its bytes in the zip
+archive's comment (``bso-sha256:<hex>``, written into the temporary file before the rename), so a
+file damaged afterwards (a disk or copy error) is refused by name instead of loading wrong weights.
+The files stay plain ``torch.save`` archives: ``torch.load`` reads them as they are. A file without
+the comment (written by ``torch.save`` directly) is read without the check.
 
 The 1-bit export stores every binary (or latent) synaptic weight as its signs, bit-packed 8 per byte
 (:mod:`bso.bits`: numpy's ``packbits`` order, most significant bit first, bit 1 = +1), and every
@@ -13,6 +17,8 @@ outputs are bit-identical (latent weights come back as +-1, which has the same s
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import pickle
 import shutil
@@ -29,17 +35,91 @@ FORMAT = "bso-1bit-v1"
 TRAIN_FORMAT = "bso-train-v1"
 
 
+CHECKSUM_TAG = b"bso-sha256:"
+_COMMENT_LEN = len(CHECKSUM_TAG) + 64
+_EOCD = b"PK\x05\x06"  # the zip archive's end record: 22 bytes, then the comment
+_CHUNK = 1 << 22
+
+
+def _sha256(f, size: int) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    while size > 0:
+        chunk = f.read(min(_CHUNK, size))
+        if not chunk:
+            break
+        digest.update(chunk)
+        size -= len(chunk)
+    return digest.hexdigest()
+
+
+def seal(path: str | Path) -> None:
+    """Write the SHA-256 of ``path`` (a ``torch.save`` zip archive without a comment) into its
+    comment and flush it to disk; the digest covers every byte before the comment's length."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 22)
+        end = f.read(22)
+        if end[:4] != _EOCD or end[20:] != b"\0\0":
+            raise ValueError(f"{path} is not a torch.save zip archive without a comment")
+        comment = CHECKSUM_TAG + _sha256(f, size - 2).encode()
+        f.seek(size - 2)
+        f.write(len(comment).to_bytes(2, "little") + comment)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(path: str | Path) -> bool:
+    """True when ``path`` carries a checksum that matches its bytes, False when it carries none;
+    a mismatch raises ValueError naming the file and what to do."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < 22 + _COMMENT_LEN:
+            return False
+        f.seek(size - 22 - _COMMENT_LEN)
+        end = f.read(22 + _COMMENT_LEN)
+        if end[:4] != _EOCD or not end[22:].startswith(CHECKSUM_TAG):
+            return False
+        if int.from_bytes(end[20:22], "little") != _COMMENT_LEN:
+            return False
+        if _sha256(f, size - _COMMENT_LEN - 2) != end[22 + len(CHECKSUM_TAG) :].decode("ascii"):
+            raise ValueError(
+                f"{path} is damaged: its bytes no longer match the checksum written with it (a disk "
+                "or copy error changed it). Use the run's other checkpoint (best.pt / last.pt, "
+                "e.g. resume=<run dir>/best.pt continues from the best epoch) or copy the file again"
+            )
+    return True
+
+
 def save_atomic(obj, path: str | Path) -> int:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """``torch.save`` to a temporary file beside ``path``, its checksum (:func:`seal`), then a
+    rename over ``path``. A failed write (a full disk) raises OSError naming ``path`` and leaves
+    ``path`` as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
+            raise _write_error(path, err) from err
+        seal(tmp)
         os.replace(tmp, path)
     except BaseException:  # a full disk, a kill: no partial temp file stays behind
         tmp.unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+def _write_error(path: Path, err: BaseException) -> OSError:
+    free = shutil.disk_usage(path.parent).free
+    full = free < (1 << 20)
+    return OSError(
+        errno.ENOSPC if full else errno.EIO,
+        f"could not write {path}: {str(err).strip().splitlines()[0]}"
+        + (
+            f" (the disk is full: {free} bytes free; free space and resume the run)" if full else ""
+        ),
+    )
 
 
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
@@ -48,6 +128,8 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -59,10 +141,11 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"checkpoint {path} not found; pass a run directory or its last.pt / best.pt / "
-            "last_1bit.pt / best_1bit.pt"
+            f"checkpoint {path} not found; give a run's last.pt / best.pt / last_1bit.pt / "
+            "best_1bit.pt (eval.py also takes the run directory)"
         )
     try:
+        verify(path)
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(

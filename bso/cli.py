@@ -9,14 +9,20 @@ the configs shipped in the package, writing under ``./outputs`` of the current d
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+import os
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bso.configs_path import config_dir
+from bso.rundir import hydra_value
 
 # importing bso.train registers the config resolvers
 from bso.train import RunDiverged, RunInterrupted, evaluate_checkpoint, user_error
@@ -31,6 +37,7 @@ def run(cfg: DictConfig, task: Callable[[DictConfig], dict] = run_training) -> f
     Exit status: 0 done (or, with resume=auto, already done), 1 refused or failed (one ``error:``
     line; HYDRA_FULL_ERROR=1 shows the traceback), 3 diverged, 130 interrupted (resume it as the
     log says)."""
+    logging.raiseExceptions = False  # a full disk under train.log: no "--- Logging error ---" dumps
     try:
         return task(cfg).get("test/acc1", math.nan)  # nan: a skipped finished job
     except (RunInterrupted, KeyboardInterrupt):  # the run logged how to resume it
@@ -43,13 +50,207 @@ def run(cfg: DictConfig, task: Callable[[DictConfig], dict] = run_training) -> f
         sys.exit(1)  # user_error logged it (once, on rank 0 under torchrun)
 
 
-def refuse_old_spellings(entry: str, argv: list[str] | None = None) -> None:
-    """Before Hydra parses the command line: a key or option that is spelled differently now
-    (``optimizer.other.lr=...``, ``model=for_cifar10``, ``engine.eval_only=true``) ends the command
-    with one ``error:`` line that gives the spelling to use (exit status 1)."""
-    message = old_spelling(sys.argv[1:] if argv is None else argv, entry)
+HYDRA_FLAGS_WITHOUT_A_RUN = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i")
+
+
+def check_command_line(entry: str, argv: list[str] | None = None) -> None:
+    """Before Hydra parses the command line: a key or option spelled the old way
+    (``optimizer.other.lr=...``, ``model=for_cifar10``), an option no config group has
+    (``dataset=cifar11``), a key the config lacks (``engine.Tt=4``) and any other composition error
+    end the command with one ``error:`` line on stderr (exit status 1) that lists the valid options
+    or keys, before Hydra creates any directory. ``HYDRA_FULL_ERROR=1`` leaves composition errors
+    to Hydra (its full trace)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    message = old_spelling(argv, entry)
     if message:
         raise SystemExit(f"error: {message}")
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
+        a.split("=")[0] in HYDRA_FLAGS_WITHOUT_A_RUN or a.startswith("--shell") for a in argv
+    ):
+        return
+    cfg, message = compose_command_line(argv, "train" if entry == "train" else "eval")
+    message = message or unwritable_log_dir(cfg, argv)
+    if message:
+        raise SystemExit(f"error: {message}")
+
+
+def unwritable_log_dir(cfg: DictConfig, argv: list[str] = ()) -> str | None:
+    """Where the command would write (``paths.log_dir``, ``hydra.run.dir`` / ``hydra.sweep.dir``
+    when the command line sets them, or the run directory ``resume=`` names) when it cannot be
+    written (a read-only disk, no permission); None when it can."""
+    targets = []
+    for key in ("paths.log_dir", "resume"):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if value and value not in ("auto", "latest") and "${" not in str(value):
+            targets.append((key, str(value)))
+    for item in argv:
+        key, _, value = item.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            targets.append((key, value.strip("'\"")))
+    for key, value in targets:
+        path = Path(value)
+        if key == "resume" and path.is_file():
+            path = path.parent
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            return (
+                f"{key}={value}: {existing} cannot be written (a read-only disk or no permission); "
+                + (
+                    "copy the run to a writable place and resume it there"
+                    if key == "resume"
+                    else f"set {key}=<a writable directory>"
+                )
+            )
+    return None
+
+
+def _expand(argv: list[str]) -> tuple[list[str], str | None]:
+    """The overrides of ``argv`` with each sweep reduced to one value (the first), and every value of
+    the group sweeps as extra compositions' overrides; or an error message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    items = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+    except HydraException as err:
+        return [], _one_line(str(err))
+    overrides = []
+    for item, override in zip(items, parsed, strict=True):
+        if not override.is_sweep_override():
+            overrides.append(item)
+            continue
+        if not multirun:
+            return [], (
+                f"{item} sweeps over several values: add -m (--multirun) to run one job per value, "
+                "or give one value"
+            )
+        values = list(override.sweep_string_iterator())
+        key = override.get_key_element()
+        overrides.append(f"{key}={hydra_value(values[0])}" if values else item)
+    return overrides, None
+
+
+def _group_sweeps(argv: list[str]) -> list[list[str]]:
+    """For ``-m dataset=a,b``: ``[[dataset=b]]``, one more composition per further group option."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.relative_to(config_dir()).as_posix() for p in config_dir().rglob("*") if p.is_dir()}
+    items = [a for a in argv if not a.startswith("-")]
+    extra = []
+    for override in OverridesParser.create().parse_overrides(items):
+        if override.is_sweep_override() and override.key_or_group in groups:
+            key = override.get_key_element()
+            extra += [[f"{key}={v}"] for v in list(override.sweep_string_iterator())[1:]]
+    return extra
+
+
+def compose_command_line(
+    argv: list[str], config_name: str = "train"
+) -> tuple[DictConfig | None, str | None]:
+    """``config_name`` composed with the command line ``argv`` (sweeps: each group option, the first
+    value of the rest): (the config, None), or (None, what is wrong as one line)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bso.compose import compose_configs
+
+    overrides, message = _expand(argv)
+    if message:
+        return None, message
+    try:
+        (cfg,) = compose_configs([overrides], config_name)
+        for extra in _group_sweeps(argv):
+            compose_configs([[*overrides, *extra]], config_name)
+    except (HydraException, OmegaConfBaseException) as err:
+        return None, _explain(err, overrides, config_name)
+    return cfg, None
+
+
+def visible_options(options) -> list[str]:
+    """A config group's options as users see them: files named ``_*`` are internal (included by
+    other files of the group, e.g. ``model/_spiking``)."""
+    return sorted(o for o in options if not o.split("/")[-1].startswith("_"))
+
+
+def _explain(err: Exception, overrides: list[str], config_name: str) -> str:
+    from hydra.errors import MissingConfigException
+
+    from bso.compose import compose_configs
+
+    text = str(err)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        where = re.match(r"In '([^']+)'", text)
+        given = any(o.lstrip("+~").split("=")[0] in (group, f"/{group}") for o in overrides)
+        head = f"{group}={name}"
+        if not given:  # a defaults list names it
+            head = f"configs/{where.group(1) if where else config_name}.yaml selects {head}"
+        options = visible_options(err.options or [])
+        return (
+            f"{head}: configs/{group}/ has no option {name}"
+            + (f"; choose one of: {', '.join(options)}" if options else "")
+            + (
+                f" (did you mean {group}={close[0]}?)"
+                if (close := difflib.get_close_matches(name, options, 1))
+                else ""
+            )
+        )
+    unknown = re.match(r"Could not (?:override|delete from config\.) '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        rest = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
+        item = next((o for o in overrides if o.lstrip("+~").split("=")[0] == key), key)
+        try:
+            (cfg,) = compose_configs([rest], config_name)
+        except Exception:  # noqa: BLE001 - another override fails too: Hydra's first line
+            cfg = None
+        if cfg is not None:
+            return f"{item}: {_missing_key(cfg, key)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if "HYDRA_FULL_ERROR" not in line and "provider=" not in line]
+    return _one_line(" ".join(lines)) + " (HYDRA_FULL_ERROR=1 shows Hydra's full message)"
+
+
+def _missing_key(cfg: DictConfig, key: str) -> str:
+    """Why ``key`` is not in ``cfg``, with the keys its closest existing parent has."""
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth > 0 and not isinstance(OmegaConf.select(cfg, ".".join(parts[:depth])), DictConfig):
+        depth -= 1
+    parent = ".".join(parts[:depth])
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = sorted(str(k) for k in node.keys() if k not in ("_target_", "hydra"))
+    full = [f"{parent}.{k}" if parent else k for k in keys]
+    close = difflib.get_close_matches(key, full, n=2, cutoff=0.6)
+    return (
+        f"{parent or 'the config'} has no key {parts[depth]}"
+        + (f" (did you mean {' or '.join(close)}?)" if close else "")
+        + f"; its keys: {', '.join(keys)}"
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def config_groups_help() -> str:
+    """``--help``'s list of config groups and their options (configs/hydra/default.yaml's help
+    template), without Hydra's own groups and the internal ``_*`` files."""
+    from bso.validate import config_dirs
+
+    groups: dict[str, set[str]] = {}
+    for root in config_dirs():
+        for path in root.rglob("*.yaml"):
+            group = path.parent.relative_to(root).as_posix()
+            if group != "." and group.split("/")[0] != "hydra":
+                groups.setdefault(group, set()).add(path.stem)
+    return "\n".join(f"{g}: {', '.join(visible_options(o))}" for g, o in sorted(groups.items()))
+
+
+if not OmegaConf.has_resolver("bso_config_groups"):
+    OmegaConf.register_new_resolver("bso_config_groups", config_groups_help)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
@@ -64,11 +265,11 @@ def _evaluate(cfg: DictConfig) -> float:
 
 def train() -> None:
     """``bso-train``: train a binary spiking network (``bso-train --help`` lists the configs)."""
-    refuse_old_spellings("train")
+    check_command_line("train")
     _train()
 
 
 def evaluate() -> None:
     """``bso-eval checkpoint=<path>``: a saved model's test-set metrics (configs/eval.yaml)."""
-    refuse_old_spellings("eval")
+    check_command_line("eval")
     _evaluate()

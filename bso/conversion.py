@@ -49,6 +49,13 @@ TRACE_TRANSPARENT = (
     nn.AdaptiveMaxPool2d,
 )
 DROPOUTS = (nn.modules.dropout._DropoutNd, sj_layer.Dropout)
+# spikingjelly containers that fold [T, B, ...] into one call, whatever set_step_mode says
+MULTI_STEP_CONTAINERS = (
+    sj_layer.SeqToANNContainer,
+    sj_layer.MultiStepContainer,
+    sj_layer.TLastMultiStepContainer,
+    sj_layer.TLastSeqToANNContainer,
+)
 _SUPPORTED = (
     "nn.Conv2d and nn.Linear (spikingjelly's layer.Conv2d / layer.Linear), spikingjelly's LIFNode"
 )
@@ -260,6 +267,15 @@ def convert(
             f"{type(model).__name__} full precision: no binary weights would remain"
         )
     if trace is not None:
+        fixed = [(n, m) for n, m in model.named_modules() if isinstance(m, MULTI_STEP_CONTAINERS)]
+        if fixed:
+            name, module = fixed[0]
+            raise ValueError(
+                f"online training (trace={trace!r}) runs one time step per forward pass, but "
+                f"{name or '<root>'} is a spikingjelly {type(module).__name__}, which takes "
+                "[T, B, ...] whatever the step mode: put its modules in an nn.Sequential instead, "
+                "or convert with trace=None to train with BPTT"
+            )
         multi = [n for n, m in model.named_modules() if getattr(m, "step_mode", "s") == "m"]
         if multi:
             raise ValueError(
@@ -315,6 +331,11 @@ def _find_convertible(model: nn.Module):
             synaptic.append((name, module))
         elif isinstance(module, nn.modules.conv._ConvNd | nn.Bilinear):
             raise TypeError(f"cannot convert {label}: bso.convert supports {_SUPPORTED}")
+        elif isinstance(module, nn.RNNBase | nn.MultiheadAttention):
+            raise TypeError(
+                f"cannot convert {label}: its weights would stay full precision and its state "
+                f"outside the presynaptic trace; bso.convert supports {_SUPPORTED}"
+            )
         elif isinstance(module, LIFNode):
             raise ValueError(f"{label} is already a bso neuron")
         elif isinstance(module, sj_neuron.LIFNode) and type(module) is sj_neuron.LIFNode:

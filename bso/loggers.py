@@ -42,18 +42,26 @@ class WandbLogger:
             raise ValueError(f"unknown logger.mode={mode!r}; choose one of {WANDB_MODES}")
         import wandb
 
-        self.run = wandb.init(
-            project=project,
-            entity=entity,
-            group=group,
-            name=name,
-            tags=list(tags),
-            mode=mode,
-            dir=str(run_dir),
-            config=run_config,
-            id=run_id,
-            resume="allow" if run_id else None,
-        )
+        try:
+            self.run = wandb.init(
+                project=project,
+                entity=entity,
+                group=group,
+                name=name,
+                tags=list(tags),
+                mode=mode,
+                dir=str(run_dir),
+                config=run_config,
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+        except wandb.errors.Error as err:  # no network, no login: one line, not wandb's trace
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"logger.mode={mode}: wandb could not start ({type(err).__name__}: {first}); log in "
+                "(wandb login) and check the network, or use logger.mode=offline (wandb sync "
+                "uploads it later) or logger=none"
+            ) from err
         self.run_id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:

@@ -177,19 +177,43 @@ class RunStatus:
     def write(self, status: str, **fields) -> dict:
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}; one of {STATUSES}")
-        record = {**self.read(), **fields, "status": status, "updated": _now()}
+        try:
+            previous = self.read()
+        except ValueError:  # an unreadable status.json (cut short, garbage): replaced
+            previous = {}
+        record = {**previous, **fields, "status": status, "updated": _now()}
         self._record = record
         if not self.enabled:
             return record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(".status.json.tmp")
+        text = json.dumps(record, indent=2)
         try:
-            tmp.write_text(json.dumps(record, indent=2))
+            with tmp.open("w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except OSError:
+        except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise
+            if not self._write_in_place(text):
+                raise OSError(err.errno, f"could not write {self.path}: {err.strerror}") from err
         return record
+
+    def _write_in_place(self, text: str) -> bool:
+        """A full disk has no block for a new file, but the old status.json has its own: overwrite
+        it in place (the status stays one small file; not atomic, the last resort)."""
+        if not self.path.is_file() or len(text.encode()) > 4096:
+            return False
+        try:
+            with self.path.open("r+") as f:
+                f.write(text)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            return False
+        return True
 
 
 def _now() -> str:
@@ -256,9 +280,46 @@ def hydra_subdir_resolver(resume: str | None, run_dir: str | None = None) -> str
         if resume in (None, "", "auto") and not (run_dir and (Path(run_dir) / ".hydra").exists()):
             _SUBDIRS[key] = ".hydra"
         else:
-            kind = "resume" if resume else kind
-            _SUBDIRS[key] = f".hydra/{kind}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+            kind = "resume" if resume else kind  # the hex: two commands in the same second
+            _SUBDIRS[key] = (
+                f".hydra/{kind}_{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(2)}"
+            )
     return _SUBDIRS[key]
+
+
+def _sweep_overrides(argv: list[str]) -> list[str]:
+    """What identifies a sweep on its command line: the overrides but resume= and hydra.sweep.dir=."""
+    return sorted(
+        a
+        for a in argv
+        if not a.startswith("-") and not a.lstrip("+~").startswith(("resume=", "hydra.sweep.dir="))
+    )
+
+
+def previous_sweep(log_dir: str | Path, argv: list[str]) -> Path | None:
+    """The newest sweep directory under ``<log_dir>/multirun`` whose command line
+    (``multirun.yaml``'s overrides) was ``argv``'s, resume= and hydra.sweep.dir= aside."""
+    wanted = _sweep_overrides(argv)
+    found = []
+    for saved in Path(log_dir).glob("multirun/*/multirun.yaml"):
+        try:
+            task = OmegaConf.load(saved).hydra.overrides.task
+        except Exception:  # noqa: BLE001 - an unreadable sweep record is not this sweep
+            continue
+        if _sweep_overrides([str(item) for item in task]) == wanted:
+            found.append(saved.parent)
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def sweep_dir_resolver(log_dir: str, resume: str | None) -> str:
+    """``hydra.sweep.dir``: ``<log_dir>/multirun/<date>_<time>``; with ``resume=auto``, the previous
+    sweep of the same command line if there is one, so that a relaunched sweep (a requeue, a
+    crashed launcher) finds its jobs' run directories and continues them."""
+    if resume == "auto":
+        previous = previous_sweep(log_dir, sys.argv[1:])
+        if previous is not None:
+            return str(previous)
+    return f"{log_dir}/multirun/{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
 def hydra_subdir_used() -> str | None:
@@ -274,6 +335,7 @@ def register_resolvers() -> None:
     for name, fn in (
         ("bso_run_dir", run_dir_resolver),
         ("bso_hydra_subdir", hydra_subdir_resolver),
+        ("bso_sweep_dir", sweep_dir_resolver),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -54,20 +54,36 @@ def holds_a_run(run_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (run_dir / name).exists()]
 
 
-def claim(run_dir: Path, overwrite: bool, hydra_subdir: str | None = None) -> None:
+def claim(
+    run_dir: Path, overwrite: bool, hydra_subdir: str | None = None, reason: str = "overwrite=true"
+) -> None:
     """A fresh run in ``run_dir``: refuse the directory of another run unless ``overwrite``
-    (``hydra_subdir``: where Hydra put this command's files, moved up to ``.hydra/`` then)."""
+    (``hydra_subdir``: where Hydra put this command's files, moved up to ``.hydra/`` then;
+    ``reason``: why the old files go, for the log)."""
     found = holds_a_run(run_dir)
     if not found:
         return
     if not overwrite:
         status = _read_status(run_dir)
+        if (run_dir / "last.pt").is_file():
+            how = (
+                f"Continue it with {resume_command(run_dir)} (resume=auto does the same for "
+                "requeued jobs), choose another hydra.run.dir, or pass overwrite=true to delete its "
+                "files and start afresh"
+            )
+        else:
+            how = (
+                "It has no last.pt to continue from (it stopped before its first epoch ended, or "
+                "saved none): pass overwrite=true (or resume=auto) to delete its files and start "
+                "it afresh, or choose another hydra.run.dir"
+            )
         raise RunRefused(
-            f"{run_dir} already holds a run ({status or 'no status'}; {', '.join(found)}). "
-            f"Continue it with {resume_command(run_dir)} (resume=auto does the same for requeued jobs), "
-            "choose another hydra.run.dir, or pass overwrite=true to delete its files and start afresh"
+            f"{run_dir} already holds a run ({status or 'no status'}; {', '.join(found)}). {how}"
         )
-    log.warning(f"overwrite=true: deleting the run files of {run_dir} ({', '.join(found)})")
+    for name in HYDRA_FILES[1:]:  # the old run's log (appended to by this command's handler)
+        if (run_dir / name).is_file():
+            os.truncate(run_dir / name, 0)
+    log.warning(f"{reason}: deleting the run files of {run_dir} ({', '.join(found)})")
     for name in found:
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "wandb", ignore_errors=True)
@@ -192,21 +208,51 @@ class RunLock:
         self.release()
 
 
-def discard_refused(hydra_dir: Path | None, subdir: str | None = None) -> None:
+def log_sizes() -> dict[str, int]:
+    """The size of each log file the root logger writes to (Hydra's ``train.log``), so that a
+    refused command can take its lines out of an existing run's log (:func:`discard_refused`)."""
+    sizes = {}
+    for handler in logging.getLogger().handlers:
+        path = getattr(handler, "baseFilename", None)
+        if path:
+            with contextlib.suppress(OSError):
+                sizes[path] = os.path.getsize(path)
+    return sizes
+
+
+def discard_refused(
+    hydra_dir: Path | None, subdir: str | None = None, sizes: dict[str, int] | None = None
+) -> None:
     """Remove what Hydra made for a refused command: a run directory holding nothing but Hydra's
     own files, or (a command in an existing run directory) its own ``.hydra/<kind>_<time>``
-    folder ``subdir``."""
+    folder ``subdir`` and its lines in the run's log (``sizes``: :func:`log_sizes` before them)."""
     if hydra_dir is None or not hydra_dir.is_dir():
         return
+    root = logging.getLogger()
+    inside = str(hydra_dir.resolve()) + os.sep
+    for handler in list(root.handlers):  # the log stays as it was: no line of a refused command
+        path = str(getattr(handler, "baseFilename", ""))
+        if path.startswith(inside):
+            handler.close()
+            root.removeHandler(handler)
+            size = (sizes or {}).get(path, 0)
+            with contextlib.suppress(OSError):
+                if size:
+                    os.truncate(path, size)
+                else:
+                    os.unlink(path)
     if {p.name for p in hydra_dir.iterdir()} <= set(HYDRA_FILES):
-        root = logging.getLogger()
-        for handler in list(root.handlers):  # train.log is about to go
-            if str(getattr(handler, "baseFilename", "")).startswith(str(hydra_dir.resolve())):
-                handler.close()
-                root.removeHandler(handler)
         shutil.rmtree(hydra_dir, ignore_errors=True)
+        for parent in list(hydra_dir.resolve().parents)[
+            :2
+        ]:  # runs/ and the log dir, if it made them
+            if parent == Path.cwd() or any(parent.iterdir()):
+                break
+            parent.rmdir()
     elif subdir and subdir.startswith(".hydra/"):
         shutil.rmtree(hydra_dir / subdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # .hydra itself when this command made it
+            (hydra_dir / ".hydra").rmdir()
 
 
 def hydra_value(text: str) -> str:

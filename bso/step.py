@@ -87,12 +87,6 @@ def _check(model: nn.Module, optimizer, t: int, T: int) -> None:
             f"online_step needs a bso.CaseOptimizer (BSO / T-BSO for the +-1 weights plus a default "
             f"optimizer for the rest), got {type(optimizer).__name__}"
         )
-    binary = optimizer.binary
-    if isinstance(binary, TBSO) and binary.num_steps != int(T):
-        raise ValueError(
-            f"the T-BSO optimizer keeps num_steps={binary.num_steps} second moments per layer, but "
-            f"online_step was given T={T}: build it with bso.TBSO(params, num_steps={T})"
-        )
     neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
     if not neurons:
         raise ValueError(
@@ -105,6 +99,12 @@ def _check(model: nn.Module, optimizer, t: int, T: int) -> None:
         raise ValueError(
             f"{type(model).__name__}'s neurons are set up for BPTT (no presynaptic trace): convert "
             "the model with a trace for online training, bso.convert(model, trace='ndot')"
+        )
+    binary = optimizer.binary
+    if isinstance(binary, TBSO) and binary.num_steps != int(T):
+        raise ValueError(
+            f"the T-BSO optimizer keeps num_steps={binary.num_steps} second moments per layer, but "
+            f"online_step was given T={T}: build it with bso.TBSO(params, num_steps={T})"
         )
     model_weights = {id(p) for _, p in named_binary_parameters(model)}
     if model_weights != {id(p) for p in binary.binary_weights()}:

@@ -8,11 +8,13 @@ and :mod:`bso.distributed` (torchrun) keep the loop short.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from bso.checkpoint import (
     read_checkpoint,
     save_atomic,
 )
-from bso.data import build_dataloaders, start_epoch
+from bso.data import build_dataloaders, build_datasets, input_shape, start_epoch
+from bso.data.errors import DataError
 from bso.divergence import FiniteCheck, RunDiverged
 from bso.engine import EpochTally, evaluate
 from bso.loggers import NullLogger
@@ -45,6 +48,7 @@ from bso.metrics.memory import (
 )
 from bso.metrics.snn import counter_for  # firing rates, SOPs, energy on the test set
 from bso.models import model_size
+from bso.neurons import reset_neurons
 from bso.optim import build_optimizer
 from bso.resume import (
     AlreadyCompleted,
@@ -115,10 +119,23 @@ class Schedules:
 
 
 def build_model(cfg: DictConfig, device: torch.device):
-    model = instantiate(cfg.model).to(device)
-    engine = instantiate(cfg.engine)
+    model = _instantiate(cfg, "model").to(device)
+    engine = _instantiate(cfg, "engine")
     engine.prepare(model)
     return model, engine
+
+
+def _instantiate(cfg: DictConfig, key: str, **kwargs):
+    """``instantiate(cfg.<key>)``; a constructor that refuses its arguments raises ConfigError with
+    the constructor's own message (Hydra's InstantiationException wraps it in several lines)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        text = str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
+        raise ConfigError(f"{key} ({cfg[key].get('_target_')}): {text}") from err
 
 
 def load_weights(model, path, blob: dict, saved: dict | None, cfg: DictConfig) -> dict:
@@ -128,11 +145,21 @@ def load_weights(model, path, blob: dict, saved: dict | None, cfg: DictConfig) -
         return load_checkpoint(model, path, blob)
     except ValueError as err:
         theirs = (saved or {}).get("model", {})
+        held = (
+            f"{theirs.get('name', '?')} ({theirs.get('_target_', '?')}, layers="
+            f"{theirs.get('layers', '-')}, weights={theirs.get('weights', '?')})"
+        )
+        built = (
+            f"{cfg.model.get('name')} ({cfg.model._target_}, layers={cfg.model.get('layers', '-')}, "
+            f"weights={cfg.model.weights})"
+        )
+        if held == built:  # the same model: the file's weights are not what its config says
+            raise ValueError(
+                f"{path} says it holds model {held}, but its weights do not fit that model: the file "
+                f"is damaged or was changed; use another checkpoint of the run. {err}"
+            ) from err
         raise ValueError(
-            f"{path} holds model {theirs.get('name', '?')} ({theirs.get('_target_', '?')}, "
-            f"layers={theirs.get('layers', '-')}, weights={theirs.get('weights', '?')}), but this run "
-            f"builds model {cfg.model.get('name')} ({cfg.model._target_}, layers="
-            f"{cfg.model.get('layers', '-')}, weights={cfg.model.weights}). {err}"
+            f"{path} holds model {held}, but this run builds model {built}. {err}"
         ) from err
 
 
@@ -161,8 +188,11 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> 
 
 
 def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) -> dict:
-    """Everything that can refuse the command, then ``job`` in its run directory."""
+    """Everything that can refuse the command (:func:`preflight`), then ``job`` in its run
+    directory. A refusal leaves no trace: the directory Hydra made for the command is removed and an
+    existing run's files are untouched."""
     overrides = command_line_overrides() if overrides is None else list(overrides)
+    sizes = rundir.log_sizes()  # a refusal takes its lines out of an existing run's log
     hydra_dir = Path(
         cfg.paths.output_dir
     )  # what Hydra made for this command (rank > 0: a temp dir)
@@ -189,50 +219,151 @@ def _start(cfg: DictConfig, overrides: list[str] | None, job, evaluating: bool) 
             )
             cfg = config_for_weights(cfg, saved, overrides, weights_from, evaluate=evaluating)
             weights = (blob, saved)
-            model, _ = build_model(cfg, torch.device("cpu"))  # another architecture: refused now
-            load_weights(model, weights_from, blob, saved, cfg)
-            del model
+        datasets = preflight(cfg, checkpoint, weights, evaluating, env)
         lock = RunLock(run_dir, enabled=main_rank).acquire()  # one live process per run directory
         if checkpoint is None and main_rank:
+            restart = _restart_allowed(cfg, run_dir)
             rundir.claim(
                 run_dir,
-                overwrite=bool(cfg.get("overwrite")) or _restart_allowed(cfg, run_dir),
+                overwrite=bool(cfg.get("overwrite")) or restart,
                 hydra_subdir=hydra_subdir_used(),
+                reason="overwrite=true"
+                if cfg.get("overwrite")
+                else "resume=auto and no checkpoint to continue from",
             )
     except AlreadyCompleted as done:  # a relaunched sweep: this job finished before
         log.info(f"{done}; skipping")
-        _discard(hydra_dir, main_rank)
+        _discard(hydra_dir, main_rank, sizes)
         return done.record
     except BaseException:
         if lock is not None:
             lock.release()
-        _discard(hydra_dir, main_rank)
+        _discard(hydra_dir, main_rank, sizes)
         raise
     try:
-        return _run(cfg, job, run_dir, checkpoint, hydra_dir, weights)
+        return _run(cfg, job, run_dir, checkpoint, hydra_dir, weights, datasets)
     finally:
         lock.release()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """No info lines while :func:`preflight` builds a throwaway model (the run logs its own)."""
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def preflight(cfg: DictConfig, checkpoint: dict | None, weights, evaluating: bool, env) -> tuple:
+    """What would make the run fail in its first seconds, decided before its directory is claimed:
+    the device, ``dataset.epochs``, the model, engine and optimizers the config builds (impossible
+    combinations raise here), whether the checkpoint's weights fit that model, whether the model
+    takes the dataset's input (one sample, one time step, on the CPU: a too-small input for the
+    architecture), and the data itself (missing or unreadable files). Returns the (training, test)
+    datasets, which the run then uses."""
+    try:
+        distributed.resolve_device(str(cfg.device), env["local_rank"] if env else 0)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+    if not evaluating and int(cfg.dataset.epochs) < 1:
+        raise ConfigError(
+            f"dataset.epochs must be >= 1 to train, got {cfg.dataset.epochs} "
+            "(python eval.py checkpoint=... evaluates a saved model without training)"
+        )
+    cpu = torch.device("cpu")
+    with _quiet():
+        model, engine = build_model(cfg, cpu)
+        if weights is not None:
+            load_weights(model, cfg.get("checkpoint") or cfg.get("init_from"), *weights, cfg)
+        if checkpoint is not None:
+            load_weights(model, cfg.resume, checkpoint, checkpoint.get("config"), cfg)
+        if not evaluating:
+            Schedules(build_optimizer(model, cfg.optimizer), cfg.optimizer, int(cfg.dataset.epochs))
+    check_input_fits(model, cfg)
+    del model, engine
+    try:
+        return build_datasets(cfg.dataset)
+    except DataError as err:
+        raise ConfigError(str(err)) from err
+
+
+def check_input_fits(model: torch.nn.Module, cfg: DictConfig) -> None:
+    """One time step of two samples of the dataset's input shape through ``model`` (no gradients,
+    evaluation mode): an input too small for the architecture (``model=resnet18 dataset=digits``)
+    raises ConfigError here instead of in the first training step."""
+    shape = input_shape(cfg.dataset)
+    if shape is None:
+        return
+    model.eval()
+    reset_neurons(model)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *shape))
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[0]
+        name, dataset = cfg.model.get("name"), cfg.dataset.get("name")
+        raise ConfigError(
+            f"model={name} does not take dataset={dataset}'s input ({shape[0]} x {shape[1]} x "
+            f"{shape[2]} per time step): {detail}. Pick a model made for this input (leave model= "
+            f"out for the dataset's own) or a dataset of the size the model expects"
+        ) from None
+    finally:
+        reset_neurons(model)
+
+
+EVAL_CHOICES = ("best.pt", "last.pt", "best_1bit.pt", "last_1bit.pt")
+
+
 def _checkpoint_to_evaluate(cfg: DictConfig) -> str:
+    """``checkpoint=``: a checkpoint file, or a run directory (its best.pt, else last.pt, else a
+    1-bit export)."""
+    command = "bso-eval" if Path(sys.argv[0]).name == "bso-eval" else "python eval.py"
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
         raise ConfigError(
-            "eval.py needs checkpoint=<a run's best.pt or last.pt, or a *_1bit.pt export>, "
-            "e.g. python eval.py checkpoint=outputs/runs/<run>/best.pt"
+            f"{command} needs checkpoint=<a run directory, its best.pt or last.pt, or a *_1bit.pt "
+            f"export>, e.g. {command} checkpoint=outputs/runs/<run>"
         )
-    return str(cfg.checkpoint)
+    path = Path(str(cfg.checkpoint))
+    if path.is_dir():
+        found = [path / name for name in EVAL_CHOICES if (path / name).is_file()]
+        if not found:
+            raise ConfigError(
+                f"checkpoint={path}: the directory holds none of {', '.join(EVAL_CHOICES)} (a run "
+                "that stopped before its first epoch ended, or not a run directory)"
+            )
+        path = found[0]
+        log.info(f"checkpoint={cfg.checkpoint}: evaluating {path}")
+    cfg.checkpoint = str(path)
+    return str(path)
+
+
+def describe(err: BaseException) -> str:
+    """``err``'s message on one line (an OSError bso raised: without its ``[Errno N]``)."""
+    text = str(err)
+    if isinstance(err, OSError) and err.strerror and err.filename is None:
+        text = err.strerror
+    return " ".join(text.split())
 
 
 def user_error(err: BaseException) -> bool:
-    """Log a user's mistake (a refused command, a bad value, a missing file, a checkpoint that does
-    not fit) as one ``error:`` line, on rank 0 only under torchrun; False for anything else (a bug
+    """Print a user's mistake (a refused command, a bad value, a missing or unreadable file, a
+    checkpoint that does not fit, a full disk) as one ``error:`` line on stderr (and in the run's
+    log file, when there is one), on rank 0 only under torchrun; False for anything else (a bug
     keeps its traceback). ``HYDRA_FULL_ERROR=1`` keeps tracebacks for everything."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return False
-    if not isinstance(err, (RunRefused, ConfigError, ValueError, OSError, RunDiverged)):
+    if not isinstance(err, (RunRefused, ConfigError, ValueError, OSError, RunDiverged, DataError)):
         return False
     if distributed.is_main() and (distributed.torchrun_env() or {"rank": 0})["rank"] == 0:
-        log.error(f"error: {err}")
+        line = "error: " + describe(err)
+        print(line, file=sys.stderr, flush=True)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+        for handler in logging.getLogger().handlers:  # the log file; the console has it already
+            if isinstance(handler, logging.FileHandler):
+                with contextlib.suppress(Exception):
+                    handler.handle(record)
     return True
 
 
@@ -242,15 +373,18 @@ def _restart_allowed(cfg: DictConfig, run_dir: Path) -> bool:
     return cfg.get("resume") == "auto" and not list(run_dir.glob("*.pt"))
 
 
-def _discard(hydra_dir: Path, main_rank: bool) -> None:
-    """A refused command leaves nothing behind (rank > 0: its temp dir; rank 0: an empty run dir)."""
+def _discard(hydra_dir: Path, main_rank: bool, sizes: dict | None = None) -> None:
+    """A refused command leaves nothing behind (rank > 0: its temp dir; rank 0: an empty run dir,
+    or its own files in an existing one)."""
     if main_rank:
-        rundir.discard_refused(hydra_dir, hydra_subdir_used())
+        rundir.discard_refused(hydra_dir, hydra_subdir_used(), sizes)
     elif hydra_dir.name.startswith("bso-rank"):
         shutil.rmtree(hydra_dir, ignore_errors=True)
 
 
-def _run(cfg, job, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weights) -> dict:
+def _run(
+    cfg, job, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weights, datasets
+) -> dict:
     """``job`` (:func:`_train` or :func:`_evaluate`) with the process group set up, and the run's
     final status written whatever happens."""
     dist = distributed.setup(
@@ -261,7 +395,7 @@ def _run(cfg, job, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weig
     run_dir = distributed.agree_on_run_dir(dist, run_dir)
     status = RunStatus(run_dir, enabled=dist.is_main)
     try:
-        record = job(cfg, run_dir, status, checkpoint, dist, weights)
+        record = job(cfg, run_dir, status, checkpoint, dist, weights, datasets)
     except (RunInterrupted, KeyboardInterrupt) as err:
         state = _record_status(status, "interrupted", error=str(err) or "KeyboardInterrupt")
         if dist.is_main:
@@ -289,22 +423,36 @@ def _run(cfg, job, run_dir: Path, checkpoint: dict | None, hydra_dir: Path, weig
         distributed.cleanup(dist, barrier=False)
         raise
     except BaseException as err:
-        _record_status(status, "failed", error=f"{type(err).__name__}: {err}")
+        _record_status(
+            status,
+            "failed",
+            error=f"{type(err).__name__}: {err}",
+            said=str(status.path) in str(err),  # the error is the status write itself
+        )
         distributed.cleanup(dist, barrier=False)
         raise
     distributed.cleanup(dist)
     return record
 
 
-def _record_status(status: RunStatus, state: str, **fields) -> dict:
-    """Write the final status; when even that fails (a full disk), say so in the log."""
+def _record_status(status: RunStatus, state: str, said: bool = False, **fields) -> dict:
+    """Write the final status; when even that fails (a full disk), say so on stderr (unless
+    ``said``: the error that ended the run was that write)."""
+    if len(str(fields.get("error") or "")) > 2000:  # status.json stays small (one disk block)
+        fields["error"] = str(fields["error"])[:2000] + " ..."
     try:
         return status.write(state, **fields)
     except OSError as err:
-        log.error(
-            f"could not write {status.path} ({err}); the run ended {state}: {fields.get('error')}"
-        )
-        return {**status.read(), "status": state, **fields} if status.enabled else {}
+        if not said:
+            print(
+                f"warning: {describe(err)}; the run ended {state} but its status.json could not "
+                "say so",
+                file=sys.stderr,
+                flush=True,
+            )
+        with contextlib.suppress(OSError, ValueError):
+            return {**status.read(), "status": state, **fields} if status.enabled else {}
+        return {"status": state, **fields}
 
 
 @dataclass
@@ -382,7 +530,9 @@ class Run:
                 copy_atomic(self.run_dir / f"last{name}.pt", self.run_dir / f"best{name}.pt")
 
 
-def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist, weights) -> dict:
+def _train(
+    cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist, weights, datasets=None
+) -> dict:
     status.write("running", epochs=int(cfg.dataset.epochs), error=None)
     seed_everything(cfg.seed)
     device = dist.device
@@ -392,11 +542,6 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
     # Build everything that can reject the config before any data is read.
     model, engine = build_model(cfg, device)
     epochs = int(cfg.dataset.epochs)
-    if epochs < 1:
-        raise ValueError(
-            f"dataset.epochs must be >= 1 to train, got {epochs} "
-            "(python eval.py checkpoint=... evaluates a saved model without training)"
-        )
     if weights_from and checkpoint is None:  # e.g. ImageNet fine-tuning at T=4 from T=1
         load_weights(model, weights_from, blob, saved, cfg)
     # fast path (channels_last, cudnn.benchmark, compile, autocast), then DDP under torchrun
@@ -408,7 +553,7 @@ def _train(cfg, run_dir: Path, status: RunStatus, checkpoint: dict | None, dist,
     optimizer = build_optimizer(model, cfg.optimizer)
     schedules = Schedules(optimizer, cfg.optimizer, epochs)
     train_loader, test_loader = build_dataloaders(
-        cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+        cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, datasets=datasets
     )
 
     progress = Progress()
@@ -614,7 +759,9 @@ def epoch_record(run: Run, epoch: int, tally: EpochTally, test_m: dict, lr, gamm
     return record
 
 
-def _evaluate(cfg, run_dir: Path, status: RunStatus, checkpoint: None, dist, weights) -> dict:
+def _evaluate(
+    cfg, run_dir: Path, status: RunStatus, checkpoint: None, dist, weights, datasets=None
+) -> dict:
     """The test-set metrics of ``cfg.checkpoint`` (read as ``weights``), one record."""
     status.write("running", evaluating=str(cfg.checkpoint), error=None)
     seed_everything(cfg.seed)
@@ -622,7 +769,7 @@ def _evaluate(cfg, run_dir: Path, status: RunStatus, checkpoint: None, dist, wei
     model, engine = build_model(cfg, dist.device)
     load_weights(model, cfg.checkpoint, blob, saved, cfg)
     _, test_loader = build_dataloaders(
-        cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+        cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, datasets=datasets
     )
     if dist.is_main:
         write_run_info(run_dir, cfg, dist.device, {"model_size": model_size(model).as_dict()})

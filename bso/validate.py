@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,8 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         parent = key.rpartition(".")[0]
         parent_node = OmegaConf.select(cfg, parent) if parent else None
         if isinstance(parent_node, DictConfig) and "_target_" in parent_node:
-            continue  # a constructor argument: instantiate refuses unknown ones itself
+            _check_argument(item, parent_node._target_, key.rpartition(".")[2])
+            continue  # a constructor argument it takes
         known = known_keys(dirs) if known is None else known
         if key in known:
             continue
@@ -277,6 +279,26 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
                 else ""
             )
         )
+
+
+def _check_argument(item: str, target: str, name: str) -> None:
+    """``+<node>.<name>=...`` on a node that builds ``target``: refused unless ``target`` takes an
+    argument ``name`` (or any keyword)."""
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return  # not inspectable: instantiation decides
+    if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    names = [p for p in params if p not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.5)
+    raise ConfigError(
+        f"{item}: {target} takes no argument {name}"
+        + (f" (did you mean {' or '.join(close)}?)" if close else "")
+        + f"; its arguments: {', '.join(names)} (set one without '+')"
+    )
 
 
 # --- other spellings ----------------------------------------------------------------------------

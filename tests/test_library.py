@@ -270,8 +270,9 @@ def test_misuse_errors():
     with pytest.raises(ValueError, match="not this model's"):
         bso.online_step(bso.convert(sj_net()), opt, x, y, t=0, T=T)
     bptt = bso.convert(sj_net(), trace=None)
-    with pytest.raises(ValueError, match="set up for BPTT"):
-        bso.online_step(bptt, router(bptt), x, y, t=0, T=T)
+    for steps in (T, 4):  # a T-BSO of another num_steps too: the BPTT conversion is the problem
+        with pytest.raises(ValueError, match="set up for BPTT"):
+            bso.online_step(bptt, router(bptt), x, y, t=0, T=steps)
     plain = bso.convert(
         nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 5))
     )

@@ -181,19 +181,28 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, straight_run):
     assert not (tmp_path / "e").exists()  # refused before any work: nothing left behind
 
 
-def test_failed_runs_record_the_error_and_zero_epochs_is_refused(tmp_path):
+def test_failed_runs_record_the_error_and_zero_epochs_is_refused(tmp_path, monkeypatch):
     cfg = compose_config(
         "dataset=cifar10",
         "model=vgg_tiny",
         f"dataset.root={tmp_path / 'nowhere'}",
         output_dir=tmp_path / "run",
     )
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nowhere"):  # missing data: refused before the run
         train(cfg, overrides=[])
-    status = RunStatus(tmp_path / "run").read()
-    assert status["status"] == "failed" and "nowhere" in status["error"]
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="dataset.epochs must be >= 1"):
         train(compose_config("dataset.epochs=0", output_dir=tmp_path / "zero"), overrides=[])
+    assert not (tmp_path / "zero").exists()
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in the epoch loop")
+
+    monkeypatch.setattr(bso_train, "fit", broken)  # a failure during the run is recorded
+    with pytest.raises(ZeroDivisionError):
+        train(compose_config(output_dir=tmp_path / "failing"), overrides=[])
+    status = RunStatus(tmp_path / "failing").read()
+    assert status["status"] == "failed" and "a bug in the epoch loop" in status["error"]
 
 
 def test_run_directories_never_collide_and_latest_finds_the_newest_unfinished(tmp_path):

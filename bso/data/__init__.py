@@ -220,21 +220,28 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
         loader.generator.manual_seed((sampler.seed * 100_003 + epoch) * 1_009 + sampler.rank)
 
 
+def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    """The training and test sets of a ``dataset`` config: missing files raise FileNotFoundError,
+    unreadable ones :class:`DataError` (both name the file and what to do)."""
+    if cfg.name not in DATASETS:
+        raise ValueError(
+            f"unknown dataset.name {cfg.name!r}; available: {sorted(DATASETS)} "
+            "(choose one with dataset=<name>)"
+        )
+    return DATASETS[cfg.name](cfg)
+
+
 def build_dataloaders(
-    cfg: DictConfig, seed: int = 0, rank: int = 0, world_size: int = 1
+    cfg: DictConfig, seed: int = 0, rank: int = 0, world_size: int = 1, datasets=None
 ) -> tuple[DataLoader, DataLoader]:
     """The training loader (an :class:`EpochSampler`: call :func:`start_epoch` before each epoch)
     and the test loader. The training set's augmentation is seeded per sample from (``seed``, epoch,
     rank, index) (:class:`SeededSamples`); the worker processes are seeded from (``seed``, epoch, rank,
     worker) (:func:`start_epoch`). With ``world_size > 1`` (torchrun) each rank loads its shard: the
     training set padded with repeats so that every rank runs the same number of batches, the test set
-    through a ``ShardSampler`` (every sample exactly once over the ranks)."""
-    if cfg.name not in DATASETS:
-        raise ValueError(
-            f"unknown dataset.name {cfg.name!r}; available: {sorted(DATASETS)} "
-            "(choose one with dataset=<name>)"
-        )
-    train_set, test_set = DATASETS[cfg.name](cfg)
+    through a ``ShardSampler`` (every sample exactly once over the ranks). ``datasets``: the
+    (training, test) sets when :func:`build_datasets` already read them."""
+    train_set, test_set = build_datasets(cfg) if datasets is None else datasets
     loader_kwargs = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,

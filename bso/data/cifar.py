@@ -17,6 +17,7 @@ from pathlib import Path
 from torchvision import datasets, transforms
 
 from bso.data.augment import Cutout, ReleaseCIFAR10Policy
+from bso.data.errors import DataError
 
 # the released code's normalisation (configs/dataset/cifar*.yaml hold them as dataset.mean / .std)
 RELEASE_STATS = {
@@ -124,7 +125,7 @@ def cifar_datasets(
         train = loader(root, train=True, transform=train_transform, download=download)
         test = loader(root, train=False, transform=test_transform, download=download)
     except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
-        raise RuntimeError(
+        raise DataError(
             f"{name} files under {root / loader.base_folder} are corrupt or not CIFAR pickles "
             f"({type(err).__name__}: {err}); delete them and download again"
         ) from err

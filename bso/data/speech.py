@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from bso.data.errors import DataError
+
 SAMPLE_RATE = 16_000
 
 
@@ -48,7 +50,7 @@ def read_wav(path: Path) -> torch.Tensor:
                 )
             data = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
     except (wave.Error, EOFError, ValueError) as err:
-        raise RuntimeError(f"cannot read speech clip {path}: {err}") from err
+        raise DataError(f"cannot read speech clip {path}: {err}") from err
     x = torch.from_numpy(data.astype(np.float32) / 32768.0)
     return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,22 +163,70 @@ class RunRecord:
         )
 
 
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr: the report goes on without what it names."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _read_json(path: Path) -> dict | None:
+    """``path``'s JSON object; None (with a warning naming it) when it cannot be read."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        warn(f"{path}: unreadable ({type(err).__name__}: {err}); ignored")
+        return None
+    if not isinstance(value, dict):
+        warn(f"{path}: not a JSON object; ignored")
+        return None
+    return value
+
+
 def _status(run_dir: Path, cfg: DictConfig, records: list[dict]) -> str:
     path = run_dir / "status.json"
     if path.is_file():
-        return json.loads(path.read_text()).get("status", "unfinished")
+        record = _read_json(path)
+        if record is not None:
+            return str(record.get("status", "unfinished"))
     done = records and records[-1]["epoch"] == cfg.dataset.epochs
     return "completed" if done else "unfinished"
+
+
+def read_records(metrics: Path) -> list[dict]:
+    """The epoch records of ``metrics`` (metrics.jsonl); a line that is not a JSON record (cut short
+    by a crash, garbage) is skipped with one warning naming the file and its line numbers."""
+    if not metrics.is_file():
+        return []
+    records, bad = [], []
+    for number, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not _is_record(record):
+            bad.append(number)
+            continue
+        if "epoch" in record:
+            records.append(record)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        warn(f"{metrics}: skipped {len(bad)} unreadable line(s) (line {shown})")
+    return records
+
+
+def _is_record(record: dict) -> bool:
+    """An epoch record has an integer epoch and a numeric test/acc1; an evaluation's has no epoch."""
+    if "epoch" not in record:
+        return True
+    return isinstance(record["epoch"], int) and isinstance(record.get("test/acc1"), int | float)
 
 
 def load_run(run_dir: Path) -> RunRecord:
     """The run in ``run_dir`` (config.yaml, metrics.jsonl, status.json, .hydra/overrides.yaml,
     run_info.json's model size; each but config.yaml optional)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
-    records = [r for r in records if "epoch" in r]
+    records = read_records(run_dir / "metrics.jsonl")
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     info = run_dir / "run_info.json"
@@ -195,7 +244,7 @@ def is_evaluation(run_dir: Path) -> bool:
     try:
         if path.is_file() and "evaluated" in json.loads(path.read_text()):
             return True
-    except ValueError:
+    except (OSError, ValueError, TypeError):
         pass
     return bool(OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "engine.eval_only"))
 
@@ -203,16 +252,23 @@ def is_evaluation(run_dir: Path) -> bool:
 def load_runs(root: Path) -> list[RunRecord]:
     """Every training run directory below ``root`` (one with config.yaml and metrics.jsonl or
     status.json); evaluations of a checkpoint (is_evaluation) are not training runs and are left
-    out. Failed, interrupted and diverged runs are kept: they are named, never averaged."""
+    out. Failed, interrupted and diverged runs are kept: they are named, never averaged. A run
+    whose config.yaml cannot be read is skipped with one warning naming it."""
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist; give the directory your runs are under")
     dirs = {p.parent for p in root.rglob("config.yaml")}
-    return [
-        load_run(d)
-        for d in sorted(dirs)
-        if ((d / "metrics.jsonl").is_file() or (d / "status.json").is_file())
-        and not is_evaluation(d)
-    ]
+    runs = []
+    for d in sorted(dirs):
+        if not ((d / "metrics.jsonl").is_file() or (d / "status.json").is_file()):
+            continue
+        try:
+            if not is_evaluation(d):
+                runs.append(load_run(d))
+        except Exception as err:  # noqa: BLE001 - one bad run directory never stops the report
+            warn(
+                f"{d}: skipped, it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+            )
+    return runs
 
 
 # ----------------------------------------------------------------------------------- aggregate
