@@ -60,6 +60,11 @@ class LIFNode(sj_neuron.LIFNode):
         float_order: str = "fast",
         v_reset: float | None = None,
     ):
+        if v_reset is not None and not isinstance(v_reset, int | float):
+            raise ValueError(
+                f"LIF v_reset must be null (subtract the threshold after a spike, the paper's "
+                f"neuron) or a number (reset to it), got {v_reset!r} (model.neuron.v_reset)"
+            )
         if float_order not in FLOAT_ORDERS:
             raise ValueError(
                 f"unknown LIF float_order {float_order!r}; choose one of {FLOAT_ORDERS} (release: "

@@ -8,7 +8,9 @@ with its own documented call (scripts/nir_consumer.py) and runs the run's whole 
 T steps; this reports per consumer whether the file imported as written, the fraction of bso's test
 predictions it reproduces and its accuracy, with the package versions. Without RUN it trains the
 digits model twice (~15 s each on 2 CPU cores): with NIR's hard reset (model.neuron.v_reset=0.0) and
-with the paper's soft reset (the default), into outputs/nir-check/.
+with the paper's soft reset (the default), into outputs/nir-check/. Then the same for two untrained,
+narrow residual networks (ResNet-19 and Bi-Real ResNet-18, random BatchNorm statistics, hard reset)
+on the same test images: how each consumer runs residual additions (--no-residual skips them).
 
 Consumers: snnTorch and Norse in this environment (bso's `dev` extras), spikingjelly (bso's own
 dependency) and Sinabs in its own virtual environment (--sinabs-venv), since Sinabs pins nir<=1.0.4.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -62,6 +65,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--work", type=Path, default=ROOT / "outputs" / "nir-check", help="trained runs, files"
     )
     parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument(
+        "--no-residual",
+        dest="residual",
+        action="store_false",
+        help="skip the two untrained residual networks (ResNet-19, Bi-Real ResNet-18)",
+    )
     parser.add_argument(
         "--out", type=Path, default=RESULTS / "nir_interop", help="results (.json and .md)"
     )
@@ -115,35 +124,58 @@ def train(work: Path) -> list[Path]:
 
 @torch.no_grad()
 def reference(run: Path, nir_file: Path):
-    """(bso's test predictions, labels, images as float32 numpy, T, the reset, the checkpoint)."""
+    """Export ``run`` with scripts/export_nir.py to ``nir_file``; (its model in float32, its T, the
+    checkpoint, the test images and labels)."""
     import export_nir  # scripts/
 
-    from bso.data import build_dataloaders
-    from bso.engine.common import input_at
     from bso.export import load_trained
-    from bso.export.nir import run_bso
 
     export_nir.main([str(run), str(nir_file)])
     model, cfg, file = load_trained(run)
-    model = model.float()
+    images, labels = test_set(cfg)
+    return model.float(), int(cfg.engine.T), file, images, labels
+
+
+def test_set(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    from bso.data import build_dataloaders
+    from bso.engine.common import input_at
+
     _, test_loader = build_dataloaders(cfg.dataset, seed=cfg.get("seed", 0))
-    images, labels, predictions = [], [], []
-    T = int(cfg.engine.T)
-    for x, y in test_loader:
-        x = input_at(x, 0).float()
-        summed, _ = run_bso(model, x, T)
-        images.append(x)
-        labels.append(y)
-        predictions.append(summed.argmax(-1))
-    resets = {str(m.v_reset) for m in model.modules() if hasattr(m, "v_reset")}
-    return (
-        torch.cat(predictions).numpy(),
-        torch.cat(labels).numpy(),
-        torch.cat(images).numpy(),
-        T,
-        "soft (subtract V_th)" if resets == {"None"} else f"hard (v_reset={', '.join(resets)})",
-        file,
-    )
+    batches = [(input_at(x, 0).float(), y) for x, y in test_loader]
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def residual_models(cfg) -> list[tuple[str, torch.nn.Module]]:
+    """Untrained ResNet-19 and Bi-Real ResNet-18 (CIFAR-style stem, no max pool), narrow, with
+    random BatchNorm statistics and NIR's hard reset: how consumers run residual additions."""
+    from bso.models import BiRealResNet18, SpikingResNet19
+
+    torch.manual_seed(0)
+    neuron = {"v_reset": 0.0}
+    channels = int(cfg.dataset.in_channels)
+    models = [
+        ("SpikingResNet19", SpikingResNet19(channels, 10, (8, 16, 16), (1, 1, 1), neuron=neuron)),
+        (
+            "BiRealResNet18",
+            BiRealResNet18(
+                channels, 10, (8, 16, 16, 16), 1, stem_stride=1, stem_pool=False, neuron=neuron
+            ),
+        ),
+    ]
+    return [(name, random_statistics(model)) for name, model in models]
+
+
+@torch.no_grad()
+def random_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with random BatchNorm statistics and affine parameters (negative
+    scales too), so that folding them matters."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(-1.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
 
 
 def run_consumer(consumer, python, nir_file, images_file, T, work) -> dict:
@@ -158,54 +190,101 @@ def run_consumer(consumer, python, nir_file, images_file, T, work) -> dict:
     return json.loads(out.read_text())
 
 
+@torch.no_grad()
+def check_file(model, T, nir_file, images, labels, pythons, entry) -> dict:
+    """Run ``nir_file`` in every consumer and compare with ``model`` (bso) on ``images``."""
+    from bso.export.nir import run_bso
+    from bso.neurons import LIFNode
+
+    ours = torch.cat([run_bso(model, x, T)[0].argmax(-1) for x in images.split(120)]).numpy()
+    labels = labels.numpy()
+    resets = {str(m.v_reset) for m in model.modules() if isinstance(m, LIFNode)}
+    entry.update(
+        {
+            "reset": "soft (subtract V_th)"
+            if resets == {"None"}
+            else f"hard (v_reset={', '.join(resets)})",
+            "T": T,
+            "samples": len(labels),
+            "bso_accuracy": float((ours == labels).mean()),
+            "consumers": {},
+        }
+    )
+    np.save(nir_file.with_name("images.npy"), images.numpy())
+    for consumer, python in pythons.items():
+        if consumer == "sinabs" and not Path(python).exists():
+            result = {"imported": False, "error": f"no Sinabs environment at {python}"}
+        else:
+            images_file = nir_file.with_name("images.npy")
+            result = run_consumer(consumer, python, nir_file, images_file, T, nir_file.parent)
+        predictions = result.pop("predictions", None)
+        result.pop("traceback", None)
+        if predictions is not None:
+            predictions = np.asarray(predictions)
+            result["agreement"] = float((predictions == ours).mean())
+            result["accuracy"] = float((predictions == labels).mean())
+        entry["consumers"][consumer] = result
+        print(f"{entry['model']:34s} {consumer:13s} {summary(result)}", flush=True)
+    return entry
+
+
 def check(args: argparse.Namespace) -> dict:
+    from bso.export import to_nir
+
     if args.install:
         install(args.consumers, args.sinabs_venv)
     runs = args.runs or train(args.work)
     pythons = {c: sys.executable for c in args.consumers}
     if "sinabs" in pythons:
         pythons["sinabs"] = sinabs_python(args.sinabs_venv)
-    report = {"machine": platform.platform(), "python": platform.python_version(), "runs": []}
+    report = {
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "runs": [],
+    }
+    cfg = None
     for run in runs:
         with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            nir_file = work / "model.nir"
-            ours, labels, images, T, reset, file = reference(run, nir_file)
-            np.save(work / "images.npy", images)
-            entry = {
-                "run": str(run),
-                "checkpoint": str(file),
-                "reset": reset,
-                "T": T,
-                "samples": len(labels),
-                "bso_accuracy": float((ours == labels).mean()),
-                "consumers": {},
-            }
-            for consumer, python in pythons.items():
-                if consumer == "sinabs" and not Path(python).exists():
-                    result = {"imported": False, "error": f"no Sinabs environment at {python}"}
-                else:
-                    result = run_consumer(
-                        consumer, python, nir_file, work / "images.npy", T, work
-                    )
-                predictions = result.pop("predictions", None)
-                result.pop("traceback", None)
-                if predictions is not None:
-                    predictions = np.asarray(predictions)
-                    result["agreement"] = float((predictions == ours).mean())
-                    result["accuracy"] = float((predictions == labels).mean())
-                entry["consumers"][consumer] = result
-                print(f"{reset:28s} {consumer:13s} {summary(result)}", flush=True)
-        report["runs"].append(entry)
+            nir_file = Path(tmp) / "model.nir"
+            model, T, file, images, labels = reference(run, nir_file)
+            entry = {"run": _shown(run), "checkpoint": _shown(file), "trained": True}
+            entry["model"] = f"{type(model).__name__} ({'soft' if _soft(model) else 'hard'} reset)"
+            report["runs"].append(check_file(model, T, nir_file, images, labels, pythons, entry))
+            cfg = cfg or load_config(run)
+    if args.residual and cfg is not None:
+        for name, model in residual_models(cfg):
+            with tempfile.TemporaryDirectory() as tmp:
+                nir_file = Path(tmp) / "model.nir"
+                to_nir(model, images.shape[1:], nir_file, T=T)
+                entry = {"run": None, "trained": False, "model": f"{name} (untrained, hard reset)"}
+                report["runs"].append(
+                    check_file(model, T, nir_file, images, labels, pythons, entry)
+                )
     return report
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it is inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _soft(model) -> bool:
+    from bso.neurons import LIFNode
+
+    return all(m.v_reset is None for m in model.modules() if isinstance(m, LIFNode))
+
+
+def load_config(run: Path):
+    from bso.export import load_trained
+
+    return load_trained(run)[1]
 
 
 def summary(result: dict) -> str:
     if "agreement" in result:
-        return (
-            f"imported as written: yes | agreement with bso {100 * result['agreement']:.2f}% | "
-            f"accuracy {100 * result['accuracy']:.2f}%"
-        )
+        line = f"imported as written: yes | agreement with bso {100 * result['agreement']:.2f}% | "
+        return line + (result.get("error") or f"accuracy {100 * result['accuracy']:.2f}%")
     where = "imported as written: " + ("yes" if result.get("imported") else "no")
     return f"{where} | {result.get('error', '')}"
 
@@ -220,11 +299,13 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
-        name = f"{run['reset']}, T={run['T']} (bso {100 * run['bso_accuracy']:.2f}%)"
+        name = f"{run['model']}, T={run['T']} (bso: {100 * run['bso_accuracy']:.2f} %)"
         for consumer, r in run["consumers"].items():
             versions = r.get("versions") or {}
             version = f"{versions.get(consumer)} ({versions.get('nir')})" if versions else "-"
             imported = "yes" if "agreement" in r else f"no: {r.get('error', '')}".replace("|", "/")
+            if "agreement" in r and r.get("error"):
+                imported += f" ({r['error']})"
             agreement = f"{100 * r['agreement']:.2f} %" if "agreement" in r else "-"
             accuracy = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "-"
             lines.append(
@@ -236,7 +317,7 @@ def markdown(report: dict) -> str:
 def failures(report: dict, minimum: float) -> list[str]:
     bad = []
     for run in report["runs"]:
-        if not run["reset"].startswith("hard"):
+        if not run["reset"].startswith("hard") or not run["trained"]:
             continue
         for consumer in REQUIRED:
             result = run["consumers"].get(consumer)

@@ -19,6 +19,10 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import nir
+import numpy as np
+import torch
+
 CONSUMERS = ("snntorch", "norse", "sinabs", "spikingjelly")
 BATCH = 120
 
@@ -33,39 +37,39 @@ def versions(consumer: str) -> dict:
     return found
 
 
-def load(consumer: str, path: str, dt: float, batch: int):
-    """(the imported module, a function running it on a batch for T steps -> summed output)."""
-    import nir
-    import torch
+def stepwise(net, reset=None):
+    """A function running ``net`` (a per-step module with the nirtorch calling convention,
+    ``out, state = net(x, state)``) for T steps on the same input: the summed output."""
 
+    def run(x, T):
+        if reset is not None:
+            reset(net)
+        state, total = None, 0.0
+        for _ in range(T):
+            out, state = net(x) if state is None else net(x, state)
+            total = total + out
+        return total
+
+    return run
+
+
+def load(consumer: str, path: str, dt: float, batch: int):
+    """A function running the imported network on a batch for T steps -> the summed output."""
     graph = nir.read(path)
     if consumer == "snntorch":  # snnTorch's documented call; its time step is fixed (1e-4 s)
         import snntorch.utils
         from snntorch.import_nir import import_from_nir
 
-        net = import_from_nir(graph)
-
-        def run(x, T):
-            snntorch.utils.reset(net)
-            state, total = None, 0.0
-            for _ in range(T):
-                out, state = net(x) if state is None else net(x, state)
-                total = total + out
-            return total
-
-    elif consumer == "norse":
+        return stepwise(import_from_nir(graph), reset=snntorch.utils.reset)
+    if consumer == "norse":
         import norse.torch
 
-        net = norse.torch.from_nir(graph, dt=dt)
+        return stepwise(norse.torch.from_nir(graph, dt=dt))
+    if consumer == "spikingjelly":
+        from spikingjelly.activation_based.nir_exchange import import_from_nir
 
-        def run(x, T):
-            state, total = None, 0.0
-            for _ in range(T):
-                out, state = net(x, state)
-                total = total + out
-            return total
-
-    elif consumer == "sinabs":
+        return stepwise(import_from_nir(graph, dt=dt))
+    if consumer == "sinabs":
         import sinabs
 
         net = sinabs.from_nir(graph, batch_size=batch)
@@ -77,23 +81,11 @@ def load(consumer: str, path: str, dt: float, batch: int):
             out = out[0] if isinstance(out, tuple) else out
             return out.reshape(x.shape[0], T, -1).sum(1)
 
-    elif consumer == "spikingjelly":
-        from spikingjelly.activation_based.nir_exchange import import_from_nir
-
-        net = import_from_nir(graph, dt=dt)
-
-        def run(x, T):
-            state, total = None, 0.0
-            for _ in range(T):
-                out, state = net(x, state)
-                total = total + out
-            return total
-
-    else:
-        raise ValueError(consumer)
-    return net, run
+        return run
+    raise ValueError(consumer)
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("consumer", choices=CONSUMERS)
@@ -103,21 +95,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("out", help="the JSON file to write")
     parser.add_argument("--dt", type=float, default=1e-4, help="seconds per step (default 1e-4)")
     args = parser.parse_args(argv)
-    import numpy as np
-    import torch
-
-    torch.set_grad_enabled(False)
     images = torch.from_numpy(np.load(args.inputs)).float()
     result = {"consumer": args.consumer, "versions": versions(args.consumer), "imported": False}
     try:
-        _, run = load(args.consumer, args.nir_file, args.dt, BATCH)
+        run = load(args.consumer, args.nir_file, args.dt, BATCH)
         result["imported"] = True
+        graph = nir.read(args.nir_file)
+        expected = [
+            int(np.prod(n.output_type["output"]))
+            for n in graph.nodes.values()
+            if isinstance(n, nir.Output)
+        ]
         predictions = []
         for start in range(0, len(images), BATCH):
             x = images[start : start + BATCH]
             if len(x) < BATCH and args.consumer == "sinabs":  # a fixed batch size: pad the last
                 x = torch.cat([x, x.new_zeros(BATCH - len(x), *x.shape[1:])])
             summed = run(x, args.T).reshape(len(x), -1)
+            if summed.shape[1] not in expected:  # the consumer returned another node's output
+                result["error"] = (
+                    f"returned {summed.shape[1]} values per sample, not the graph's output "
+                    f"({expected[0]})"
+                )
             predictions += summed.argmax(-1)[: len(images) - start].tolist()
         result["predictions"] = predictions
     except Exception as err:  # an import or a run that fails is the finding; its first line

@@ -1,8 +1,10 @@
-"""Export a trained spiking VGG to NIR, the Neuromorphic Intermediate Representation (docs/metrics.md).
+"""Export a trained spiking VGG or ResNet to NIR, the Neuromorphic Intermediate Representation
+(docs/metrics.md).
 
 The graph is written node by node with the ``nir`` package, in the shapes of the NIR spec, and only
 with the nodes that NIR's common consumers (snnTorch, Norse, Sinabs, spikingjelly) all map:
-``Input -> (Conv2d -> LIF) x blocks -> Conv2d (the classifier) -> Output``.
+``Input -> (Conv2d -> LIF) x blocks -> Conv2d (the classifier) -> Output``; a residual addition
+is two edges into one node (NIR sums a node's inputs).
 
 * **BatchNorm** is folded into the conv before it with the inference statistics
   (:func:`fold_batchnorm`).
@@ -31,8 +33,8 @@ What NIR cannot say is in the metadata, and what a consumer then runs is measure
   ``metadata["T"]`` steps (``metadata["encoding"]``, ``["readout"]``).
 
 What NIR has no node for fails with :class:`NIRExportError` naming the layer: max pooling, AGMM's
-gate, residual blocks, grouped or non-zero-padded convs, a pool whose input size is not a multiple
-of its kernel.
+gate, grouped, dilated or non-zero-padded convs, a pool whose input size is not a multiple of its
+kernel.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch import nn
 
 from bso.layers import BINARY_AT_INFERENCE, SynapticConv2d
 from bso.models.parts import SpikingConvBlock
-from bso.models.resnet import BiRealBlock, SpikingBasicBlock
+from bso.models.resnet import BiRealResNet18, SpikingResNet19
 from bso.models.vgg import SpikingVGG
 from bso.neurons import LIFNode
 
@@ -61,51 +63,78 @@ class NIRExportError(ValueError):
 def _fail(name: str, module: nn.Module, why: str) -> NIRExportError:
     return NIRExportError(
         f"cannot export layer '{name}' ({type(module).__name__}) to NIR: {why}. Exportable: "
-        "SpikingVGG (model.layers with <n>C<k> convs and AP<k> average pools, BatchNorm or none, "
-        "no AGMM gate)"
+        "SpikingVGG (<n>C<k> convs, AP<k> average pools), SpikingResNet19 and BiRealResNet18 "
+        "(stem_pool=false), with BatchNorm or none, no AGMM gate"
     )
 
 
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`NIRExportError` naming the first layer NIR cannot express."""
-    if not isinstance(model, SpikingVGG):
-        first = next(iter(model.named_children()), ("", model))
-        for name, module in model.named_modules():
-            if isinstance(module, (BiRealBlock, SpikingBasicBlock)):
-                first = (name, module)
-                break
+    if isinstance(model, SpikingVGG):
+        for i, block in enumerate(model.blocks):
+            _check_block(f"blocks.{i}", block)
+    elif isinstance(model, SpikingResNet19):
+        _check_block("stem", model.stem)
+        for i, block in enumerate(model.blocks):
+            for part in ("1", "2"):
+                _check_parts(
+                    f"blocks.{i}",
+                    block,
+                    [f"conv{part}", f"bn{part}", f"gate{part}", f"neuron{part}"],
+                )
+            if block.down_conv is not None:
+                _check_parts(f"blocks.{i}", block, ["down_conv", "down_bn"])
+    elif isinstance(model, BiRealResNet18):
+        _check_parts("stem", model.stem, ["0", "1"])
+        if not isinstance(model.stem[2], nn.Identity):
+            raise _fail("stem.2", model.stem[2], _NO_MAX_POOL + " (BiRealResNet18 stem_pool=false)")
+        for i, block in enumerate(model.blocks):
+            _check_parts(f"blocks.{i}", block, ["neuron", "conv", "bn", "gate"])
+            if not isinstance(block.shortcut, nn.Identity):
+                _check_parts(f"blocks.{i}.shortcut", block.shortcut, ["1", "2"])
+    else:
         raise _fail(
-            first[0] or type(model).__name__,
-            first[1],
-            "residual blocks (two paths joined by an addition, a real-valued shortcut) are not "
-            f"mapped; {type(model).__name__} is not a chain of conv -> LIF layers",
+            type(model).__name__,
+            model,
+            "not one of the models this exporter maps (a chain or residual blocks of conv, "
+            "BatchNorm, LIF and average pools)",
         )
-    for i, block in enumerate(model.blocks):
-        _check_block(f"blocks.{i}", block)
+
+
+_NO_MAX_POOL = "NIR has no max pooling (its pools: SumPool2d, AvgPool2d); train with AP<k> instead"
+
+
+def _check_parts(prefix: str, owner: nn.Module, names: list[str]) -> None:
+    """Each named child of ``owner``: a conv, a BatchNorm (or none), no gate, bso's LIF."""
+    for part in names:
+        name, module = f"{prefix}.{part}", owner.get_submodule(part)
+        if isinstance(module, nn.Conv2d):
+            if (
+                module.groups != 1
+                or module.padding_mode != "zeros"
+                or tuple(module.dilation) != (1, 1)
+            ):
+                raise _fail(name, module, "only ungrouped, undilated, zero-padded convs")
+        elif isinstance(module, LIFNode):
+            if module.decay_input:
+                raise _fail(name, module, "expected bso's LIF (undecayed input)")
+        elif part.startswith("gate"):
+            if not isinstance(module, nn.Identity):
+                raise _fail(
+                    name,
+                    module,
+                    "AGMM's gate scales by a statistic of the whole feature map, which NIR has "
+                    "no node for",
+                )
+        elif not isinstance(module, (nn.BatchNorm2d, nn.Identity)):
+            raise _fail(name, module, "only BatchNorm2d (folded into the conv) or none")
 
 
 def _check_block(name: str, block: SpikingConvBlock) -> None:
-    conv = block.conv
-    if conv.groups != 1 or conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1):
-        raise _fail(f"{name}.conv", conv, "only ungrouped, undilated, zero-padded convs")
-    if not isinstance(block.bn, (nn.BatchNorm2d, nn.Identity)):
-        raise _fail(f"{name}.bn", block.bn, "only BatchNorm2d (folded into the conv) or none")
-    if not isinstance(block.gate, nn.Identity):
-        raise _fail(
-            f"{name}.gate",
-            block.gate,
-            "AGMM's gate scales by a statistic of the whole feature map, which NIR has no node for",
-        )
-    neuron = block.neuron
-    if not isinstance(neuron, LIFNode) or neuron.decay_input:
-        raise _fail(f"{name}.neuron", neuron, "expected bso's LIF (undecayed input)")
+    _check_parts(name, block, ["conv", "bn", "gate", "neuron"])
     pool = block.pool
     if isinstance(pool, nn.MaxPool2d):
-        raise _fail(
-            f"{name}.pool",
-            pool,
-            "NIR has no max pooling (its pools: SumPool2d, AvgPool2d); train with AP<k> instead",
-        )
+        raise _fail(f"{name}.pool", pool, _NO_MAX_POOL)
     if isinstance(pool, nn.AvgPool2d):
         k, stride, padding = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
         if k[0] != k[1] or stride != k or padding != (0, 0) or pool.divisor_override:
@@ -146,26 +175,27 @@ def _batchnorm_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
 
 
 def _conv_output(size: tuple[int, int], kernel: int, stride: tuple, padding: tuple):
-    return tuple((n + 2 * p - kernel) // s + 1 for n, s, p in zip(size, stride, padding, strict=True))
+    return tuple(
+        (n + 2 * p - kernel) // s + 1 for n, s, p in zip(size, stride, padding, strict=True)
+    )
 
 
 @torch.no_grad()
-def _block_conv(
-    name: str, block: SpikingConvBlock, pool: int, binary_weights: bool
+def _conv_arrays(
+    name: str, conv: SynapticConv2d, bn: nn.Module, pool: int, binary_weights: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weight, bias, state scale per output channel) of block ``name``'s conv with BatchNorm
-    folded and the previous block's average pool (kernel ``pool``, 1 for none) folded in: the
-    kernel's weights repeated over pool x pool blocks and divided by pool^2. With
-    ``binary_weights`` a binary conv keeps +-1 weights: BatchNorm's scale a and the pool's 1/k^2
-    go into the neuron's state, scaled by ``k^2 / |a|`` (threshold and bias with it)."""
-    conv, bn = block.conv, block.bn
+    """(weight, bias, state scale per output channel) of ``bn(conv(avgpool_pool(x)))`` as one conv:
+    BatchNorm folded, the average pool (kernel ``pool``, 1 for none) folded in by repeating the
+    kernel's weights over pool x pool blocks, divided by pool^2. With ``binary_weights`` a binary
+    conv keeps +-1 weights: BatchNorm's scale a and the pool's 1/k^2 go into the neuron's state,
+    scaled by ``k^2 / |a|`` (threshold and bias with it)."""
     weight, bias = fold_batchnorm(conv, bn, torch.float64)
     scale = torch.ones_like(bias)
     if binary_weights and conv.weights in BINARY_AT_INFERENCE and isinstance(bn, nn.BatchNorm2d):
         a = _batchnorm_scale(bn)
         if torch.any(a == 0):
             raise _fail(
-                f"{name}.bn",
+                name.replace("conv", "bn"),
                 bn,
                 f"channel {int(torch.nonzero(a == 0)[0])} has a zero scale (gamma = 0); its "
                 "threshold cannot absorb it (export with binary_weights=False)",
@@ -183,16 +213,18 @@ def _block_conv(
 def _lif(neuron: LIFNode, shape: tuple, scale: np.ndarray, dt: float, dtype, name: str) -> nir.LIF:
     """NIR's LIF for ``neuron`` (module docstring), state scaled per channel by ``scale / tau``."""
     tau = float(neuron.tau)
-    per_channel = (scale / tau).reshape(-1, 1, 1)
-    full = lambda value: np.broadcast_to(np.asarray(value, np.float64), shape)  # noqa: E731
+    per_channel = (np.asarray(scale, np.float64) / tau).reshape(-1, 1, 1)
     v_reset = 0.0 if neuron.v_reset is None else float(neuron.v_reset)
-    cast = lambda value: np.ascontiguousarray(full(value)).astype(dtype)  # noqa: E731
+
+    def full(value):
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float64), shape), dtype)
+
     return nir.LIF(
-        tau=cast(tau * dt),
-        r=cast(1.0),
-        v_leak=cast(v_reset * per_channel),
-        v_threshold=cast(neuron.v_threshold * per_channel),
-        v_reset=cast(v_reset * per_channel),
+        tau=full(tau * dt),
+        r=full(1.0),
+        v_leak=full(v_reset * per_channel),
+        v_threshold=full(neuron.v_threshold * per_channel),
+        v_reset=full(v_reset * per_channel),
         metadata={
             "bso_layer": name,
             "reset": "subtract" if neuron.v_reset is None else "to v_reset",
@@ -201,6 +233,120 @@ def _lif(neuron: LIFNode, shape: tuple, scale: np.ndarray, dt: float, dtype, nam
             "state": "v = u / tau_steps (x the per-channel scale of binary_weights)",
         },
     )
+
+
+class _GraphBuilder:
+    """NIR nodes and edges, added layer by layer. A tensor is the list of the nodes whose outputs
+    sum to it (NIR adds the inputs of a node): a residual addition is two edges into one node."""
+
+    def __init__(self, input_shape: tuple, dtype, dt: float, binary_weights: bool):
+        self.nodes: dict[str, nir.NIRNode] = {"input": nir.Input({"input": np.array(input_shape)})}
+        self.edges: list[tuple[str, str]] = []
+        self.dtype, self.dt, self.binary_weights = dtype, dt, binary_weights
+
+    def conv(self, name, conv, bn, inputs: list[str], size: tuple, pool: int = 1):
+        """Add ``bn(conv(avgpool(inputs)))`` as node ``name``; (node, output size, state scale)."""
+        if any(n % pool for n in size):
+            raise _fail(
+                name,
+                conv,
+                f"the average pool before it gets a {size[0]}x{size[1]} input, not a multiple of "
+                f"its kernel {pool}, so it cannot be folded into this conv",
+            )
+        weight, bias, scale = _conv_arrays(name, conv, bn, pool, self.binary_weights)
+        stride = tuple(pool * s for s in _pair(conv.stride))
+        padding = tuple(pool * p for p in _pair(conv.padding))
+        key = _node_name(name)
+        self.nodes[key] = nir.Conv2d(
+            input_shape=tuple(int(n) for n in size),
+            weight=weight.astype(self.dtype),
+            stride=stride,
+            padding=padding,
+            dilation=(1, 1),
+            groups=1,
+            bias=bias.astype(self.dtype),
+        )
+        self.edges += [(source, key) for source in inputs]
+        return key, _conv_output(size, weight.shape[-1], stride, padding), scale
+
+    def lif(self, name, neuron: LIFNode, inputs: list[str], shape: tuple, scale) -> str:
+        key = _node_name(name)
+        self.nodes[key] = _lif(neuron, shape, scale, self.dt, self.dtype, name)
+        self.edges += [(source, key) for source in inputs]
+        return key
+
+    def classifier(self, fc, inputs: list[str], size: tuple, pool: int = 1) -> None:
+        """The global average pool (after an average pool ``pool``) and ``fc`` as one conv over the
+        whole feature map (weights / (h w)), then the output node."""
+        if any(n % pool for n in size):
+            raise _fail("classifier", fc, f"the last pool's input {size} is not a multiple of it")
+        weight = fc.effective_weight().detach().double()
+        kernel = weight.view(*weight.shape, 1, 1).expand(*weight.shape, *size) / (size[0] * size[1])
+        bias = fc.bias.detach().double() if fc.bias is not None else weight.new_zeros(len(weight))
+        self.nodes["classifier"] = nir.Conv2d(
+            input_shape=tuple(int(n) for n in size),
+            weight=kernel.numpy().astype(self.dtype),
+            stride=(1, 1),
+            padding=(0, 0),
+            dilation=(1, 1),
+            groups=1,
+            bias=bias.numpy().astype(self.dtype),
+        )
+        self.nodes["output"] = nir.Output({"output": np.array([fc.out_features, 1, 1])})
+        self.edges += [(source, "classifier") for source in inputs]
+        self.edges.append(("classifier", "output"))
+
+
+def _node_name(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _vgg(model: SpikingVGG, graph: _GraphBuilder, size: tuple) -> None:
+    x, pool = ["input"], 1
+    for i, block in enumerate(model.blocks):
+        conv, size, scale = graph.conv(f"blocks.{i}.conv", block.conv, block.bn, x, size, pool)
+        shape = (block.conv.out_channels, *size)
+        x = [graph.lif(f"blocks.{i}.neuron", block.neuron, [conv], shape, scale)]
+        pool = _pair(block.pool.kernel_size)[0] if isinstance(block.pool, nn.AvgPool2d) else 1
+    graph.classifier(model.classifier, x, size, pool)
+
+
+def _resnet19(model: SpikingResNet19, graph: _GraphBuilder, size: tuple) -> None:
+    stem = model.stem
+    conv, size, scale = graph.conv("stem.conv", stem.conv, stem.bn, ["input"], size)
+    x = [graph.lif("stem.neuron", stem.neuron, [conv], (stem.conv.out_channels, *size), scale)]
+    for i, block in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        conv1, out, scale = graph.conv(f"{name}.conv1", block.conv1, block.bn1, x, size)
+        shape = (block.conv1.out_channels, *out)
+        h = graph.lif(f"{name}.neuron1", block.neuron1, [conv1], shape, scale)
+        conv2, _, _ = graph.conv(f"{name}.conv2", block.conv2, block.bn2, [h], out)
+        shortcut = x
+        if block.down_conv is not None:
+            down, _, _ = graph.conv(f"{name}.down_conv", block.down_conv, block.down_bn, x, size)
+            shortcut = [down]
+        x, size = [graph.lif(f"{name}.neuron2", block.neuron2, [conv2, *shortcut], shape, 1.0)], out
+    graph.classifier(model.classifier, x, size)
+
+
+def _bireal(model: BiRealResNet18, graph: _GraphBuilder, size: tuple) -> None:
+    conv, size, _ = graph.conv("stem.0", model.stem[0], model.stem[1], ["input"], size)
+    x, channels = [conv], model.stem[0].out_channels  # real values: the nodes that sum to them
+    for i, block in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        spikes = graph.lif(f"{name}.neuron", block.neuron, x, (channels, *size), 1.0)
+        out, new_size, _ = graph.conv(f"{name}.conv", block.conv, block.bn, [spikes], size)
+        if isinstance(block.shortcut, nn.Identity):
+            x = [out, *x]
+        else:
+            pool = block.shortcut[0]
+            k = _pair(pool.kernel_size)[0] if isinstance(pool, nn.AvgPool2d) else 1
+            down, _, _ = graph.conv(
+                f"{name}.shortcut.1", block.shortcut[1], block.shortcut[2], x, size, k
+            )
+            x = [out, down]
+        size, channels = new_size, block.conv.out_channels
+    graph.classifier(model.classifier, x, size)
 
 
 def to_nir(
@@ -212,69 +358,34 @@ def to_nir(
     dt: float = DT,
     binary_weights: bool = False,
 ) -> nir.NIRGraph:
-    """The NIR graph of a trained :class:`bso.models.SpikingVGG` (one time step; see the module
-    docstring for what maps how); written to ``path`` (HDF5) when given. ``input_shape``: one
-    sample's (channels, height, width); ``T``: the time steps it was trained with (metadata).
+    """The NIR graph of a trained :class:`bso.models.SpikingVGG`, :class:`SpikingResNet19` or
+    :class:`BiRealResNet18` (one time step; see the module docstring for what maps how); written
+    to ``path`` (HDF5) when given. ``input_shape``: one sample's (channels, height, width); ``T``:
+    the time steps it was trained with (metadata).
 
     ``binary_weights=True`` keeps the binary convs' weights exactly +-1 (BatchNorm's scale and the
     pools' 1/k^2 go into per-channel thresholds instead), for targets with 1-bit synapses and
-    per-neuron thresholds."""
+    per-neuron thresholds; VGG only (a residual addition needs one scale on both paths)."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
     check_exportable(model)
+    if binary_weights and not isinstance(model, SpikingVGG):
+        raise _fail(
+            type(model).__name__,
+            model,
+            "binary_weights=True moves each channel's BatchNorm scale into its neurons' state, "
+            "which a residual addition (two paths into one neuron) cannot take",
+        )
     dtype = np.dtype(str(model.classifier.weight.dtype).removeprefix("torch."))
-    nodes: dict[str, nir.NIRNode] = {"input": nir.Input({"input": np.array(input_shape)})}
-    edges, previous = [], "input"
-    size, pool = input_shape[1:], 1
-    for i, block in enumerate(model.blocks):
-        name, conv = f"blocks.{i}", block.conv
-        weight, bias, scale = _block_conv(name, block, pool, binary_weights)
-        stride = tuple(pool * s for s in _pair(conv.stride))
-        padding = tuple(pool * p for p in _pair(conv.padding))
-        nodes[f"blocks_{i}_conv"] = nir.Conv2d(
-            input_shape=tuple(int(n) for n in size),
-            weight=weight.astype(dtype),
-            stride=stride,
-            padding=padding,
-            dilation=(1, 1),
-            groups=1,
-            bias=bias.astype(dtype),
-        )
-        size = _conv_output(size, weight.shape[-1], stride, padding)
-        shape = (conv.out_channels, *size)
-        nodes[f"blocks_{i}_neuron"] = _lif(
-            block.neuron, shape, scale, dt, dtype, f"{name}.neuron"
-        )
-        edges += [(previous, f"blocks_{i}_conv"), (f"blocks_{i}_conv", f"blocks_{i}_neuron")]
-        previous = f"blocks_{i}_neuron"
-        pool = _pair(block.pool.kernel_size)[0] if isinstance(block.pool, nn.AvgPool2d) else 1
-        if any(n % pool for n in size):
-            raise _fail(
-                f"{name}.pool",
-                block.pool,
-                f"its input ({size[0]}x{size[1]}) is not a multiple of its kernel {pool}, so it "
-                "cannot be folded into the next layer",
-            )
-    fc = model.classifier
-    weight = fc.effective_weight().detach().double()
-    kernel = weight.view(*weight.shape, 1, 1).expand(*weight.shape, *size) / (size[0] * size[1])
-    bias = fc.bias.detach().double() if fc.bias is not None else weight.new_zeros(len(weight))
-    nodes["classifier"] = nir.Conv2d(
-        input_shape=tuple(int(n) for n in size),
-        weight=kernel.numpy().astype(dtype),
-        stride=(1, 1),
-        padding=(0, 0),
-        dilation=(1, 1),
-        groups=1,
-        bias=bias.numpy().astype(dtype),
-    )
-    nodes["output"] = nir.Output({"output": np.array([fc.out_features, 1, 1])})
-    edges += [(previous, "classifier"), ("classifier", "output")]
-    soft = [b.neuron.v_reset is None for b in model.blocks]
-    graph = nir.NIRGraph(
-        nodes=nodes,
-        edges=edges,
+    graph = _GraphBuilder(input_shape, dtype, dt, binary_weights)
+    build = {SpikingVGG: _vgg, SpikingResNet19: _resnet19, BiRealResNet18: _bireal}
+    build[type(model)](model, graph, input_shape[1:])
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
+    soft = [n.v_reset is None for n in neurons]
+    result = nir.NIRGraph(
+        nodes=graph.nodes,
+        edges=graph.edges,
         metadata={
             "producer": "bso",
             "model": type(model).__name__,
@@ -295,11 +406,13 @@ def to_nir(
             + ("; binary convs: its scale into per-channel thresholds" if binary_weights else ""),
             "pools": "average pools folded into the next conv (kernel repeated, / k^2)",
             "classifier": "global average pool and linear layer as one conv, weights / (h w)",
+            "additions": "a residual addition is two edges into one node (NIR sums the inputs)",
+            "initial_state": "each LIF starts at v = v_leak (= v_reset; 0 for the soft reset)",
         },
     )
     if path is not None:
-        write_nir(path, graph)
-    return graph
+        write_nir(path, result)
+    return result
 
 
 def write_nir(path: str | Path, graph: nir.NIRGraph) -> None:
@@ -408,16 +521,18 @@ def run_bso(model: nn.Module, x: torch.Tensor, T: int, hard_reset: bool = False)
 
 def compare(model: nn.Module, graph: nir.NIRGraph | str | Path, x: torch.Tensor, T: int) -> dict:
     """Run ``model`` (bso) and the NIR graph (spikingjelly's importer) on the batch ``x`` for ``T``
-    steps, both with bso's soft reset and both with NIR's hard reset, and say how far apart they
-    are: per reset, the largest |logit difference|, the fraction of spikes that differ and of
-    predictions that agree; and how often bso's predictions survive a target that applies NIR's
-    hard reset as written (``bso_vs_hard_reset_agreement``)."""
+    steps and say how far apart they are: the largest |logit difference|, the fraction of spikes
+    that differ and of predictions that agree. A model with the soft reset is compared twice, both
+    sides with bso's soft reset and both with NIR's hard reset, plus how often its predictions
+    survive a target that applies NIR's hard reset as written (``bso_vs_hard_reset_agreement``);
+    a model with a hard reset (``v_reset`` a number) once, as trained (``"hard"``)."""
     dtype = model.classifier.weight.dtype
     x = x.to(dtype)
+    soft = all(m.v_reset is None for m in model.modules() if isinstance(m, LIFNode))
     result = {}
     outputs = {}
-    for reset in ("soft", "hard"):
-        ours, our_spikes = run_bso(model, x, T, hard_reset=reset == "hard")
+    for reset in ("soft", "hard") if soft else ("hard",):
+        ours, our_spikes = run_bso(model, x, T, hard_reset=soft and reset == "hard")
         theirs, their_spikes = simulate(graph, x, T, soft_reset=reset == "soft", dtype=dtype)
         ours_all = torch.cat([torch.stack(v).flatten() for v in our_spikes.values()])
         theirs_all = torch.cat([torch.stack(v).flatten() for v in their_spikes.values()])
@@ -428,8 +543,9 @@ def compare(model: nn.Module, graph: nir.NIRGraph | str | Path, x: torch.Tensor,
             "prediction_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).double().mean()),
             "spiking_layers": len(their_spikes),
         }
-    bso_soft, nir_hard = outputs["soft"][0], outputs["hard"][1]
-    result["bso_vs_hard_reset_agreement"] = float(
-        (bso_soft.argmax(-1) == nir_hard.argmax(-1)).double().mean()
-    )
+    if soft:
+        bso_soft, nir_hard = outputs["soft"][0], outputs["hard"][1]
+        result["bso_vs_hard_reset_agreement"] = float(
+            (bso_soft.argmax(-1) == nir_hard.argmax(-1)).double().mean()
+        )
     return result
