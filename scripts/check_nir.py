@@ -111,7 +111,7 @@ def train(work: Path) -> list[Path]:
     runs = []
     for name, overrides in TRAIN.items():
         run = work / f"digits_{name}_reset"
-        if not (run / "best_1bit.pt").is_file():
+        if not _completed(run):  # a finished run is reused
             print(f"training the digits model ({name} reset) into {run}", flush=True)
             subprocess.run(
                 [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run}"],
@@ -261,6 +261,11 @@ def check(args: argparse.Namespace) -> dict:
                     check_file(model, T, nir_file, images, labels, pythons, entry)
                 )
     return report
+
+
+def _completed(run: Path) -> bool:
+    status = run / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("status") == "completed"
 
 
 def _shown(path: Path) -> str:
