@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 LATEST_VENV ?= .venv-latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train eval env test-fast test test-slow test-latest latest-venv lock lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train eval env test-fast test test-slow test-latest latest-venv lock lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report check-nir
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ gpu-check: install  ## CUDA: the GPU path checked and measured in 8 min, most im
 	$(PYTHON) scripts/bench/gpu_check.py $(ARGS)
 
 bench: fig4 bench-throughput bench-methods bench-models bench-data  ## every benchmark (CPU: about 40 min)
+
+check-nir: install-dev  ## NIR exports in snnTorch, Norse, spikingjelly and Sinabs (own venv .venv-sinabs): trains two digits models -> benchmarks/results/nir_interop.*
+	$(PYTHON) scripts/check_nir.py --install $(ARGS)
 
 reproduce-mini: install  ## the paper's Tables 2-4 and Figures 4-5, small, on the digits (CPU, minutes) -> benchmarks/results/mini/
 	$(PYTHON) scripts/reproduce_mini.py $(ARGS)

@@ -44,7 +44,12 @@ FLOAT_ORDERS = ("release", "fast")
 
 class LIFNode(sj_neuron.LIFNode):
     """Single-step LIF neuron (tau 2, V_th 1, soft reset, sigmoid surrogate alpha 4) with an
-    optional presynaptic trace for online training."""
+    optional presynaptic trace for online training.
+
+    ``v_reset`` follows spikingjelly: ``None`` (the paper's neuron) subtracts V_th after a spike; a
+    number sets the potential to it (hard reset, ``v[t] = v_reset`` where ``s[t] = 1``, NIR's LIF)
+    and the potential leaks towards it, ``h[t] = v[t-1] - (v[t-1] - v_reset) / tau + I[t]``. The
+    trace rules read the potential as stored, either way."""
 
     def __init__(
         self,
@@ -53,7 +58,13 @@ class LIFNode(sj_neuron.LIFNode):
         surrogate_alpha: float = 4.0,
         detach_reset: bool = False,
         float_order: str = "fast",
+        v_reset: float | None = None,
     ):
+        if v_reset is not None and not isinstance(v_reset, int | float):
+            raise ValueError(
+                f"LIF v_reset must be null (subtract the threshold after a spike, the paper's "
+                f"neuron) or a number (reset to it), got {v_reset!r} (model.neuron.v_reset)"
+            )
         if float_order not in FLOAT_ORDERS:
             raise ValueError(
                 f"unknown LIF float_order {float_order!r}; choose one of {FLOAT_ORDERS} (release: "
@@ -63,7 +74,7 @@ class LIFNode(sj_neuron.LIFNode):
             tau=float(tau),
             decay_input=False,
             v_threshold=float(v_threshold),
-            v_reset=None,  # soft reset: subtract V_th
+            v_reset=None if v_reset is None else float(v_reset),  # None: subtract V_th
             surrogate_function=surrogate.Sigmoid(alpha=float(surrogate_alpha)),
             detach_reset=detach_reset,
             step_mode="s",

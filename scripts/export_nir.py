@@ -3,11 +3,14 @@
     python scripts/export_nir.py outputs/<run dir> model.nir            # best_1bit.pt, else best.pt, ...
     python scripts/export_nir.py outputs/<run dir>/last_1bit.pt model.nir --check 64
 
-BatchNorm is folded into the preceding conv; bso's LIF maps to NIR's LIF with tau = tau_steps x dt,
-r = tau_steps, v_leak = 0, v_threshold = V_th (dt = 1e-4 s per time step by default). NIR 1.0 resets
-to v_reset where bso subtracts the threshold: the LIF nodes say so in their metadata
-(docs/metrics.md). --check N runs N test-set samples through bso and through the exported file
-(spikingjelly's NIR importer) and prints how far apart they are, with either reset.
+The graph holds Conv2d and LIF nodes only (BatchNorm, average pools and the global pool folded
+into the convs), so snnTorch, Norse and spikingjelly read it as written; bso's LIF maps to NIR's LIF
+with tau = tau_steps x dt, r = 1, v_threshold = V_th / tau_steps (dt = 1e-4 s per time step by
+default, in the graph's metadata). A model trained with model.neuron.v_reset=<number> is NIR's
+neuron exactly; the paper's soft reset (v_reset=null) is not NIR's, and the LIF nodes say so in their
+metadata (docs/metrics.md). --check N runs N test-set samples through bso and through the exported
+file (spikingjelly's NIR importer) and prints how far apart they are, with either reset;
+scripts/check_nir.py runs the file in snnTorch, Norse and Sinabs.
 """
 
 from __future__ import annotations

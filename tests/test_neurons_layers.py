@@ -35,6 +35,23 @@ def test_lif_follows_the_paper_dynamics():
     assert neuron.v == 0.0 and neuron.trace is None
 
 
+@pytest.mark.parametrize("v_reset", [0.0, -0.25])
+def test_lif_with_a_hard_reset_sets_the_potential_to_v_reset(v_reset):
+    """v_reset = a number (model.neuron.v_reset): h[t] = v[t-1] - (v[t-1] - v_r) / tau + I[t],
+    v[t] = v_r where s[t] = 1 (NIR's LIF); the default (None) subtracts V_th."""
+    assert LIFNode().v_reset is None
+    neuron = LIFNode(v_reset=v_reset, v_threshold=0.75)
+    inputs = [torch.tensor([0.5, 1.5, -0.25]), torch.tensor([0.5, 0.25, 2.0])]
+    v = torch.full((3,), v_reset)
+    for x in inputs:
+        h = v - (v - v_reset) * 0.5 + x
+        s = (h >= 0.75).float()
+        assert torch.equal(neuron(x), s)
+        v = torch.where(s.bool(), torch.full_like(h, v_reset), h)
+        assert torch.equal(neuron.v, v)
+    assert neuron(torch.tensor([0.0, 0.0, 0.0])).sum() == 0  # after the resets: below threshold
+
+
 @pytest.mark.parametrize("rule", ["ottt", "ndot", "ndot_paper"])
 def test_presynaptic_trace_rules(rule):
     """a_hat[t] = mu[t] a_hat[t-1] + s[t], a_hat[1] = s[1], with mu[t] by rule (paper Eq. 9):

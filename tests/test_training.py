@@ -193,3 +193,42 @@ def test_eval_reproduces_the_final_test_accuracy(tmp_path):
         assert record["test/acc1"] == final["test/acc1"]
     with pytest.raises(ValueError, match="eval.py needs checkpoint="):
         evaluate_checkpoint(compose_config(output_dir=tmp_path / "none", config_name="eval"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer=tbso"],  # the lean mode (engine.lean=auto)
+        ["optimizer=bso", "engine.lean=false"],
+        ["optimizer=sgd", "engine=bptt", "model.weights=full"],  # FP-SNN
+        ["optimizer=sgd", "model.weights=full", "engine.trace=ottt", "engine.update=accumulate"],
+        ["optimizer=adam", "engine=bptt", "model.weights=latent"],  # Q-SNN-style
+    ],
+    ids=["tbso", "bso_plain", "fp_snn", "ottt", "qsnn"],
+)
+def test_every_method_trains_with_a_hard_reset(overrides, tmp_path):
+    """model.neuron.v_reset=0.0 (NIR's LIF, for deployment): every neuron of the model resets to
+    0, and each method's training changes the weights."""
+    from hydra.utils import instantiate
+
+    from bso.data import build_dataloaders
+    from bso.neurons import LIFNode
+    from bso.optim import build_optimizer
+
+    cfg = compose_config(*overrides, "engine.T=2", "model.neuron.v_reset=0.0", output_dir=tmp_path)
+    model = instantiate(cfg.model)
+    assert {m.v_reset for m in model.modules() if isinstance(m, LIFNode)} == {0.0}
+    engine = instantiate(cfg.engine)
+    engine.prepare(model)
+    router = build_optimizer(model, cfg.optimizer)
+    before = {n: p.detach().clone().float() for n, p in model.state_dict().items()}
+    train_loader, _ = build_dataloaders(cfg.dataset)
+    batches = []
+    for batch in train_loader:
+        batches.append(batch)
+        if len(batches) == 2:
+            break
+    result = engine.train_epoch(model, router, batches, torch.device("cpu"))
+    assert result.batches == 2 and torch.isfinite(torch.as_tensor(result.loss_sum))
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p.float(), before[n])]
+    assert any("conv" in n for n in changed), changed

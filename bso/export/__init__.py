@@ -1,14 +1,13 @@
 """Trained models out of bso: loading a run's checkpoint, exporting to NIR (:mod:`bso.export.nir`)."""
 
 from bso.export.load import find_checkpoint, load_trained
-from bso.export.nir import NIRExportError, check_exportable, plain_network, simulate, to_nir
+from bso.export.nir import NIRExportError, check_exportable, simulate, to_nir
 
 __all__ = [
     "NIRExportError",
     "check_exportable",
     "find_checkpoint",
     "load_trained",
-    "plain_network",
     "simulate",
     "to_nir",
 ]

@@ -1,52 +1,59 @@
-"""Export a trained spiking VGG to NIR, the Neuromorphic Intermediate Representation (docs/metrics.md).
+"""Export a trained spiking VGG or ResNet to NIR, the Neuromorphic Intermediate Representation
+(docs/metrics.md).
 
-The network is first rewritten as a plain ``nn.Sequential`` of what NIR has nodes for -- torch
-``Conv2d`` with each BatchNorm folded in (inference statistics), spikingjelly ``LIFNode``,
-``AvgPool2d`` (also the global average pool), ``Flatten``, ``Linear`` -- and that is handed to
-spikingjelly's exporter (:func:`spikingjelly.activation_based.nir_exchange.export_to_nir`), which
-maps the layers to NIR nodes and infers their shapes.
+The graph is written node by node with the ``nir`` package, in the shapes of the NIR spec, and only
+with the nodes that NIR's common consumers (snnTorch, Norse, Sinabs, spikingjelly) all map:
+``Input -> (Conv2d -> LIF) x blocks -> Conv2d (the classifier) -> Output``; a residual addition
+is two edges into one node (NIR sums a node's inputs).
 
-How bso's neuron maps onto NIR's LIF (``tau dv/dt = (v_leak - v) + R I``, spike when v > v_th,
-then ``v <- v_reset``), one bso time step being ``dt`` seconds (spikingjelly's 1e-4 by default):
-``tau_NIR = tau x dt`` (tau = 2 steps: lambda = 1 - 1/tau = 0.5), ``r = tau`` (the input is not
-decayed: a forward-Euler step is ``v <- lambda v + I``), ``v_leak = 0``, ``v_threshold = V_th``.
+* **BatchNorm** is folded into the conv before it with the inference statistics
+  (:func:`fold_batchnorm`).
+* **Average pools** become part of the next conv: ``conv_K(avgpool_k(s))`` is one conv with kernel
+  ``k K`` (each weight repeated over a k x k block, divided by k^2), stride ``k x stride`` and
+  padding ``k x padding`` (exact where the pool's input size is a multiple of k). snnTorch has no
+  SumPool2d, Norse no AvgPool2d: neither pool is in the file.
+* **The classifier** (global average pool, then the linear layer) is a Conv2d whose kernel covers the
+  whole last feature map, weights ``W / (h w)``; its output has shape (classes, 1, 1). No Flatten
+  (snnTorch takes NIR's ``start_dim`` without the batch offset).
+* **LIF**: bso's step ``u[t] = u[t-1] - (u[t-1] - v_r) / tau + I[t]`` (tau in steps; v_r = 0 for the
+  soft reset) is NIR's ``tau_NIR dv/dt = (v_leak - v) + r I`` by forward Euler with ``dt`` seconds per
+  step, for ``v = u / tau``: ``tau_NIR = tau dt``, ``r = 1``, ``v_leak = v_reset = v_r / tau``,
+  ``v_threshold = V_th / tau``. (``r = 1`` because Norse ignores ``r``; snnTorch rescales to the same
+  network.) ``dt`` (1e-4 s by default, snnTorch's fixed step) is in the graph's metadata.
 
-Where NIR 1.0 cannot say what bso computes (each recorded in the graph's and nodes' metadata):
+What NIR cannot say is in the metadata, and what a consumer then runs is measured by
+``scripts/check_nir.py``:
 
-* **reset**: bso subtracts the threshold (soft reset, ``u - V_th s``); NIR's LIF resets to
-  ``v_reset``. The nodes carry ``v_reset = 0`` and ``metadata["reset"] = "subtract"``: a target
-  that applies NIR's hard reset runs a different network (tests/test_nir_export.py measures how
-  much); one that honours the metadata runs bso's.
-* **threshold**: bso (spikingjelly) fires at ``v >= V_th``, NIR's text says ``v > v_th``
-  (``metadata["fires_at"] = ">="``); equal only at exact ties.
-* **time**: bso feeds the same image at every step (direct encoding) and predicts the argmax of the
-  output summed over T steps; NIR graphs are per step, so ``metadata["readout"]`` says so and
-  ``metadata["T"]`` gives T.
+* **reset**: a neuron with ``model.neuron.v_reset=null`` (the paper's) subtracts the threshold; NIR's
+  LIF resets to ``v_reset``. Such a model is written with ``v_reset = 0`` and
+  ``metadata["reset"] = "subtract"``; a consumer that applies NIR's reset runs a different network.
+  A model trained with ``model.neuron.v_reset=<number>`` is NIR's neuron exactly.
+* **threshold**: bso fires at ``v >= V_th``, NIR's text says ``v > v_th``: equal but at exact ties.
+* **time**: bso feeds the same image at every step and predicts the argmax of the output summed over
+  ``metadata["T"]`` steps (``metadata["encoding"]``, ``["readout"]``).
 
-What NIR 1.0 has no node for fails with :class:`NIRExportError` naming the layer: max pooling,
-AGMM's gate, residual blocks (BiRealResNet18, SpikingResNet19), grouped or non-zero-padded convs.
+What NIR has no node for fails with :class:`NIRExportError` naming the layer: max pooling, AGMM's
+gate, grouped, dilated or non-zero-padded convs, a pool whose input size is not a multiple of its
+kernel.
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
 from pathlib import Path
 
 import nir
 import numpy as np
 import torch
 from spikingjelly.activation_based import neuron as sj_neuron
-from spikingjelly.activation_based.nir_exchange import export_to_nir
 from torch import nn
 
-from bso.layers import SynapticConv2d, SynapticLinear
+from bso.layers import BINARY_AT_INFERENCE, SynapticConv2d
 from bso.models.parts import SpikingConvBlock
-from bso.models.resnet import BiRealBlock, SpikingBasicBlock
+from bso.models.resnet import BiRealResNet18, SpikingResNet19
 from bso.models.vgg import SpikingVGG
 from bso.neurons import LIFNode
 
-DT = 1e-4  # seconds per time step: spikingjelly's default, the convention of NIR simulators
+DT = 1e-4  # seconds per time step: snnTorch's fixed step, spikingjelly's default
 
 
 class NIRExportError(ValueError):
@@ -56,50 +63,88 @@ class NIRExportError(ValueError):
 def _fail(name: str, module: nn.Module, why: str) -> NIRExportError:
     return NIRExportError(
         f"cannot export layer '{name}' ({type(module).__name__}) to NIR: {why}. Exportable: "
-        "SpikingVGG (model.layers with <n>C<k> convs and AP<k> average pools, BatchNorm or none, "
-        "no AGMM gate)"
+        "SpikingVGG (<n>C<k> convs, AP<k> average pools), SpikingResNet19 and BiRealResNet18 "
+        "(stem_pool=false), with BatchNorm or none, no AGMM gate"
     )
 
 
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`NIRExportError` naming the first layer NIR cannot express."""
-    if not isinstance(model, SpikingVGG):
-        first = next(iter(model.named_children()), ("", model))
-        for name, module in model.named_modules():
-            if isinstance(module, (BiRealBlock, SpikingBasicBlock)):
-                first = (name, module)
-                break
+    if isinstance(model, SpikingVGG):
+        for i, block in enumerate(model.blocks):
+            _check_block(f"blocks.{i}", block)
+    elif isinstance(model, SpikingResNet19):
+        _check_block("stem", model.stem)
+        for i, block in enumerate(model.blocks):
+            for part in ("1", "2"):
+                _check_parts(
+                    f"blocks.{i}",
+                    block,
+                    [f"conv{part}", f"bn{part}", f"gate{part}", f"neuron{part}"],
+                )
+            if block.down_conv is not None:
+                _check_parts(f"blocks.{i}", block, ["down_conv", "down_bn"])
+    elif isinstance(model, BiRealResNet18):
+        _check_parts("stem", model.stem, ["0", "1"])
+        if not isinstance(model.stem[2], nn.Identity):
+            raise _fail("stem.2", model.stem[2], _NO_MAX_POOL + " (BiRealResNet18 stem_pool=false)")
+        for i, block in enumerate(model.blocks):
+            _check_parts(f"blocks.{i}", block, ["neuron", "conv", "bn", "gate"])
+            if not isinstance(block.shortcut, nn.Identity):
+                _check_parts(f"blocks.{i}.shortcut", block.shortcut, ["1", "2"])
+    else:
         raise _fail(
-            first[0] or type(model).__name__,
-            first[1],
-            "residual blocks (two paths joined by an addition, a real-valued shortcut) are not "
-            f"mapped yet; {type(model).__name__} is not a chain of conv -> LIF layers",
+            type(model).__name__,
+            model,
+            "not one of the models this exporter maps (a chain or residual blocks of conv, "
+            "BatchNorm, LIF and average pools)",
         )
-    for i, block in enumerate(model.blocks):
-        _check_block(f"blocks.{i}", block)
+
+
+_NO_MAX_POOL = "NIR has no max pooling (its pools: SumPool2d, AvgPool2d); train with AP<k> instead"
+
+
+def _check_parts(prefix: str, owner: nn.Module, names: list[str]) -> None:
+    """Each named child of ``owner``: a conv, a BatchNorm (or none), no gate, bso's LIF."""
+    for part in names:
+        name, module = f"{prefix}.{part}", owner.get_submodule(part)
+        if isinstance(module, nn.Conv2d):
+            if (
+                module.groups != 1
+                or module.padding_mode != "zeros"
+                or tuple(module.dilation) != (1, 1)
+            ):
+                raise _fail(name, module, "only ungrouped, undilated, zero-padded convs")
+        elif isinstance(module, LIFNode):
+            if module.decay_input:
+                raise _fail(name, module, "expected bso's LIF (undecayed input)")
+        elif part.startswith("gate"):
+            if not isinstance(module, nn.Identity):
+                raise _fail(
+                    name,
+                    module,
+                    "AGMM's gate scales by a statistic of the whole feature map, which NIR has "
+                    "no node for",
+                )
+        elif not isinstance(module, (nn.BatchNorm2d, nn.Identity)):
+            raise _fail(name, module, "only BatchNorm2d (folded into the conv) or none")
 
 
 def _check_block(name: str, block: SpikingConvBlock) -> None:
-    conv = block.conv
-    if conv.groups != 1 or conv.padding_mode != "zeros":
-        raise _fail(f"{name}.conv", conv, "NIR exchange supports ungrouped, zero-padded convs")
-    if not isinstance(block.bn, (nn.BatchNorm2d, nn.Identity)):
-        raise _fail(f"{name}.bn", block.bn, "only BatchNorm2d (folded into the conv) or none")
-    if not isinstance(block.gate, nn.Identity):
-        raise _fail(
-            f"{name}.gate",
-            block.gate,
-            "AGMM's gate scales by a statistic of the whole feature map, which NIR has no node for",
-        )
-    neuron = block.neuron
-    if not isinstance(neuron, LIFNode) or neuron.decay_input or neuron.v_reset is not None:
-        raise _fail(f"{name}.neuron", neuron, "expected bso's LIF (soft reset, undecayed input)")
-    if isinstance(block.pool, nn.MaxPool2d):
-        raise _fail(
-            f"{name}.pool", block.pool, "NIR 1.0 has no max pooling (AvgPool2d, SumPool2d only)"
-        )
-    if not isinstance(block.pool, (nn.Identity, nn.AvgPool2d)):
-        raise _fail(f"{name}.pool", block.pool, "only average pooling")
+    _check_parts(name, block, ["conv", "bn", "gate", "neuron"])
+    pool = block.pool
+    if isinstance(pool, nn.MaxPool2d):
+        raise _fail(f"{name}.pool", pool, _NO_MAX_POOL)
+    if isinstance(pool, nn.AvgPool2d):
+        k, stride, padding = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
+        if k[0] != k[1] or stride != k or padding != (0, 0) or pool.divisor_override:
+            raise _fail(f"{name}.pool", pool, "only square average pools with stride = kernel")
+    elif not isinstance(pool, nn.Identity):
+        raise _fail(f"{name}.pool", pool, "only average pooling")
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(int(v) for v in value) if isinstance(value, tuple | list) else (value, value)
 
 
 @torch.no_grad()
@@ -115,76 +160,193 @@ def fold_batchnorm(
         dtype = bn.weight.dtype if getattr(bn, "weight", None) is not None else torch.float32
     b = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(w.shape[0])
     if isinstance(bn, nn.BatchNorm2d):
-        if bn.running_mean is None:
-            raise NIRExportError(
-                "BatchNorm without running statistics cannot be folded for inference"
-            )
-        a = bn.running_var.double().add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            a = a * bn.weight.double()
+        a = _batchnorm_scale(bn)
         beta = bn.bias.double() if bn.bias is not None else 0.0
         w, b = w * a.view(-1, 1, 1, 1), a * (b - bn.running_mean.double()) + beta
     return w.to(dtype), b.to(dtype)
 
 
-def _torch_name(name: str) -> str:
-    return re.sub(r"\W", "_", name)
+def _batchnorm_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """a = gamma / sqrt(running_var + eps), float64."""
+    if bn.running_mean is None:
+        raise NIRExportError("BatchNorm without running statistics cannot be folded for inference")
+    a = bn.running_var.double().add(bn.eps).rsqrt()
+    return a * bn.weight.double() if bn.weight is not None else a
 
 
-def plain_network(model: SpikingVGG, input_shape, soft_reset: bool = True) -> nn.Sequential:
-    """``model`` as an ``nn.Sequential`` of torch and spikingjelly layers (BatchNorm folded) that
-    computes the same per-step output. ``soft_reset=False`` gives the neurons NIR's hard reset to 0
-    (what spikingjelly's exporter accepts)."""
-    check_exportable(model)
-    dtype = model.classifier.weight.dtype
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for i, block in enumerate(model.blocks):
-        conv = block.conv
-        w, b = fold_batchnorm(conv, block.bn, dtype)
-        plain = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            bias=True,
-            dtype=w.dtype,
-        )
-        plain.weight.data.copy_(w)
-        plain.bias.data.copy_(b)
-        layers[f"blocks_{i}_conv"] = plain
-        neuron = block.neuron
-        layers[f"blocks_{i}_neuron"] = sj_neuron.LIFNode(
-            tau=neuron.tau,
-            decay_input=False,
-            v_threshold=neuron.v_threshold,
-            v_reset=None if soft_reset else 0.0,
-        )
-        if isinstance(block.pool, nn.AvgPool2d):
-            pool = block.pool
-            layers[f"blocks_{i}_pool"] = nn.AvgPool2d(
-                pool.kernel_size,
-                pool.stride,
-                pool.padding,
-                pool.ceil_mode,
-                pool.count_include_pad,
-                pool.divisor_override,
+def _conv_output(size: tuple[int, int], kernel: int, stride: tuple, padding: tuple):
+    return tuple(
+        (n + 2 * p - kernel) // s + 1 for n, s, p in zip(size, stride, padding, strict=True)
+    )
+
+
+@torch.no_grad()
+def _conv_arrays(
+    name: str, conv: SynapticConv2d, bn: nn.Module, pool: int, binary_weights: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weight, bias, state scale per output channel) of ``bn(conv(avgpool_pool(x)))`` as one conv:
+    BatchNorm folded, the average pool (kernel ``pool``, 1 for none) folded in by repeating the
+    kernel's weights over pool x pool blocks, divided by pool^2. With ``binary_weights`` a binary
+    conv keeps +-1 weights: BatchNorm's scale a and the pool's 1/k^2 go into the neuron's state,
+    scaled by ``k^2 / |a|`` (threshold and bias with it)."""
+    weight, bias = fold_batchnorm(conv, bn, torch.float64)
+    scale = torch.ones_like(bias)
+    if binary_weights and conv.weights in BINARY_AT_INFERENCE and isinstance(bn, nn.BatchNorm2d):
+        a = _batchnorm_scale(bn)
+        if torch.any(a == 0):
+            raise _fail(
+                name.replace("conv", "bn"),
+                bn,
+                f"channel {int(torch.nonzero(a == 0)[0])} has a zero scale (gamma = 0); its "
+                "threshold cannot absorb it (export with binary_weights=False)",
             )
-    with torch.no_grad():  # the spatial size before the global average pool
-        probe = nn.Sequential(
-            *[m for m in layers.values() if not isinstance(m, sj_neuron.BaseNode)]
+        scale = pool * pool / a.abs()
+        weight = conv.effective_weight().detach().double() * a.sign().view(-1, 1, 1, 1)
+        bias = bias * scale
+    else:
+        weight = weight / (pool * pool)
+    if pool > 1:
+        weight = weight.repeat_interleave(pool, dim=2).repeat_interleave(pool, dim=3)
+    return weight.numpy(), bias.numpy(), scale.numpy()
+
+
+def _lif(neuron: LIFNode, shape: tuple, scale: np.ndarray, dt: float, dtype, name: str) -> nir.LIF:
+    """NIR's LIF for ``neuron`` (module docstring), state scaled per channel by ``scale / tau``."""
+    tau = float(neuron.tau)
+    per_channel = (np.asarray(scale, np.float64) / tau).reshape(-1, 1, 1)
+    v_reset = 0.0 if neuron.v_reset is None else float(neuron.v_reset)
+
+    def full(value):
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float64), shape), dtype)
+
+    return nir.LIF(
+        tau=full(tau * dt),
+        r=full(1.0),
+        v_leak=full(v_reset * per_channel),
+        v_threshold=full(neuron.v_threshold * per_channel),
+        v_reset=full(v_reset * per_channel),
+        metadata={
+            "bso_layer": name,
+            "reset": "subtract" if neuron.v_reset is None else "to v_reset",
+            "fires_at": ">=",
+            "tau_steps": tau,
+            "state": "v = u / tau_steps (x the per-channel scale of binary_weights)",
+        },
+    )
+
+
+class _GraphBuilder:
+    """NIR nodes and edges, added layer by layer. A tensor is the list of the nodes whose outputs
+    sum to it (NIR adds the inputs of a node): a residual addition is two edges into one node."""
+
+    def __init__(self, input_shape: tuple, dtype, dt: float, binary_weights: bool):
+        self.nodes: dict[str, nir.NIRNode] = {"input": nir.Input({"input": np.array(input_shape)})}
+        self.edges: list[tuple[str, str]] = []
+        self.dtype, self.dt, self.binary_weights = dtype, dt, binary_weights
+
+    def conv(self, name, conv, bn, inputs: list[str], size: tuple, pool: int = 1):
+        """Add ``bn(conv(avgpool(inputs)))`` as node ``name``; (node, output size, state scale)."""
+        if any(n % pool for n in size):
+            raise _fail(
+                name,
+                conv,
+                f"the average pool before it gets a {size[0]}x{size[1]} input, not a multiple of "
+                f"its kernel {pool}, so it cannot be folded into this conv",
+            )
+        weight, bias, scale = _conv_arrays(name, conv, bn, pool, self.binary_weights)
+        stride = tuple(pool * s for s in _pair(conv.stride))
+        padding = tuple(pool * p for p in _pair(conv.padding))
+        key = _node_name(name)
+        self.nodes[key] = nir.Conv2d(
+            input_shape=tuple(int(n) for n in size),
+            weight=weight.astype(self.dtype),
+            stride=stride,
+            padding=padding,
+            dilation=(1, 1),
+            groups=1,
+            bias=bias.astype(self.dtype),
         )
-        h, w_ = probe(torch.zeros(1, *input_shape, dtype=dtype)).shape[-2:]
-    layers["global_pool"] = nn.AvgPool2d((h, w_))
-    layers["flatten"] = nn.Flatten()
-    fc: SynapticLinear = model.classifier
-    linear = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None, dtype=dtype)
-    linear.weight.data.copy_(fc.effective_weight().detach())
-    if fc.bias is not None:
-        linear.bias.data.copy_(fc.bias.detach())
-    layers["classifier"] = linear
-    return nn.Sequential(layers).eval()
+        self.edges += [(source, key) for source in inputs]
+        return key, _conv_output(size, weight.shape[-1], stride, padding), scale
+
+    def lif(self, name, neuron: LIFNode, inputs: list[str], shape: tuple, scale) -> str:
+        key = _node_name(name)
+        self.nodes[key] = _lif(neuron, shape, scale, self.dt, self.dtype, name)
+        self.edges += [(source, key) for source in inputs]
+        return key
+
+    def classifier(self, fc, inputs: list[str], size: tuple, pool: int = 1) -> None:
+        """The global average pool (after an average pool ``pool``) and ``fc`` as one conv over the
+        whole feature map (weights / (h w)), then the output node."""
+        if any(n % pool for n in size):
+            raise _fail("classifier", fc, f"the last pool's input {size} is not a multiple of it")
+        weight = fc.effective_weight().detach().double()
+        kernel = weight.view(*weight.shape, 1, 1).expand(*weight.shape, *size) / (size[0] * size[1])
+        bias = fc.bias.detach().double() if fc.bias is not None else weight.new_zeros(len(weight))
+        self.nodes["classifier"] = nir.Conv2d(
+            input_shape=tuple(int(n) for n in size),
+            weight=kernel.numpy().astype(self.dtype),
+            stride=(1, 1),
+            padding=(0, 0),
+            dilation=(1, 1),
+            groups=1,
+            bias=bias.numpy().astype(self.dtype),
+        )
+        self.nodes["output"] = nir.Output({"output": np.array([fc.out_features, 1, 1])})
+        self.edges += [(source, "classifier") for source in inputs]
+        self.edges.append(("classifier", "output"))
+
+
+def _node_name(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _vgg(model: SpikingVGG, graph: _GraphBuilder, size: tuple) -> None:
+    x, pool = ["input"], 1
+    for i, block in enumerate(model.blocks):
+        conv, size, scale = graph.conv(f"blocks.{i}.conv", block.conv, block.bn, x, size, pool)
+        shape = (block.conv.out_channels, *size)
+        x = [graph.lif(f"blocks.{i}.neuron", block.neuron, [conv], shape, scale)]
+        pool = _pair(block.pool.kernel_size)[0] if isinstance(block.pool, nn.AvgPool2d) else 1
+    graph.classifier(model.classifier, x, size, pool)
+
+
+def _resnet19(model: SpikingResNet19, graph: _GraphBuilder, size: tuple) -> None:
+    stem = model.stem
+    conv, size, scale = graph.conv("stem.conv", stem.conv, stem.bn, ["input"], size)
+    x = [graph.lif("stem.neuron", stem.neuron, [conv], (stem.conv.out_channels, *size), scale)]
+    for i, block in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        conv1, out, scale = graph.conv(f"{name}.conv1", block.conv1, block.bn1, x, size)
+        shape = (block.conv1.out_channels, *out)
+        h = graph.lif(f"{name}.neuron1", block.neuron1, [conv1], shape, scale)
+        conv2, _, _ = graph.conv(f"{name}.conv2", block.conv2, block.bn2, [h], out)
+        shortcut = x
+        if block.down_conv is not None:
+            down, _, _ = graph.conv(f"{name}.down_conv", block.down_conv, block.down_bn, x, size)
+            shortcut = [down]
+        x, size = [graph.lif(f"{name}.neuron2", block.neuron2, [conv2, *shortcut], shape, 1.0)], out
+    graph.classifier(model.classifier, x, size)
+
+
+def _bireal(model: BiRealResNet18, graph: _GraphBuilder, size: tuple) -> None:
+    conv, size, _ = graph.conv("stem.0", model.stem[0], model.stem[1], ["input"], size)
+    x, channels = [conv], model.stem[0].out_channels  # real values: the nodes that sum to them
+    for i, block in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        spikes = graph.lif(f"{name}.neuron", block.neuron, x, (channels, *size), 1.0)
+        out, new_size, _ = graph.conv(f"{name}.conv", block.conv, block.bn, [spikes], size)
+        if isinstance(block.shortcut, nn.Identity):
+            x = [out, *x]
+        else:
+            pool = block.shortcut[0]
+            k = _pair(pool.kernel_size)[0] if isinstance(pool, nn.AvgPool2d) else 1
+            down, _, _ = graph.conv(
+                f"{name}.shortcut.1", block.shortcut[1], block.shortcut[2], x, size, k
+            )
+            x = [out, down]
+        size, channels = new_size, block.conv.out_channels
+    graph.classifier(model.classifier, x, size)
 
 
 def to_nir(
@@ -196,93 +358,73 @@ def to_nir(
     dt: float = DT,
     binary_weights: bool = False,
 ) -> nir.NIRGraph:
-    """The NIR graph of a trained :class:`bso.models.SpikingVGG` (one time step; see the module
-    docstring for what maps how); written to ``path`` (HDF5) when given. ``input_shape``: one
-    sample's (channels, height, width); ``T``: the time steps it was trained with (metadata).
+    """The NIR graph of a trained :class:`bso.models.SpikingVGG`, :class:`SpikingResNet19` or
+    :class:`BiRealResNet18` (one time step; see the module docstring for what maps how); written
+    to ``path`` (HDF5) when given. ``input_shape``: one sample's (channels, height, width); ``T``:
+    the time steps it was trained with (metadata).
 
-    ``binary_weights=True`` keeps the binary convs' weights exactly +-1 (:func:`fold_into_threshold`:
-    BatchNorm's scale goes into per-channel thresholds instead), for targets with 1-bit synapses
-    and per-neuron thresholds."""
+    ``binary_weights=True`` keeps the binary convs' weights exactly +-1 (BatchNorm's scale and the
+    pools' 1/k^2 go into per-channel thresholds instead), for targets with 1-bit synapses and
+    per-neuron thresholds; VGG only (a residual addition needs one scale on both paths)."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
-    plain = plain_network(model, input_shape, soft_reset=False)  # spikingjelly exports hard resets
-    dtype = next(plain.parameters()).dtype
-    graph = export_to_nir(plain, torch.zeros(1, *input_shape, dtype=dtype), dt=dt)
-    neurons = {n: m for n, m in model.named_modules() if isinstance(m, LIFNode)}
-    for name, node in graph.nodes.items():
-        if isinstance(node, nir.LIF):
-            source = name.replace("blocks_", "blocks.").replace("_neuron", ".neuron")
-            node.metadata.update(
-                {
-                    "reset": "subtract",
-                    "fires_at": ">=",
-                    "bso_layer": source,
-                    "tau_steps": float(neurons[source].tau),
-                }
-            )
-        elif isinstance(node, nir.Conv2d) and name.endswith("_conv"):
-            node.metadata["bso_layer"] = name.replace("blocks_", "blocks.").replace(
-                "_conv", ".conv"
-            )
-    graph.metadata.update(
-        {
+    check_exportable(model)
+    if binary_weights and not isinstance(model, SpikingVGG):
+        raise _fail(
+            type(model).__name__,
+            model,
+            "binary_weights=True moves each channel's BatchNorm scale into its neurons' state, "
+            "which a residual addition (two paths into one neuron) cannot take",
+        )
+    dtype = np.dtype(str(model.classifier.weight.dtype).removeprefix("torch."))
+    graph = _GraphBuilder(input_shape, dtype, dt, binary_weights)
+    build = {SpikingVGG: _vgg, SpikingResNet19: _resnet19, BiRealResNet18: _bireal}
+    build[type(model)](model, graph, input_shape[1:])
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
+    soft = [n.v_reset is None for n in neurons]
+    result = nir.NIRGraph(
+        nodes=graph.nodes,
+        edges=graph.edges,
+        metadata={
             "producer": "bso",
             "model": type(model).__name__,
-            "dt": dt,
+            "dt": float(dt),
+            "time_step": f"{dt:g} s per step: snnTorch's fixed step; norse.torch.from_nir(graph, "
+            f"dt={dt:g})",
             "T": -1 if T is None else int(T),
             "encoding": "direct: the same input at every time step",
-            "readout": "argmax of the classifier output summed over the T time steps",
-            "reset": "subtract V_th on a spike (soft reset); the LIF nodes' v_reset is not used",
-            "batchnorm": "folded into the preceding conv with the inference statistics",
-        }
+            "readout": "argmax of the output summed over the T time steps",
+            "reset": (
+                "subtract V_th on a spike (soft reset); the LIF nodes' v_reset is not what bso runs"
+                if all(soft)
+                else "to v_reset (hard reset, NIR's LIF)"
+                if not any(soft)
+                else "mixed: see each LIF node's metadata"
+            ),
+            "batchnorm": "folded into the preceding conv with the inference statistics"
+            + ("; binary convs: its scale into per-channel thresholds" if binary_weights else ""),
+            "pools": "average pools folded into the next conv (kernel repeated, / k^2)",
+            "classifier": "global average pool and linear layer as one conv, weights / (h w)",
+            "additions": "a residual addition is two edges into one node (NIR sums the inputs)",
+            "initial_state": "each LIF starts at v = v_leak (= v_reset; 0 for the soft reset)",
+        },
     )
-    if binary_weights:
-        fold_into_threshold(model, graph)
     if path is not None:
-        nir.write(str(path), graph)
-    return graph
+        write_nir(path, result)
+    return result
 
 
-@torch.no_grad()
-def fold_into_threshold(model: SpikingVGG, graph: nir.NIRGraph) -> None:
-    """In ``graph`` (as :func:`to_nir` wrote it), give every binary conv its +-1 weights back: with
-    BatchNorm's scale ``a`` per output channel, ``a W x + b' >= V_th`` is ``sign(a) W x + b'/|a| >=
-    V_th/|a|``, and the membrane potential scaled by 1/|a| leaks and resets (either reset) the same
-    way. So the conv node holds ``sign(a) W`` (exactly +-1) and bias ``b'/|a|``, and the LIF node
-    ``v_threshold = V_th / |a|`` per channel. A channel with ``a = 0`` cannot be scaled: refused."""
-    from bso.layers import BINARY_AT_INFERENCE
+def write_nir(path: str | Path, graph: nir.NIRGraph) -> None:
+    """``nir.write``, leaving out each LIF node's ``v_reset`` where it is 0: NIR's default, which
+    nir >= 1.0.5 reads back as 0, and a field that nir <= 1.0.4 (Sinabs' pin) cannot read."""
+    import h5py
 
-    for i, block in enumerate(model.blocks):
-        conv = block.conv
-        if conv.weights not in BINARY_AT_INFERENCE or not isinstance(block.bn, nn.BatchNorm2d):
-            continue
-        bn = block.bn
-        a = bn.running_var.double().add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            a = a * bn.weight.double()
-        if torch.any(a == 0):
-            channel = int(torch.nonzero(a == 0)[0])
-            raise _fail(
-                f"blocks.{i}.bn",
-                bn,
-                f"channel {channel} has a zero scale (gamma = 0); "
-                "its threshold cannot absorb it (export with binary_weights=False)",
-            )
-        _, bias = fold_batchnorm(conv, bn, torch.float64)
-        node, lif = graph.nodes[f"blocks_{i}_conv"], graph.nodes[f"blocks_{i}_neuron"]
-        signs = conv.effective_weight().detach().double() * a.sign().view(-1, 1, 1, 1)
-        node.weight = signs.numpy().astype(node.weight.dtype)
-        node.bias = (bias / a.abs()).numpy().astype(node.bias.dtype)
-        threshold = (block.neuron.v_threshold / a.abs()).numpy()
-        lif.v_threshold = np.broadcast_to(
-            threshold.reshape(-1, *([1] * (lif.v_threshold.ndim - 1))), lif.v_threshold.shape
-        ).astype(lif.v_threshold.dtype)
-        lif.metadata["threshold"] = "per channel: V_th / |BatchNorm scale| (binary_weights)"
-    graph.metadata["batchnorm"] = (
-        "binary convs: BatchNorm's scale a folded into per-channel thresholds V_th/|a|, its sign "
-        "into the +-1 weights, the shift into the bias (b'/|a|); the first conv: folded into it"
-    )
+    nir.write(str(path), graph)
+    with h5py.File(path, "r+") as f:
+        for name, node in graph.nodes.items():
+            if isinstance(node, nir.LIF) and not np.any(node.v_reset):
+                del f["node"]["nodes"][name]["v_reset"]
 
 
 def read_nir(path: str | Path) -> nir.NIRGraph:
@@ -304,8 +446,9 @@ def simulate(
 ):
     """Run an NIR graph with spikingjelly's importer (``import_from_nir``) for ``T`` steps on the
     same input ``x`` and return (the output summed over the steps, every spiking layer's spikes per
-    step). ``soft_reset=True`` switches the imported neurons to subtracting the threshold, as the
-    graph's metadata says bso does; ``False`` runs NIR's hard reset as written."""
+    step; the output flattened to (batch, classes)). ``soft_reset=True`` switches the imported
+    neurons to subtracting the threshold (what the metadata says a soft-reset model does); ``False``
+    runs NIR's reset as written."""
     from spikingjelly.activation_based.nir_exchange import import_from_nir
 
     graph = read_nir(graph) if isinstance(graph, (str, Path)) else graph
@@ -332,7 +475,7 @@ def simulate(
     finally:
         for h in handles:
             h.remove()
-    return summed, spikes
+    return summed.flatten(1), spikes
 
 
 def graph_arrays(graph: nir.NIRGraph) -> dict[str, dict[str, np.ndarray]]:
@@ -378,16 +521,18 @@ def run_bso(model: nn.Module, x: torch.Tensor, T: int, hard_reset: bool = False)
 
 def compare(model: nn.Module, graph: nir.NIRGraph | str | Path, x: torch.Tensor, T: int) -> dict:
     """Run ``model`` (bso) and the NIR graph (spikingjelly's importer) on the batch ``x`` for ``T``
-    steps, both with bso's soft reset and both with NIR's hard reset, and say how far apart they
-    are: per reset, the largest |logit difference|, the fraction of spikes that differ and of
-    predictions that agree; and how often bso's predictions survive a target that applies NIR's
-    hard reset as written (``bso_vs_hard_reset_agreement``)."""
+    steps and say how far apart they are: the largest |logit difference|, the fraction of spikes
+    that differ and of predictions that agree. A model with the soft reset is compared twice, both
+    sides with bso's soft reset and both with NIR's hard reset, plus how often its predictions
+    survive a target that applies NIR's hard reset as written (``bso_vs_hard_reset_agreement``);
+    a model with a hard reset (``v_reset`` a number) once, as trained (``"hard"``)."""
     dtype = model.classifier.weight.dtype
     x = x.to(dtype)
+    soft = all(m.v_reset is None for m in model.modules() if isinstance(m, LIFNode))
     result = {}
     outputs = {}
-    for reset in ("soft", "hard"):
-        ours, our_spikes = run_bso(model, x, T, hard_reset=reset == "hard")
+    for reset in ("soft", "hard") if soft else ("hard",):
+        ours, our_spikes = run_bso(model, x, T, hard_reset=soft and reset == "hard")
         theirs, their_spikes = simulate(graph, x, T, soft_reset=reset == "soft", dtype=dtype)
         ours_all = torch.cat([torch.stack(v).flatten() for v in our_spikes.values()])
         theirs_all = torch.cat([torch.stack(v).flatten() for v in their_spikes.values()])
@@ -398,8 +543,9 @@ def compare(model: nn.Module, graph: nir.NIRGraph | str | Path, x: torch.Tensor,
             "prediction_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).double().mean()),
             "spiking_layers": len(their_spikes),
         }
-    bso_soft, nir_hard = outputs["soft"][0], outputs["hard"][1]
-    result["bso_vs_hard_reset_agreement"] = float(
-        (bso_soft.argmax(-1) == nir_hard.argmax(-1)).double().mean()
-    )
+    if soft:
+        bso_soft, nir_hard = outputs["soft"][0], outputs["hard"][1]
+        result["bso_vs_hard_reset_agreement"] = float(
+            (bso_soft.argmax(-1) == nir_hard.argmax(-1)).double().mean()
+        )
     return result
