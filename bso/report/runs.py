@@ -224,7 +224,7 @@ def _is_record(record: dict) -> bool:
 
 def load_run(run_dir: Path) -> RunRecord:
     """The run in ``run_dir`` (config.yaml, metrics.jsonl, status.json, .hydra/overrides.yaml,
-    run_info.json's model size; each but config.yaml optional)."""
+    run_info.json's model size, environment.json; each but config.yaml optional)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     records = read_records(run_dir / "metrics.jsonl")
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
@@ -232,7 +232,7 @@ def load_run(run_dir: Path) -> RunRecord:
     info = run_dir / "run_info.json"
     size = json.loads(info.read_text()).get("model_size", {}) if info.is_file() else {}
     env_file = run_dir / "environment.json"
-    environment = json.loads(env_file.read_text()) if env_file.is_file() else {}
+    environment = (_read_json(env_file) or {}) if env_file.is_file() else {}
     status = _status(run_dir, cfg, records)
     return RunRecord(run_dir, cfg, records, status, overrides, size.get("size_mb"), environment)
 
