@@ -273,3 +273,23 @@ def test_each_model_trains_a_few_batches_with_tbso(name, tmp_path):
         json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert record["test/acc1"] == final["test/acc1"] and record["firing_rate/all"] > 0
+
+
+# --- the long-T memory benchmark (scripts/bench/memory_vs_T.py --dataset shd) --------------------
+
+
+def test_shd_shaped_training_memory_is_flat_online_and_linear_with_bptt():
+    """Activation memory of one batch on the SHD shape (a new frame per step): the online methods
+    hold one step's tensors whatever T (frame t is a copy, not a view of all T frames); BPTT's grow by
+    the same amount with every step."""
+    from memory_vs_T import measure
+
+    act = {
+        (method, T): measure(method, T, 2, "16-16", "cpu", dataset="shd")["activation_peak_bytes"]
+        for method in ("bptt_latent", "tbso", "bso")
+        for T in (2, 4, 6)
+    }
+    for method in ("tbso", "bso"):
+        assert act[(method, 2)] == act[(method, 4)] == act[(method, 6)] > 0
+    step = act[("bptt_latent", 4)] - act[("bptt_latent", 2)]
+    assert step > 0 and act[("bptt_latent", 6)] - act[("bptt_latent", 4)] == step
