@@ -72,7 +72,8 @@ class EventDataset:
     @property
     def source(self) -> str:
         """Where spikingjelly says the release comes from."""
-        return self.dataset_class().resource_url_md5()[0][1]
+        urls = [url for _, url, _ in self.dataset_class().resource_url_md5()]
+        return ", ".join(dict.fromkeys(urls))
 
     def missing(self, root: Path, what: str) -> str:
         return (
@@ -83,29 +84,10 @@ class EventDataset:
 
 
 DVS128_GESTURE = EventDataset(
-    "dvs128_gesture",
-    "DVS128 Gesture",
-    "DVS128Gesture",
-    "events_np",
-    11,
-    (128, 128),
+    "dvs128_gesture", "DVS128 Gesture", "DVS128Gesture", "events_np", 11, (128, 128)
 )
-NMNIST = EventDataset(
-    "nmnist",
-    "N-MNIST",
-    "NMNIST",
-    "events_np",
-    10,
-    (34, 34),
-)
-SHD = EventDataset(
-    "shd",
-    "SHD",
-    "SpikingHeidelbergDigits",
-    "events_h5",
-    20,
-    None,
-)
+NMNIST = EventDataset("nmnist", "N-MNIST", "NMNIST", "events_np", 10, (34, 34))
+SHD = EventDataset("shd", "SHD", "SpikingHeidelbergDigits", "events_h5", 20, None)
 EVENT_DATASETS = {d.name: d for d in (DVS128_GESTURE, NMNIST, SHD)}
 
 
