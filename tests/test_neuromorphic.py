@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 
 from bso.data import build_dataloaders
+from bso.data.errors import DataError
 from bso.data.neuromorphic import EVENT_DATASETS, frames_folder
 from bso.data.synthetic import write_dvs128_gesture, write_nmnist, write_shd
 from bso.engine import input_at
@@ -126,7 +127,7 @@ def test_a_corrupt_archive_is_refused_and_kept(tmp_path):
     download.mkdir()
     for name in ("DvsGesture.tar.gz", "gesture_mapping.csv", "LICENSE.txt", "README.txt"):
         (download / name).write_bytes(b"not the release")
-    with pytest.raises(ValueError, match=r"DvsGesture.tar.gz is not the released file \(MD5"):
+    with pytest.raises(DataError, match=r"DvsGesture.tar.gz is not the released file \(MD5"):
         _loaders("dvs128_gesture", tmp_path)
     assert (download / "DvsGesture.tar.gz").exists()  # spikingjelly would have deleted it
     (download / "README.txt").unlink()
@@ -138,16 +139,16 @@ def test_malformed_shd_files_are_named(tmp_path):
     root = write_shd(tmp_path, per_class=1)
     path = root / "events_h5" / "shd_test.h5"
     path.write_bytes(b"not hdf5")
-    with pytest.raises(ValueError, match="shd_test.h5 is not a readable HDF5 file"):
+    with pytest.raises(DataError, match="shd_test.h5 is not a readable HDF5 file"):
         _loaders("shd", root)
     with h5py.File(path, "w") as f:
         f.create_dataset("labels", data=np.zeros(3, dtype=np.uint16))
-    with pytest.raises(ValueError, match="shd_test.h5 has no 'spikes/times'"):
+    with pytest.raises(DataError, match="shd_test.h5 has no 'spikes/times'"):
         _loaders("shd", root)
     write_shd(tmp_path, per_class=1)
     with h5py.File(path, "a") as f:  # a channel the cochlea model does not have
         f["spikes/units"][3] = np.full(500, 700, dtype=np.uint16)
-    with pytest.raises(ValueError, match=r"shd_test.h5, sample 3: units must be 0..699"):
+    with pytest.raises(DataError, match=r"shd_test.h5, sample 3: units must be 0..699"):
         _loaders("shd", root)
     assert not frames_folder(root, 4, "number").exists()  # no half-built cache is left
 
@@ -156,7 +157,7 @@ def test_malformed_event_files_and_empty_time_bins_are_named(tmp_path):
     root = write_nmnist(tmp_path, per_class=1)
     victim = root / "events_np" / "train" / "3" / "00003.npz"
     victim.write_bytes(b"not an npz")
-    with pytest.raises(ValueError, match="00003.npz: not an event file with arrays t, x, y, p"):
+    with pytest.raises(DataError, match="00003.npz: not an event file with arrays t, x, y, p"):
         _loaders("nmnist", root)
     write_nmnist(tmp_path, per_class=1)
     # every event in the first tenth of the recording: split_by=time has empty bins
@@ -164,9 +165,7 @@ def test_malformed_event_files_and_empty_time_bins_are_named(tmp_path):
     t[-1] = 10_000
     with np.load(victim) as e:
         np.savez(victim, t=t, x=e["x"], y=e["y"], p=e["p"])
-    with pytest.raises(
-        ValueError, match="00003.npz: no event in time bin 1 of 4 .*split_by=number"
-    ):
+    with pytest.raises(DataError, match="00003.npz: no event in time bin 1 of 4 .*split_by=number"):
         _loaders("nmnist", root, "dataset.split_by=time")
     assert not frames_folder(root, 4, "time").exists()
     train, _ = _loaders("nmnist", root, "dataset.split_by=number")  # the same file, by number

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from bso.data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -124,11 +126,9 @@ class DVSFrames(Dataset):
         try:
             x = torch.from_numpy(np.asarray(self.base.loader(path), dtype=np.float32))
         except Exception as err:  # noqa: BLE001 - name the file whatever numpy raised
-            raise RuntimeError(f"cannot read {self.title} frames from {path}: {err}") from err
+            raise DataError(f"cannot read {self.title} frames from {path}: {err}") from err
         if x.dim() != 4 or x.shape[1] != 2:
-            raise RuntimeError(
-                f"{path}: expected frames of shape [T, 2, H, W], got {tuple(x.shape)}"
-            )
+            raise DataError(f"{path}: expected frames of shape [T, 2, H, W], got {tuple(x.shape)}")
         if x.shape[-2:] == (self.size, self.size):
             return x, label
         return F.interpolate(

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bso.data.dvs import DVSFrames, drop_stale_frames, frame_statistics
+from bso.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ EVENT_DATASETS = {d.name: d for d in (DVS128_GESTURE, NMNIST, SHD)}
 
 
 def check_shd_file(path: Path) -> np.ndarray:
-    """The labels of an SHD HDF5 file, after checking its structure (one ``ValueError`` naming the
+    """The labels of an SHD HDF5 file, after checking its structure (one :class:`DataError` naming the
     file and what is wrong)."""
     import h5py
 
@@ -100,23 +101,23 @@ def check_shd_file(path: Path) -> np.ndarray:
         with h5py.File(path, "r") as f:
             for key in ("spikes/times", "spikes/units", "labels"):
                 if key not in f:
-                    raise ValueError(
+                    raise DataError(
                         f"{path} has no '{key}': an SHD file holds spikes/times, spikes/units "
                         "and labels (as released at zenkelab.org/datasets); replace the file"
                     )
             labels = np.asarray(f["labels"][:])
             sizes = {len(f["spikes/times"]), len(f["spikes/units"])}
     except OSError as err:
-        raise ValueError(
+        raise DataError(
             f"{path} is not a readable HDF5 file ({err}); replace it with the released file"
         ) from err
     if sizes != {len(labels)} or not len(labels):
-        raise ValueError(
+        raise DataError(
             f"{path}: spikes/times, spikes/units and labels must hold one entry per sample, got "
             f"{sorted(sizes)} spike lists for {len(labels)} labels; replace the file"
         )
     if labels.min() < 0 or labels.max() >= SHD.classes:
-        raise ValueError(
+        raise DataError(
             f"{path}: labels must be 0..{SHD.classes - 1}, found {labels.min()}..{labels.max()}"
         )
     return labels
@@ -161,7 +162,7 @@ def check_present(spec: EventDataset, root: Path) -> None:
     for path, md5 in archives:
         actual = calculate_md5(str(path))
         if actual != md5:
-            raise ValueError(
+            raise DataError(
                 f"{spec.title}: {path} is not the released file (MD5 {actual}, expected {md5}); "
                 f"download it again from {spec.source}"
             )
@@ -254,7 +255,7 @@ def spikingjelly_frames(spec: EventDataset, root: Path, train: bool, T: int, spl
             shutil.rmtree(frames, ignore_errors=True)
             marker.unlink(missing_ok=True)
         problem = diagnose(spec, root, T, split_by) or f"{type(err).__name__}: {err}"
-        raise ValueError(
+        raise DataError(
             f"{spec.title}: spikingjelly could not integrate the events into {T} frames split by "
             f"{split_by}: {problem}"
         ) from err
@@ -278,9 +279,9 @@ class SHDFrames(Dataset):
         try:
             x = torch.from_numpy(np.asarray(self.base.loader(path), dtype=np.float32))
         except Exception as err:  # noqa: BLE001 - name the file whatever numpy raised
-            raise ValueError(f"cannot read SHD frames from {path}: {err}") from err
+            raise DataError(f"cannot read SHD frames from {path}: {err}") from err
         if x.dim() != 2 or x.shape[1] != SHD_CHANNELS:
-            raise ValueError(
+            raise DataError(
                 f"{path}: expected frames of shape [T, {SHD_CHANNELS}], got {tuple(x.shape)}; "
                 "delete the frame cache to rebuild it"
             )
