@@ -129,3 +129,7 @@ lint: install-dev  ## ruff check and ruff format --check (what CI runs before th
 
 clean:  ## remove install stamps, caches and the latest-versions venv (keeps outputs/)
 	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist $(LATEST_VENV)
+
+.PHONY: bench-memory-shd
+bench-memory-shd: install  ## memory vs T at long T on the SHD shape (BPTT-latent / BSO / T-BSO, T=25..200, batch 32) -> benchmarks/results/memory_vs_T_shd.*
+	$(PYTHON) scripts/bench/memory_vs_T.py --dataset shd $(ARGS)

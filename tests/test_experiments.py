@@ -10,7 +10,15 @@ import torch
 
 from bso import paper
 from bso.compose import compose_configs
-from bso.data.synthetic import write_cifar, write_cifar10_dvs, write_imagenet, write_speech_commands
+from bso.data.synthetic import (
+    write_cifar,
+    write_cifar10_dvs,
+    write_dvs128_gesture,
+    write_imagenet,
+    write_nmnist,
+    write_shd,
+    write_speech_commands,
+)
 from bso.train import train
 from conftest import CONFIG_DIR, compose_config
 
@@ -26,9 +34,13 @@ FIXTURES = {
     ),
     "dvs_cifar10": (write_cifar10_dvs, ["dataset.batch_size=10", "dataset.train_per_class=2"]),
     "gsc": (write_speech_commands, ["dataset.batch_size=3"]),
+    "dvs128_gesture": (write_dvs128_gesture, ["dataset.batch_size=11", "dataset.image_size=16"]),
+    "nmnist": (write_nmnist, ["dataset.batch_size=10"]),
+    "shd": (write_shd, ["dataset.batch_size=20"]),
 }
 NARROW = {  # per model family: a narrow network, T=2, one epoch, no workers
     "bso.models.SpikingVGG": ["model.layers=8C3-AP2-16C3-AP2"],
+    "bso.models.SpikingMLP": ["model.hidden=[16,16]"],
     "bso.models.BiRealResNet18": [
         "model.widths=[8,16,16,16]",
         "model.blocks_per_stage=1",

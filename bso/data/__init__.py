@@ -1,7 +1,8 @@
 """Datasets by name: ``build_dataloaders(cfg.dataset)`` returns the train and test loaders.
 
 Every dataset yields ``(x, y)`` batches. Static images are ``[B, C, H, W]`` (the engines feed the same
-image at every time step: direct encoding); event data are ``[B, T, C, H, W]`` (step t gets frame t).
+image at every time step: direct encoding); event data are ``[B, T, C, H, W]`` (step t gets frame t),
+or ``[B, T, C]`` for channels without a picture (SHD's 700 channels).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from bso.data.cifar import cifar_datasets, cifar_transform
 from bso.data.digits import digits_datasets
 from bso.data.dvs import dvs_cifar10_datasets
 from bso.data.imagenet import imagenet_datasets, imagenet_transform
+from bso.data.neuromorphic import event_datasets
 from bso.data.speech import speech_commands_datasets
 from bso.distributed import ShardSampler
 
@@ -78,6 +80,19 @@ def _dvs_cifar10(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     )
 
 
+def _event_frames(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    return event_datasets(
+        cfg.name,
+        cfg.root,
+        T=cfg.frames,
+        split_by=cfg.split_by,
+        size=cfg.get("image_size"),
+        crop_padding=cfg.get("crop_padding", 0),
+        mean=cfg.get("mean", 0.0),
+        std=cfg.get("std", 1.0),
+    )
+
+
 def _gsc(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     return speech_commands_datasets(cfg.root, size=cfg.image_size)
 
@@ -101,6 +116,9 @@ DATASETS: dict[str, Callable[[DictConfig], tuple[Dataset, Dataset]]] = {
     "imagenet": _imagenet,
     "dvs_cifar10": _dvs_cifar10,
     "gsc": _gsc,
+    "dvs128_gesture": _event_frames,
+    "nmnist": _event_frames,
+    "shd": _event_frames,
 }
 
 

@@ -57,21 +57,29 @@ def check_present(root: Path) -> None:
         raise FileNotFoundError(_missing_message(root))
 
 
+def drop_stale_frames(frames: Path, expected: dict[str, int]) -> bool:
+    """Delete spikingjelly's frame cache ``frames`` when its build was interrupted (its
+    ``.building`` marker is there) or a folder of it holds another number of frame files than
+    ``expected`` (relative folder -> count); whether it was deleted."""
+    marker = frames.with_name(frames.name + ".building")
+    stale = marker.exists()
+    if frames.exists() and not stale:
+        stale = any(len(list((frames / rel).glob("*.npz"))) != n for rel, n in expected.items())
+    if stale:
+        log.info(f"deleting the interrupted or incomplete frame cache {frames}; it is rebuilt")
+        shutil.rmtree(frames, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+    return stale
+
+
 def ensure_fresh_frame_cache(root: Path, T: int, split_by: str) -> Path:
     """Delete spikingjelly's frame cache when a build was interrupted or files are missing."""
     frames = root / f"frames_number_{T}_split_by_{split_by}"
-    marker = frames.with_name(frames.name + ".building")
     events = root / "events_np"
-    stale = marker.exists()
-    if frames.exists() and events.is_dir() and not stale:
-        for cls in CLASSES:
-            n_events = len(list((events / cls).glob("*.npz")))
-            if len(list((frames / cls).glob("*.npz"))) != n_events:
-                stale = True
-                break
-    if stale:
-        shutil.rmtree(frames, ignore_errors=True)
-        marker.unlink(missing_ok=True)
+    expected = (
+        {cls: len(list((events / cls).glob("*.npz"))) for cls in CLASSES} if events.is_dir() else {}
+    )
+    drop_stale_frames(frames, expected)
     return frames
 
 
@@ -104,10 +112,11 @@ class DVSFrames(Dataset):
         flip: bool,
         mean: float = 0.0,
         std: float = 1.0,
+        title: str = "CIFAR10-DVS",
     ):
         self.base, self.indices = base, list(indices)
         self.size, self.train, self.crop_padding, self.flip = size, train, crop_padding, flip
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.title = mean, std, title
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -117,9 +126,11 @@ class DVSFrames(Dataset):
         try:
             x = torch.from_numpy(np.asarray(self.base.loader(path), dtype=np.float32))
         except Exception as err:  # noqa: BLE001 - name the file whatever numpy raised
-            raise DataError(f"cannot read CIFAR10-DVS frames from {path}: {err}") from err
+            raise DataError(f"cannot read {self.title} frames from {path}: {err}") from err
         if x.dim() != 4 or x.shape[1] != 2:
             raise DataError(f"{path}: expected frames of shape [T, 2, H, W], got {tuple(x.shape)}")
+        if x.shape[-2:] == (self.size, self.size):
+            return x, label
         return F.interpolate(
             x, size=(self.size, self.size), mode="bilinear", align_corners=False
         ), label
@@ -135,6 +146,21 @@ class DVSFrames(Dataset):
             if self.flip and np.random.rand() < 0.5:
                 x = x.flip(-1)
         return (x - self.mean) / self.std, label
+
+
+def frame_statistics(frames: DVSFrames) -> tuple[float, float]:
+    """Global mean and std of every frame of ``frames`` (one pass; logged, to be pinned)."""
+    total, sq, n = 0.0, 0.0, 0
+    for i in range(len(frames)):
+        x, _ = frames.frames(i)
+        total, sq, n = total + float(x.sum()), sq + float((x**2).sum()), n + x.numel()
+    mean = total / n
+    std = max((sq / n - mean**2) ** 0.5, 1e-8)
+    log.info(
+        f"{frames.title} training frames: mean {mean:.6g}, std {std:.6g} "
+        f"(pin them with dataset.mean={mean:.6g} dataset.std={std:.6g})"
+    )
+    return mean, std
 
 
 def dvs_cifar10_datasets(
@@ -160,18 +186,9 @@ def dvs_cifar10_datasets(
             f"dataset.train_per_class={train_per_class} leaves an empty split "
             f"({len(train_idx)} train / {len(test_idx)} test samples)"
         )
-    if mean is None or std is None:  # global statistics of the training frames, one pass
+    if mean is None or std is None:
         stats = DVSFrames(base, train_idx, size, train=False, crop_padding=0, flip=False)
-        total, sq, n = 0.0, 0.0, 0
-        for i in range(len(stats)):
-            x, _ = stats.frames(i)
-            total, sq, n = total + float(x.sum()), sq + float((x**2).sum()), n + x.numel()
-        mean = total / n
-        std = max((sq / n - mean**2) ** 0.5, 1e-8)
-        log.info(
-            f"CIFAR10-DVS training frames: mean {mean:.6g}, std {std:.6g} "
-            f"(pin them with dataset.mean={mean:.6g} dataset.std={std:.6g})"
-        )
+        mean, std = frame_statistics(stats)
     train = DVSFrames(base, train_idx, size, True, crop_padding, flip, mean, std)
     test = DVSFrames(base, test_idx, size, False, 0, False, mean, std)
     return train, test

@@ -66,21 +66,81 @@ DVS_CLASSES = (
 )
 
 
+def write_events(path: Path, rng, events: int, height: int, width: int, duration: int = 10**6):
+    """One event file as spikingjelly stores converted events: arrays t (sorted timestamps), x, y
+    (inside the ``width`` x ``height`` sensor) and p (polarity 0/1)."""
+    np.savez(
+        path,
+        t=np.sort(rng.integers(0, duration, size=events)).astype(np.int64),
+        x=rng.integers(0, width, size=events).astype(np.int64),
+        y=rng.integers(0, height, size=events).astype(np.int64),
+        p=rng.integers(0, 2, size=events).astype(np.int64),
+    )
+
+
 def write_cifar10_dvs(root: Path, per_class: int = 3, events: int = 400, seed: int = 0) -> Path:
     """CIFAR10-DVS as spikingjelly stores converted events: events_np/<class>/cifar10_<class>_<i>.npz
-    with arrays t (sorted timestamps), x, y (0..127) and p (polarity 0/1)."""
+    (:func:`write_events`, 128x128)."""
     rng = np.random.default_rng(seed)
     for cls in DVS_CLASSES:
         folder = root / "events_np" / cls
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            np.savez(
-                folder / f"cifar10_{cls}_{i}.npz",
-                t=np.sort(rng.integers(0, 10**6, size=events)).astype(np.int64),
-                x=rng.integers(0, 128, size=events).astype(np.int64),
-                y=rng.integers(0, 128, size=events).astype(np.int64),
-                p=rng.integers(0, 2, size=events).astype(np.int64),
+            write_events(folder / f"cifar10_{cls}_{i}.npz", rng, events, 128, 128)
+    return root
+
+
+def write_dvs128_gesture(root: Path, per_class: int = 2, events: int = 300, seed: int = 0) -> Path:
+    """DVS128 Gesture as spikingjelly converts the release (events_np/{train,test}/<label>/
+    <user>_<lighting>_<i>.npz, labels 0..10, 128x128 events over 6 s, :func:`write_events`)."""
+    rng = np.random.default_rng(seed)
+    for split, user in (("train", "user01"), ("test", "user24")):
+        for label in range(11):
+            folder = root / "events_np" / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                path = folder / f"{user}_fluorescent_{i}.npz"
+                write_events(path, rng, events, 128, 128, duration=6 * 10**6)
+    return root
+
+
+def write_nmnist(root: Path, per_class: int = 2, events: int = 200, seed: int = 0) -> Path:
+    """N-MNIST as spikingjelly converts the release (events_np/{train,test}/<digit>/<n>.npz, 34x34
+    events over 300 ms, :func:`write_events`)."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for digit in range(10):
+            folder = root / "events_np" / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                path = folder / f"{10 * i + digit:05d}.npz"
+                write_events(path, rng, events, 34, 34, duration=300_000)
+    return root
+
+
+def write_shd(root: Path, per_class: int = 2, spikes: int = 500, seed: int = 0) -> Path:
+    """The Spiking Heidelberg Digits' HDF5 files as released, in spikingjelly's folder:
+    events_h5/shd_{train,test}.h5 with spikes/times (variable-length, seconds, sorted, within
+    1 s), spikes/units (variable-length, channels 0..699), labels (0..19) and extra/speaker."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    folder = root / "events_h5"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        labels = np.repeat(np.arange(20), per_class).astype(np.uint16)
+        with h5py.File(folder / f"shd_{split}.h5", "w") as f:
+            times = f.create_dataset(
+                "spikes/times", (len(labels),), dtype=h5py.vlen_dtype(np.float32)
             )
+            units = f.create_dataset(
+                "spikes/units", (len(labels),), dtype=h5py.vlen_dtype(np.uint16)
+            )
+            for i in range(len(labels)):
+                times[i] = np.sort(rng.uniform(0.0, 1.0, size=spikes)).astype(np.float32)
+                units[i] = rng.integers(0, 700, size=spikes).astype(np.uint16)
+            f.create_dataset("labels", data=labels)
+            f.create_dataset("extra/speaker", data=rng.integers(0, 12, len(labels)))
     return root
 
 

@@ -28,8 +28,9 @@ def instantaneous_loss(output: torch.Tensor, target: torch.Tensor, mse_weight: f
 
 def input_at(x: torch.Tensor, t: int) -> torch.Tensor:
     """Direct encoding: a static batch [B, C, H, W] is the input at every step; an event batch
-    [B, T, C, H, W] gives frame t at step t."""
-    return x[:, t] if x.dim() == 5 else x
+    [B, T, C, H, W] (or [B, T, C]: channels without a picture, SHD) gives frame t at step t, as a
+    copy: a layer that saves its input for backward then holds frame t, not (through a view) all T."""
+    return x[:, t].contiguous() if x.dim() in (3, 5) else x
 
 
 def topk_correct(scores: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[int, int]:

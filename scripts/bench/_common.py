@@ -16,11 +16,25 @@ from bso.compiled import fuse_elementwise as fuse
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.env import distributions, lock_state, nvidia_driver
 from bso.layers import named_binary_parameters
-from bso.models import SpikingVGG
+from bso.models import SpikingMLP, SpikingVGG
 from bso.optim import BSO, TBSO, PlainOptimizer, build_router
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = tuple(paper.FIG4_METHODS)  # bptt_latent, bso, tbso
+# The input shapes the benchmarks build their models for: one time step's sample and the classes.
+# cifar10: a static image (the same at every step); shd: 700 channels, a new frame at every step.
+SHAPES = {"cifar10": ((3, 32, 32), 10), "shd": ((700,), 20)}
+
+
+def input_batch(dataset: str, batch: int, T: int, device: torch.device):
+    """Synthetic ``(x, y)`` of ``dataset``'s shape (:data:`SHAPES`): a CIFAR-shaped image batch
+    ``[batch, 3, 32, 32]``, or SHD-shaped spike counts ``[batch, T, 700]`` (Poisson, mean 0.05)."""
+    shape, classes = SHAPES[dataset]
+    if dataset == "shd":
+        x = torch.poisson(torch.full((batch, T, *shape), 0.05, device=device))
+    else:
+        x = torch.randn(batch, *shape, device=device)
+    return x, torch.randint(0, classes, (batch,), device=device)
 
 
 def build_method(
@@ -31,8 +45,11 @@ def build_method(
     lean: bool = False,
     recompute_binary_convs: bool = False,
     fuse_elementwise: bool = False,
+    dataset: str = "cifar10",
 ):
-    """VGG (CIFAR-shaped, 10 classes), engine and optimizer of one Figure 4 method, in the paper
+    """VGG (CIFAR-shaped, 10 classes; ``layers`` its layer list) or, with ``dataset="shd"``, the
+    spiking MLP (700 channels, 20 classes; ``layers`` its hidden widths, e.g. "512-512-512"),
+    engine and optimizer of one Figure 4 method, in the paper
     recipe's float order (``float_order="release"``, as configs/optimizer/{bso,tbso}.yaml); ``lean``
     puts the online methods in the lean mode (engine.lean: packed weights, flip inside backward),
     optionally recomputing the binary convs' outputs in backward (engine.recompute_binary_convs);
@@ -40,7 +57,9 @@ def build_method(
     torch.manual_seed(0)
     weights = "latent" if method == "bptt_latent" else "binary"
     neuron = {"float_order": "release"}
-    model = SpikingVGG(layers, in_channels=3, num_classes=10, weights=weights, neuron=neuron)
+    (channels, *_), classes = SHAPES[dataset]
+    net = SpikingMLP if dataset == "shd" else SpikingVGG
+    model = net(layers, in_channels=channels, num_classes=classes, weights=weights, neuron=neuron)
     model = model.to(device)
     if method == "bptt_latent":  # BPTT, latent weights, Adam
         engine = BPTTEngine(T=T)

@@ -5,6 +5,11 @@ memory. Each (method, T) point runs in a fresh process.
     python scripts/bench/memory_vs_T.py                          # T = 1 2 4 8 16 35
     python scripts/bench/memory_vs_T.py --T 1 2 --layers 8C3-AP2-16C3 --batch 4 --out /tmp/fig4
     python scripts/bench/memory_vs_T.py --plain --methods bso tbso  # BSO/T-BSO in the plain mode
+    python scripts/bench/memory_vs_T.py --dataset shd            # long T on the SHD shape (below)
+
+``--dataset shd``: the SHD shape at long T, where BPTT's memory grows with every time bin: the
+spiking MLP 700-512-512-512-20 (mlp_shd), a new frame of 700 spike counts at every step, batch 32,
+T = 25 50 100 200 -> benchmarks/results/memory_vs_T_shd.*.
 
 BSO/T-BSO run as training runs them by default: in the lean mode (engine.lean: packed 1-bit weights,
 the flip inside backward, the fused BatchNorm + LIF + pool step); ``--plain`` measures the plain mode
@@ -24,13 +29,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import METHODS, ROOT, build_method, device_meta, resolve_device
+from _common import METHODS, ROOT, build_method, device_meta, input_batch, resolve_device
 
 from bso import paper
 from bso.metrics.memory import PERSISTENT_ROLES
 
+# per --dataset: default T values, layers (VGG layer list / MLP hidden widths), batch on CPU / CUDA,
+# output, and the figure's title
+DEFAULTS = {
+    "cifar10": dict(
+        T=[1, 2, 4, 8, 16, 35],
+        layers="64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3",
+        batch=(16, 128),
+        out="memory_vs_T",
+        title="VGG-11, CIFAR-shaped input",
+    ),
+    "shd": dict(
+        T=[25, 50, 100, 200],
+        layers="512-512-512",
+        batch=(32, 32),
+        out="memory_vs_T_shd",
+        title="spiking MLP 700-{layers}-20, SHD-shaped input (a frame of 700 channels per step)",
+    ),
+}
 
-def measure(method: str, T: int, batch: int, layers: str, device_name: str, lean=True) -> dict:
+
+def measure(
+    method: str, T: int, batch: int, layers: str, device_name: str, lean=True, dataset="cifar10"
+) -> dict:
     """One point, in this process."""
     import torch
 
@@ -45,9 +71,8 @@ def measure(method: str, T: int, batch: int, layers: str, device_name: str, lean
 
     device = torch.device(device_name)
     rss_before = current_rss_bytes()  # the interpreter and libraries, before any model or data
-    model, engine, optimizer = build_method(method, T, layers, device, lean=lean)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    model, engine, optimizer = build_method(method, T, layers, device, lean=lean, dataset=dataset)
+    x, y = input_batch(dataset, batch, T, device)
 
     engine.train_batch(model, optimizer, x, y)  # warm-up: optimizer state, allocator caches
     reset_cuda_peak(device)
@@ -86,7 +111,11 @@ def total_bytes(p: dict) -> float:
     return p["training_rss_bytes"]
 
 
-def plot(points: list[dict], path: Path) -> None:
+# T-BSO dashed, with squares: where it overlaps BSO (the online methods' flat lines) both show
+STYLES = {"bptt_latent": "o-", "bso": "o-", "tbso": "s--"}
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +133,7 @@ def plot(points: list[dict], path: Path) -> None:
             [p["activation_peak_bytes"] for p in pts],
         )
         for ax, values in zip(axes, series, strict=True):
-            ax.plot(Ts, [v / 1e9 for v in values], "o-", label=paper.FIG4_METHODS[method])
+            ax.plot(Ts, [v / 1e9 for v in values], STYLES[method], label=paper.FIG4_METHODS[method])
     kind = (
         "peak CUDA allocated"
         if "cuda_peak_allocated_bytes" in points[0]
@@ -119,9 +148,7 @@ def plot(points: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     lean = ", BSO/T-BSO in the lean mode" if any(p.get("lean") for p in points) else ""
-    fig.suptitle(
-        f"VGG-11, CIFAR-shaped input, batch {points[0]['batch']}, {points[0]['device']}{lean}"
-    )
+    fig.suptitle(f"{title}, batch {points[0]['batch']}, {points[0]['device']}{lean}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -130,19 +157,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8, 16, 35])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 16 on CPU")
     parser.add_argument(
-        "--layers", default="64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3"
+        "--dataset",
+        default="cifar10",
+        choices=sorted(DEFAULTS),
+        help="cifar10: VGG-11 (Figure 4); shd: the SHD shape at long T (the spiking MLP)",
     )
+    parser.add_argument(
+        "--T", type=int, nargs="+", help="cifar10: 1 2 4 8 16 35; shd: 25 50 100 200"
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, help="cifar10: 128 on CUDA, 16 on CPU; shd: 32")
+    parser.add_argument("--layers", help="VGG layer list (cifar10) / MLP hidden widths (shd)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--plain",
         action="store_true",
         help="BSO/T-BSO in the plain mode (engine.lean=false); default: the lean mode, as trained",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/memory_vs_T")
+    parser.add_argument(
+        "--out", type=Path, help="cifar10: benchmarks/results/memory_vs_T; shd: .../memory_vs_T_shd"
+    )
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--from-json",
@@ -152,9 +187,21 @@ def main() -> None:
     args = parser.parse_args()
 
     args.device = str(resolve_device(args.device))
-    batch = args.batch or (128 if args.device.startswith("cuda") else 16)
+    defaults = DEFAULTS[args.dataset]
+    batch = args.batch or defaults["batch"][args.device.startswith("cuda")]
+    args.T = args.T or defaults["T"]
+    args.layers = args.layers or defaults["layers"]
+    args.out = args.out or ROOT / "benchmarks/results" / defaults["out"]
     if args.single:  # child process: one point, JSON on stdout
-        point = measure(args.methods[0], args.T[0], batch, args.layers, args.device, not args.plain)
+        point = measure(
+            args.methods[0],
+            args.T[0],
+            batch,
+            args.layers,
+            args.device,
+            not args.plain,
+            args.dataset,
+        )
         print(json.dumps(point))
         return
 
@@ -178,6 +225,8 @@ def main() -> None:
                 args.layers,
                 "--device",
                 args.device,
+                "--dataset",
+                args.dataset,
                 *(["--plain"] if args.plain else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -196,8 +245,11 @@ def main() -> None:
         "batch": batch,
         "layers": args.layers,
         "lean": not args.plain,
-        "paper_gb": paper.fig4_paper_gb(),  # Figure 4's points (bso.paper.FIG4)
     }
+    if args.dataset == "cifar10":
+        meta["paper_gb"] = paper.fig4_paper_gb()  # Figure 4's points (bso.paper.FIG4)
+    else:
+        meta["dataset"] = args.dataset
     write_outputs(points, meta, args.out)
 
 
@@ -234,7 +286,8 @@ def write_outputs(points: list[dict], meta: dict, out: Path) -> None:
                     round(per["optimizer_state"], 4),
                 ]
             )
-    plot(points, out.with_suffix(".png"))
+    dataset = meta.get("dataset", "cifar10")
+    plot(points, out.with_suffix(".png"), DEFAULTS[dataset]["title"].format(layers=meta["layers"]))
     for method in METHODS:
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["T"])
         if len(pts) > 1:
