@@ -65,6 +65,18 @@ def test_presynaptic_trace_rules(rule):
         q_prev = q.detach()
 
 
+def test_ndot_trace_decays_by_lambda_where_the_previous_ratio_is_not_finite():
+    """t=1: input 2 -> u = 2, spike, v = 1, p = v - s = 0 (every neuron). t=2, inputs 0, 1, 1.5:
+    u = 0.5, 1.5, 2 -> p = 0.5, -0.5, 0: ratios +inf, -inf, nan -> mu = lambda = 0.5, so
+    a_hat = 0.5 * 1 + s = 0.5, 1.5, 1.5."""
+    neuron = LIFNode()
+    configure_neurons(neuron, detach_state=True, trace_rule="ndot")
+    neuron(torch.full((3,), 2.0))
+    assert neuron.trace.tolist() == [1.0, 1.0, 1.0]
+    assert neuron(torch.tensor([0.0, 1.0, 1.5])).tolist() == [0.0, 1.0, 1.0]
+    assert neuron.trace.tolist() == [0.5, 1.5, 1.5]
+
+
 def test_release_and_paper_ndot_traces_differ():
     """The released code's NDOT trace is not the paper's formula (they agree only at t = 1)."""
     traces = {}

@@ -87,6 +87,30 @@ def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
     np.testing.assert_allclose(np.abs(conv.weight / a.numpy()[:, None, None, None]), 1.0)
 
 
+def test_batchnorm_fold_keeps_the_convs_own_bias(tmp_path):
+    """The first conv has a bias: b' = a (b - mean) + beta, and the folded conv computes
+    bn(conv(x)) (float64)."""
+    model, _ = digits_model()
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.conv.bias.copy_(torch.linspace(-2, 2, block.conv.bias.numel()))
+    path = tmp_path / "model.nir"
+    to_nir(model, (1, 8, 8), path, T=4)
+    conv = nir.read(str(path)).nodes["blocks_0_conv"]
+    a = (block.bn.weight / torch.sqrt(block.bn.running_var + block.bn.eps)).detach()
+    bias = a * (block.conv.bias - block.bn.running_mean) + block.bn.bias
+    np.testing.assert_allclose(conv.bias, bias.detach().numpy(), rtol=1e-12)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    folded = torch.nn.functional.conv2d(
+        x,
+        torch.from_numpy(conv.weight),
+        torch.from_numpy(conv.bias),
+        block.conv.stride,
+        block.conv.padding,
+    )
+    np.testing.assert_allclose(folded.numpy(), block.bn(block.conv(x)).detach().numpy(), atol=1e-12)
+
+
 @pytest.mark.integration
 def test_command_line_exports_a_1bit_checkpoint(tmp_path):
     """scripts/export_nir.py from a 1-bit checkpoint with its config (as a run writes it): the graph
