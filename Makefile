@@ -4,7 +4,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train eval test-fast test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report
+.PHONY: help install install-dev wheel train eval test-fast test test-slow lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report mutate
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -97,3 +97,7 @@ lint: install-dev  ## ruff check and ruff format --check (what CI runs before th
 
 clean:  ## remove install stamps and caches (keeps outputs/)
 	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist
+
+mutate: export OMP_WAIT_POLICY ?= PASSIVE
+mutate: install-dev  ## mutation score of the core: a seeded sample of mutants vs the fast and golden tests (~30 min) -> benchmarks/results/mutation.*
+	$(PYTHON) scripts/mutate.py $(ARGS)

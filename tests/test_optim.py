@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bso.optim import BSO, TBSO, OptimizerRouter, build_router
+from bso.optim.binary import flip_where_above, flip_where_positive
 
 
 def _param(values):
@@ -46,10 +47,11 @@ def test_bso_without_momentum_reset_keeps_momentum():
     assert flips.tolist() == [0]
 
 
-def test_bso_flip_condition_is_strict_and_signed():
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_bso_flip_condition_is_strict_and_signed(float_order):
     # W*M == gamma does not flip; a gradient that agrees with the weight's sign never flips it.
     w = _param([1.0, 1.0, -1.0])
-    opt = BSO([w], gamma=0.5, beta=0.0)
+    opt = BSO([w], gamma=0.5, beta=0.0, float_order=float_order)
     _step(opt, w, [0.5, -3.0, 3.0])  # W*M = [0.5, -3, -3]
     assert w.tolist() == [1.0, 1.0, -1.0]
 
@@ -98,6 +100,15 @@ def test_tbso_second_moment_weighs_the_old_value_by_beta2(float_order):
     assert opt.state[w]["v"].tolist() == [2.75]
     assert opt.state[w]["momentum"].tolist() == [-1.5, -0.5]
     assert w.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_tbso_flip_condition_is_strict(float_order):
+    # beta1 = beta2 = 0, G = [1, 1]: M = G, v = 1, threshold = gamma (sqrt(1) + 0) = 1 = W*M at 0
+    w = _param([1.0, -1.0])
+    opt = TBSO([w], 1, gamma=1.0, beta1=0.0, beta2=0.0, eps=0.0, float_order=float_order)
+    assert _step(opt, w, [1.0, 1.0], 0).tolist() == [0]
+    assert w.tolist() == [1.0, -1.0]
 
 
 def test_tbso_threshold_forms_differ_by_where_eps_goes():
@@ -198,6 +209,34 @@ def test_weights_stay_exactly_pm1_and_no_float_copy(make):
         if "v" in state:
             assert state["v"].shape == (4,)
         assert not torch.equal(state["momentum"].abs(), torch.ones_like(w))
+
+
+def test_defaults_are_the_papers_hyperparameters():
+    """Paper: gamma 5e-7 (CIFAR), beta = beta1 = 1 - 1e-3, beta2 = 1 - 1e-5, eps 1e-10; the released
+    code's threshold form, momentum reset (BSO only) and float order."""
+    bso = BSO([_param([1.0])]).param_groups[0]
+    assert (bso["gamma"], bso["beta"], bso["reset_momentum"]) == (5e-7, 1 - 1e-3, True)
+    assert bso["float_order"] == "release"
+    tbso = TBSO([_param([1.0])], num_steps=2).param_groups[0]
+    assert (tbso["gamma"], tbso["beta1"], tbso["beta2"], tbso["eps"]) == (
+        5e-7,
+        1 - 1e-3,
+        1 - 1e-5,
+        1e-10,
+    )
+    assert (tbso["threshold"], tbso["reset_momentum"], tbso["float_order"]) == (
+        "code",
+        False,
+        "release",
+    )
+
+
+def test_the_flip_tests_do_not_flip_a_tie():
+    """The release's test flips where value > 0 (value = W*M - gamma); W*M == gamma does not flip."""
+    value = torch.tensor([-1.0, 0.0, -0.0, 1e-45, 1.0])
+    assert flip_where_positive(value).tolist() == [False, False, False, True, True]
+    assert flip_where_above(value + 0.5, 0.5).tolist() == [False, False, False, False, True]
+    assert flip_where_above(torch.tensor([0.25, 0.5, 0.75]), 0.5).tolist() == [False, False, True]
 
 
 def test_binary_optimizer_refuses_non_binary_weights():
