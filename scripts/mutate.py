@@ -47,10 +47,18 @@ GOLDEN_LEFT_OUT = ("fused", "full_width")
 TESTS = {
     "bso/optim/binary.py": ["tests/test_optim.py"],
     "bso/optim/case.py": ["tests/test_optim.py", "tests/test_library.py"],
-    "bso/optim/router.py": ["tests/test_optim.py", "tests/test_library.py"],
+    "bso/optim/router.py": [
+        "tests/test_optim.py",
+        "tests/test_baselines.py",
+        "tests/test_library.py",
+    ],
     "bso/optim/__init__.py": ["tests/test_optim.py"],
     "bso/neurons.py": ["tests/test_neurons_layers.py"],
-    "bso/layers.py": ["tests/test_neurons_layers.py", "tests/test_models.py"],
+    "bso/layers.py": [
+        "tests/test_neurons_layers.py",
+        "tests/test_baselines.py",
+        "tests/test_models.py",
+    ],
     "bso/bits.py": ["tests/test_lean.py"],
     "bso/engine/": ["tests/test_training.py", "tests/test_neurons_layers.py"],
     "bso/metrics/snn.py": ["tests/test_snn_metrics.py"],

@@ -117,6 +117,19 @@ def test_latent_flip_counting_and_clipping():
     assert layer.weight.detach().abs().max() <= 1.0  # 2.0 clipped to 1
 
 
+def test_latent_flip_counting_takes_the_sign_of_zero_as_plus_one():
+    """sign(0) = +1, as in the forward pass: 0 -> -0.125 flips, 0.125 -> 0 does not."""
+    layer = SynapticLinear(2, 1, weights="latent", bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 0.125]]))
+    sgd = torch.optim.SGD([{"params": layer.parameters()}, {"params": [], "lr": 2.0}], lr=1.0)
+    opt = PlainOptimizer(sgd, [("w", layer.weight)])
+    assert opt.lr == 1.0  # the learning rate logged: the first group's
+    layer.weight.grad = torch.tensor([[0.125, 0.125]])
+    assert opt.step().tolist() == [1]
+    assert layer.weight.tolist() == [[-0.125, 0.0]]
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

@@ -111,14 +111,24 @@ def test_tbso_flip_condition_is_strict(float_order):
     assert w.tolist() == [1.0, -1.0]
 
 
-def test_tbso_threshold_forms_differ_by_where_eps_goes():
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_tbso_threshold_forms_differ_by_where_eps_goes(float_order):
     # beta1 = beta2 = 0: M = G = [1, -1], v = mean(G^2) = 1, W*M = [1, -1], gamma = 0.5, eps = 2.24
     #   code:  0.5 * (sqrt(1) + 2.24) = 1.62 -> no flip
     #   paper: 0.5 * sqrt(1 + 2.24)  = 0.90 -> flip index 0
     results = {}
     for form in ("code", "paper"):
         w = _param([1.0, 1.0])
-        opt = TBSO([w], num_steps=1, gamma=0.5, beta1=0.0, beta2=0.0, eps=2.24, threshold=form)
+        opt = TBSO(
+            [w],
+            1,
+            gamma=0.5,
+            beta1=0.0,
+            beta2=0.0,
+            eps=2.24,
+            threshold=form,
+            float_order=float_order,
+        )
         w.grad = torch.tensor([1.0, -1.0])
         opt.step(0)
         results[form] = w.tolist()
