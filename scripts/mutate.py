@@ -60,10 +60,14 @@ TESTS = {
         "tests/test_models.py",
     ],
     "bso/bits.py": ["tests/test_lean.py"],
-    "bso/engine/": ["tests/test_training.py", "tests/test_neurons_layers.py"],
+    "bso/engine/": [
+        "tests/test_training.py",
+        "tests/test_baselines.py",
+        "tests/test_neurons_layers.py",
+    ],
     "bso/metrics/snn.py": ["tests/test_snn_metrics.py"],
     "bso/export/nir.py": ["tests/test_nir_export.py"],
-    "bso/resume.py": ["tests/test_run_safety.py"],
+    "bso/resume.py": ["tests/test_resume.py", "tests/test_run_safety.py"],
 }
 MODULES = [
     "bso/optim/__init__.py",
