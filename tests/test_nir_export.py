@@ -54,10 +54,13 @@ def test_round_trip_gives_bsos_spikes_and_logits(tmp_path, packed):
         assert result[reset]["spiking_layers"] == 4
         assert result[reset]["max_abs_logit_diff"] == 0.0, result
         assert result[reset]["spike_mismatch"] == 0.0, result
+        assert result[reset]["prediction_agreement"] == 1.0, result
     # the two resets are different networks: bso's outputs differ from NIR's hard reset
     soft_bso, _ = run_bso(model, x, 4)
     hard_nir, _ = simulate(path, x, 4, soft_reset=False, dtype=dtype)
     assert not torch.equal(soft_bso, hard_nir)
+    agree = (soft_bso.argmax(-1) == hard_nir.argmax(-1)).double().mean().item()
+    assert result["bso_vs_hard_reset_agreement"] == agree < 1.0
 
 
 def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
@@ -85,6 +88,12 @@ def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
         conv.bias, (block.bn.bias - a * block.bn.running_mean).detach().numpy()
     )
     np.testing.assert_allclose(np.abs(conv.weight / a.numpy()[:, None, None, None]), 1.0)
+
+
+def test_reading_a_missing_nir_file_names_it(tmp_path):
+    model, _ = digits_model()
+    with pytest.raises(FileNotFoundError, match="NIR file .*missing.nir not found"):
+        compare(model, tmp_path / "missing.nir", torch.zeros(1, 1, 8, 8), T=1)
 
 
 def test_batchnorm_fold_keeps_the_convs_own_bias(tmp_path):

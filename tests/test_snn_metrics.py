@@ -115,6 +115,31 @@ def test_linear_layer_fed_spikes_counts_one_op_per_spike_and_output():
     assert record["spikes/per_sample"] == 2
 
 
+class _UserBlock(nn.Module):
+    """A user's block: a .conv attribute but none of bso's block attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 1, bias=False)
+        self.neuron = LIFNode()
+
+    def forward(self, x):
+        return self.neuron(self.conv(x))
+
+
+def test_a_user_blocks_conv_is_counted_from_what_it_receives():
+    """Real values in: 2x2 outputs x 3 channels x fan-in 1 = 12 MACs; spikes in: 2 spikes x 3
+    outputs each = 6 SOPs."""
+    model = nn.Sequential(_UserBlock())
+    with SNNCounter(model, T=1) as counter:
+        model(torch.tensor([[[[0.5, 0.25], [0.75, 0.125]]]]))
+    assert counter.record()["macs/0.conv"] == 12
+    model = _UserBlock()
+    with SNNCounter(model, T=1) as counter:
+        model(torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]]))
+    assert counter.record()["sops/conv"] == 6
+
+
 def test_hooks_leave_the_evaluation_unchanged_and_are_removed():
     torch.manual_seed(0)
     model = SpikingVGG("4C3-8C3-AP2", in_channels=1, num_classes=3).eval()
