@@ -90,6 +90,27 @@ def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
     np.testing.assert_allclose(np.abs(conv.weight / a.numpy()[:, None, None, None]), 1.0)
 
 
+def test_compare_reports_how_far_two_different_networks_are(tmp_path):
+    """The graph of one classifier against bso with another: the same spikes, other logits; the
+    report's numbers are the ones computed from both networks' outputs."""
+    model, _ = digits_model()
+    path = tmp_path / "model.nir"
+    to_nir(model, (1, 8, 8), path, T=2)
+    with torch.no_grad():
+        noise = torch.randn(
+            model.classifier.weight.shape, generator=torch.Generator().manual_seed(1)
+        )
+        model.classifier.weight.add_(0.1 * noise.to(torch.float64))
+    x = torch.randn(32, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    soft = compare(model, path, x, T=2)["soft"]
+    ours, _ = run_bso(model, x, 2)
+    theirs, _ = simulate(path, x, 2, soft_reset=True, dtype=torch.float64)
+    assert soft["spike_mismatch"] == 0.0
+    assert soft["max_abs_logit_diff"] == (ours - theirs).abs().max().item() > 0
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).double().mean().item()
+    assert soft["prediction_agreement"] == agree and 0 < agree < 1
+
+
 def test_reading_a_missing_nir_file_names_it(tmp_path):
     model, _ = digits_model()
     with pytest.raises(FileNotFoundError, match="NIR file .*missing.nir not found"):
