@@ -108,6 +108,9 @@ EQUIVALENT: dict[str, str] = {
     "engines' tests run in one process (test_distributed's torchrun runs are integration tests).",
     "1c2edfcc": "the all-zeros input only gives the output's spatial shape; with a batch of 2 "
     "the coverage read from its first entry is the same.",
+    "d054b4a2": "not equivalent, but unreachable in one process: the rank is 0 and min(0, n - 1) "
+    "= min(0, n + 1); it differs only when a run resumes under torchrun with more ranks than it "
+    "saved, which the tests run here never do.",
     "28567558": "PyTorch requires groups to divide in_channels, so / and // give the same "
     "number (a float instead of an int, equal in every sum and comparison).",
 }
@@ -416,10 +419,22 @@ def run_tests(tree: Path, tests: list[str], mark: str, timeout: float):
     return status, seconds, lines[-1] if lines else ""
 
 
-META_KEYS = ("machine", "date", "seed", "population", "sampled", "minutes", "command", "tests_run")
+META_KEYS = (
+    "machine",
+    "date",
+    "seed",
+    "population",
+    "sampled",
+    "minutes",
+    "command",
+    "tests_run",
+    "rerun",
+)
 
 
 def cpu_name() -> str:
+    """The CPU's model name (scripts/bench/_common.py has the same, but importing it imports bso,
+    which this process must not: every forked test run imports bso from the mutated tree)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -459,8 +474,9 @@ def write_report(results: list[dict], meta: dict, out: Path) -> dict:
         f"`make mutate` (`{meta['command']}`), {meta['machine']}, {meta['date']}: "
         f"{meta['sampled']} of the {meta['population']} mutants (a seeded sample, seed "
         f"{meta['seed']}, in proportion to each module's mutants, at least {MIN_PER_MODULE} each), "
-        f"{meta['minutes']:.0f} min. Each ran `{meta['tests_run']}` (-x); a failure, an error or a "
-        "hang kills it.",
+        f"{meta['minutes']:.0f} min"
+        + (f"; {meta['rerun']}" if meta.get("rerun") else "")
+        + f". Each ran `{meta['tests_run']}` (-x); a failure, an error or a hang kills it.",
         "",
         f"**{len(killed)} of {n} killed: {100 * summary['score']:.1f} %.** "
         f"{len(survived)} survived, {len(explained)} of them explained below.",
@@ -490,6 +506,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run the survivors of the report in --out again (after adding tests) and update it",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="rewrite mutation.md from mutation.json in --out (after explaining survivors)",
@@ -504,7 +525,7 @@ def main(argv=None) -> int:
 
     if args.report:
         saved = json.loads((args.out / "mutation.json").read_text())
-        meta = {k: saved[k] for k in META_KEYS}
+        meta = {k: saved[k] for k in META_KEYS if k in saved}
         write_report(
             [{k: v for k, v in r.items() if k != "explained"} for r in saved["results"]],
             meta,
@@ -516,6 +537,13 @@ def main(argv=None) -> int:
     ids = {m.id for m in population}
     if len(ids) != len(population):
         raise SystemExit("error: two mutants share an id")
+    saved = None
+    if args.rerun_survivors:
+        saved = json.loads((args.out / "mutation.json").read_text())
+        args.only = [r["id"] for r in saved["results"] if r["status"] == "survived"]
+        if not args.only:
+            print("no survivors to rerun")
+            return 0
     if args.only:
         unknown = set(args.only) - ids
         if unknown:
@@ -595,6 +623,16 @@ def main(argv=None) -> int:
         f"integration tests too for {', '.join(INTEGRATION_TOO)})",
     )
     out = args.out if not args.only else Path(tempfile.mkdtemp(prefix="bso-mutate-only-"))
+    if saved is not None:  # the last run's results, its survivors' replaced by this rerun's
+        rerun = {r["id"]: dict(r, rerun=True) for r in results}
+        results = [rerun.get(r["id"], r) for r in saved["results"]]
+        results = [{k: v for k, v in r.items() if k != "explained"} for r in results]
+        meta = {k: saved[k] for k in META_KEYS if k in saved}
+        meta["rerun"] = (
+            f"its {len(rerun)} survivors rerun on {time.strftime('%Y-%m-%d', time.gmtime())} "
+            f"after tests were added ({(time.time() - start) / 60:.0f} min)"
+        )
+        out = args.out
     summary = write_report(results, meta, out)
     print(
         f"{summary['killed']} of {summary['mutants']} mutants killed "

@@ -111,6 +111,24 @@ def test_compare_reports_how_far_two_different_networks_are(tmp_path):
     assert soft["prediction_agreement"] == agree and 0 < agree < 1
 
 
+def test_running_bso_leaves_the_model_at_rest_and_in_its_mode():
+    """After run_bso the neurons are reset (the next call starts from rest, as on a fresh model)
+    and the model is back in training mode if it was."""
+    from bso.neurons import reset_neurons
+
+    model, _ = digits_model()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reset_neurons(model)
+        fresh = model(x)
+        reset_neurons(model)
+        model.train()
+        run_bso(model, x, 3)
+        assert model.training
+        model.eval()
+        assert torch.equal(model(x), fresh)
+
+
 def test_reading_a_missing_nir_file_names_it(tmp_path):
     model, _ = digits_model()
     with pytest.raises(FileNotFoundError, match="NIR file .*missing.nir not found"):

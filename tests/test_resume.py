@@ -1,5 +1,5 @@
-"""What a resumed run restores, without training one: the random number generators and the best
-epoch (the runs that resume are in test_run_safety.py and test_long_runs.py)."""
+"""What a resumed run restores and may change, without training one: the random number generators,
+the best epoch, the config (the runs that resume are in test_run_safety.py and test_long_runs.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from bso.resume import Progress, rng_state, set_rng_state
+from bso.resume import Progress, config_for_resume, rng_state, set_rng_state
+from conftest import compose_config
 
 
 def _draws():
@@ -40,3 +42,15 @@ def test_the_best_epoch_is_the_first_with_the_highest_accuracy():
     assert not progress.update_best(3, 0.5)  # a tie keeps the earlier epoch
     assert progress.update_best(4, 0.625)
     assert (progress.best_epoch, progress.best_acc1) == (4, 0.625)
+
+
+def test_a_resume_takes_the_keys_it_may_change_and_refuses_the_others(tmp_path):
+    """dataset.epochs (a key a resumed run may change) comes from the command line; a change to
+    the method (optimizer.binary.gamma) is refused, naming the key."""
+    saved = OmegaConf.to_container(compose_config(output_dir=tmp_path))
+    longer = compose_config("dataset.epochs=7", output_dir=tmp_path)
+    resumed = config_for_resume(longer, saved, ["dataset.epochs=7"], tmp_path / "last.pt")
+    assert resumed.dataset.epochs == 7 != saved["dataset"]["epochs"]
+    other = compose_config("optimizer.binary.gamma=0.001", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"changes \['optimizer.binary.gamma'\]"):
+        config_for_resume(other, saved, ["optimizer.binary.gamma=0.001"], tmp_path / "last.pt")
