@@ -13,9 +13,11 @@ a failing, erroring or hanging run kills it; a passing run lets it survive.
     python scripts/mutate.py --sample 0           # every mutant (hours on 2 cores)
     python scripts/mutate.py --list               # the mutants, without running anything
     python scripts/mutate.py --only ID [ID ...]   # run these mutants (ids from --list or the report)
+    python scripts/mutate.py --rerun-survivors    # after adding tests: the report's survivors again
+    python scripts/mutate.py --report             # rewrite mutation.md (after explaining survivors)
 
-Survivors that cannot change behaviour (equivalent mutants) are explained in
-``EQUIVALENT`` below, by id; the report lists them apart from the survivors still to kill.
+Survivors that no test should kill (equivalent mutants, or code that no test on this machine can
+reach) are explained in ``EQUIVALENT`` below, by id; the report marks the others.
 """
 
 from __future__ import annotations
@@ -101,18 +103,18 @@ LEFT_OUT = [
 # Survivors explained, by id: equivalent mutants (the same values as the original), or code that no
 # test on this machine can reach (CUDA), with the reason.
 EQUIVALENT: dict[str, str] = {
-    "13645ec2": "min(a, b) and min(b, a) are the same integer.",
-    "896e5299": "not equivalent, but unreachable here: it drops restoring the CUDA generators, "
-    "which runs only with CUDA (the suite runs on CPUs; bench-gpu does not resume).",
-    "d46bcfe1": "not equivalent under torchrun, but grad_sync is a no-op outside DDP, and the "
+    "13645ec2": "Equivalent: min(a, b) and min(b, a) are the same integer.",
+    "896e5299": "Not equivalent, but unreachable here: it drops restoring the CUDA generators, "
+    "which runs only with CUDA (the tests run on CPUs).",
+    "d46bcfe1": "Not equivalent under torchrun, but grad_sync is a no-op outside DDP, and the "
     "engines' tests run in one process (test_distributed's torchrun runs are integration tests).",
-    "1c2edfcc": "the all-zeros input only gives the output's spatial shape; with a batch of 2 "
-    "the coverage read from its first entry is the same.",
-    "d054b4a2": "not equivalent, but unreachable in one process: the rank is 0 and min(0, n - 1) "
+    "1c2edfcc": "Equivalent: the all-zeros input only gives the output's spatial shape; with a "
+    "batch of 2 the coverage read from its first entry is the same.",
+    "d054b4a2": "Not equivalent, but unreachable in one process: the rank is 0 and min(0, n - 1) "
     "= min(0, n + 1); it differs only when a run resumes under torchrun with more ranks than it "
     "saved, which the tests run here never do.",
-    "28567558": "PyTorch requires groups to divide in_channels, so / and // give the same "
-    "number (a float instead of an int, equal in every sum and comparison).",
+    "28567558": "Equivalent: PyTorch requires groups to divide in_channels, so / and // give the "
+    "same number (a float instead of an int, equal in every sum and comparison).",
 }
 
 BINOP_SWAP = {
