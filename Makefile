@@ -99,5 +99,5 @@ clean:  ## remove install stamps and caches (keeps outputs/)
 	rm -rf .make-*.stamp .pytest_cache .ruff_cache bso.egg-info build dist
 
 mutate: export OMP_WAIT_POLICY ?= PASSIVE
-mutate: install-dev  ## mutation score of the core: a seeded sample of mutants vs the fast and golden tests (~30 min) -> benchmarks/results/mutation.*
+mutate: install-dev  ## mutation score of the core: a seeded sample of mutants vs the fast and golden tests (15-30 min on 2 cores) -> benchmarks/results/mutation.*
 	$(PYTHON) scripts/mutate.py $(ARGS)

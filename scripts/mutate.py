@@ -624,7 +624,6 @@ def main(argv=None) -> int:
         f"{GOLDEN} (but its compiled and full-width replays; no golden for {', '.join(NO_GOLDEN)}; "
         f"integration tests too for {', '.join(INTEGRATION_TOO)})",
     )
-    out = args.out if not args.only else Path(tempfile.mkdtemp(prefix="bso-mutate-only-"))
     if saved is not None:  # the last run's results, its survivors' replaced by this rerun's
         rerun = {r["id"]: dict(r, rerun=True) for r in results}
         results = [rerun.get(r["id"], r) for r in saved["results"]]
@@ -634,6 +633,10 @@ def main(argv=None) -> int:
             f"its {len(rerun)} survivors rerun on {time.strftime('%Y-%m-%d', time.gmtime())} "
             f"after tests were added ({(time.time() - start) / 60:.0f} min)"
         )
+        out = args.out
+    elif args.only:  # a few mutants: a report beside, not over, the sample's
+        out = Path(tempfile.mkdtemp(prefix="bso-mutate-only-"))
+    else:
         out = args.out
     summary = write_report(results, meta, out)
     print(
