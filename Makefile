@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 LATEST_VENV ?= .venv-latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev wheel train eval env test-fast test test-slow test-latest latest-venv lock lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report check-nir
+.PHONY: help install install-dev wheel train eval env test-fast test test-slow test-latest latest-venv lock lint clean fig4 bench-lean bench-throughput bench-methods bench-models bench-data bench-roofline bench-profile bench-memopt bench bench-gpu reproduce-mini report check-nir mutate
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
@@ -133,3 +133,7 @@ clean:  ## remove install stamps, caches and the latest-versions venv (keeps out
 .PHONY: bench-memory-shd
 bench-memory-shd: install  ## memory vs T at long T on the SHD shape (BPTT-latent / BSO / T-BSO, T=25..200, batch 32) -> benchmarks/results/memory_vs_T_shd.*
 	$(PYTHON) scripts/bench/memory_vs_T.py --dataset shd $(ARGS)
+
+mutate: export OMP_WAIT_POLICY ?= PASSIVE
+mutate: install-dev  ## mutation score of the core: a seeded sample of mutants vs the fast and golden tests (15-30 min on 2 cores) -> benchmarks/results/mutation.*
+	$(PYTHON) scripts/mutate.py $(ARGS)

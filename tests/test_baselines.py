@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.layers import SynapticConv2d, SynapticLinear
+from bso.neurons import reset_neurons
 from bso.optim import PlainOptimizer, build_optimizer
 from conftest import compose_config
 from test_neurons_layers import TwoLayer
@@ -26,6 +27,16 @@ class _Recorder:
     def step(self, t=None):
         self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters()})
         return torch.zeros(0, dtype=torch.long)
+
+
+class _FlipCounter(_Recorder):
+    """A recorder that reports 1 and 2 flips of two binary weights at every step."""
+
+    binary_names = ["a", "b"]
+
+    def step(self, t=None):
+        super().step(t)
+        return torch.tensor([1, 2])
 
 
 def _engine_grads(engine, model, x, y):
@@ -65,6 +76,41 @@ class _Heaviside(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         s = torch.sigmoid(4.0 * x)
         return grad * 4.0 * s * (1 - s)
+
+
+def test_bptt_batches_start_at_rest_and_an_epoch_tallies_them():
+    """Each batch starts from reset neurons (the same batch twice: the same logits, loss and
+    gradients); train_batch returns the logits summed over T; train_epoch counts samples, batches,
+    correct predictions and the loss weighted by batch size."""
+    net, x, y = _net_and_batch()
+    engine = BPTTEngine(T=3)
+    engine.prepare(net)
+    rec = _Recorder(net)
+    first, second = (engine.train_batch(net, rec, x, y) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(rec.grads[0][n], rec.grads[1][n]) for n in rec.grads[0])
+    with torch.no_grad():
+        reset_neurons(net)
+        outputs = [net(x) for _ in range(3)]
+    assert torch.allclose(first[0], sum(outputs))
+    counting = _FlipCounter(net)
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    tally = engine.train_epoch(net, counting, loader, torch.device("cpu"))
+    assert (tally.samples, tally.batches, tally.interrupted) == (6, 2, False)
+    assert tally.flips.tolist() == [2, 4]  # 1 and 2 flips per batch
+    losses = [engine.train_batch(net, rec, x[i:j], y[i:j]) for i, j in ((0, 4), (4, 6))]
+    assert float(tally.loss_sum) == pytest.approx(4 * losses[0][1].item() + 2 * losses[1][1].item())
+    correct = sum(
+        int((out.argmax(-1) == y[i:j]).sum())
+        for (out, _, _), (i, j) in zip(losses, ((0, 4), (4, 6)), strict=True)
+    )
+    assert int(tally.correct) == correct
+    metrics = tally.metrics()
+    assert (metrics["samples"], metrics["correct"]) == (6, correct)
+    assert metrics["loss"] == pytest.approx(float(tally.loss_sum) / 6)
+    assert metrics["acc1"] == correct / 6
+    empty = engine.train_epoch(net, rec, [], torch.device("cpu"))
+    assert (empty.samples, int(empty.correct), empty.activation_peak_bytes) == (0, 0, 0)
 
 
 def test_bptt_gradient_equals_autograd_through_the_unrolled_network():
@@ -115,6 +161,19 @@ def test_latent_flip_counting_and_clipping():
     flips = opt.step()
     assert flips.tolist() == [2]  # 0.05 -> -0.05 and -0.01 -> 0.01 changed sign
     assert layer.weight.detach().abs().max() <= 1.0  # 2.0 clipped to 1
+
+
+def test_latent_flip_counting_takes_the_sign_of_zero_as_plus_one():
+    """sign(0) = +1, as in the forward pass: 0 -> -0.125 flips, 0.125 -> 0 does not."""
+    layer = SynapticLinear(2, 1, weights="latent", bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 0.125]]))
+    sgd = torch.optim.SGD([{"params": layer.parameters()}, {"params": [], "lr": 2.0}], lr=1.0)
+    opt = PlainOptimizer(sgd, [("w", layer.weight)])
+    assert opt.lr == 1.0  # the learning rate logged: the first group's
+    layer.weight.grad = torch.tensor([[0.125, 0.125]])
+    assert opt.step().tolist() == [1]
+    assert layer.weight.tolist() == [[-0.125, 0.0]]
 
 
 @pytest.mark.parametrize(

@@ -248,6 +248,18 @@ def test_online_step_trains_and_keeps_weights_binary():
         assert model(x).shape == first.shape
 
 
+def test_case_optimizer_routes_and_names_its_parts():
+    """The +-1 weights go to the binary optimizer, the rest to default= (required only when there
+    is a rest); its repr names both."""
+    model = bso.convert(sj_net())
+    assert repr(router(model)) == "CaseOptimizer(binary=TBSO over 1 +-1 weights, default=SGD)"
+    with pytest.raises(ValueError, match=r"has 7 full-precision parameters \('0.weight', \.\.\.\)"):
+        bso.CaseOptimizer(model, binary=lambda p: bso.BSO(p))
+    only_binary = nn.Sequential(bso.layers.SynapticLinear(4, 3, weights="binary", bias=False))
+    opt = bso.CaseOptimizer(only_binary, binary=bso.BSO)
+    assert repr(opt) == "CaseOptimizer(binary=BSO over 1 +-1 weights, default=None)"
+
+
 def test_misuse_errors():
     x, y = batch()
     with pytest.raises(ValueError, match="exactly -1 or \\+1"):

@@ -82,6 +82,33 @@ def test_presynaptic_trace_rules(rule):
         q_prev = q.detach()
 
 
+def test_a_new_neuron_carries_the_graph_across_time_steps_until_configured():
+    """A LIF neuron alone is BPTT's (the potential keeps its graph from step to step);
+    configure_neurons(detach_state=True), the online engines', cuts it."""
+    for detach in (None, True):
+        neuron = LIFNode()
+        if detach:
+            configure_neurons(neuron, detach_state=True, trace_rule="ottt")
+        x1 = torch.tensor([0.8], requires_grad=True)
+        neuron(x1)
+        s2 = neuron(torch.tensor([0.5]))  # u = 0.5 * 0.8 + 0.5 = 0.9: no spike, a surrogate slope
+        assert s2.requires_grad != bool(detach)
+        if not detach:
+            assert torch.autograd.grad(s2.sum(), x1)[0].item() > 0
+
+
+def test_ndot_trace_decays_by_lambda_where_the_previous_ratio_is_not_finite():
+    """t=1: input 2 -> u = 2, spike, v = 1, p = v - s = 0 (every neuron). t=2, inputs 0, 1, 1.5:
+    u = 0.5, 1.5, 2 -> p = 0.5, -0.5, 0: ratios +inf, -inf, nan -> mu = lambda = 0.5, so
+    a_hat = 0.5 * 1 + s = 0.5, 1.5, 1.5."""
+    neuron = LIFNode()
+    configure_neurons(neuron, detach_state=True, trace_rule="ndot")
+    neuron(torch.full((3,), 2.0))
+    assert neuron.trace.tolist() == [1.0, 1.0, 1.0]
+    assert neuron(torch.tensor([0.0, 1.0, 1.5])).tolist() == [0.0, 1.0, 1.0]
+    assert neuron.trace.tolist() == [0.5, 1.5, 1.5]
+
+
 def test_release_and_paper_ndot_traces_differ():
     """The released code's NDOT trace is not the paper's formula (they agree only at t = 1)."""
     traces = {}
@@ -132,6 +159,8 @@ def test_binary_layers_are_initialised_to_exactly_pm1():
         assert set(w.unique().tolist()) == {-1.0, 1.0}
     assert model.blocks[0].conv.weights == "full" and model.blocks[0].conv.bias is not None
     assert model.classifier.weights == "full"
+    linear = SynapticLinear(16, 8, weights="binary", bias=False)
+    assert set(linear.weight.unique().tolist()) == {-1.0, 1.0}
     with pytest.raises(ValueError, match="no bias"):
         SynapticConv2d(3, 4, 3, bias=True, weights="binary")
     with pytest.raises(ValueError, match="weight mode"):

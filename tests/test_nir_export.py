@@ -65,10 +65,13 @@ def test_round_trip_gives_bsos_spikes_and_logits(tmp_path, packed, v_reset):
         assert result[reset]["spiking_layers"] == 4
         assert result[reset]["max_abs_logit_diff"] < (1e-4 if packed else 1e-9), result
         assert result[reset]["spike_mismatch"] == 0.0, result
+        assert result[reset]["prediction_agreement"] == 1.0, result
     # the two resets are different networks: bso's outputs differ from NIR's hard reset
     soft_bso, _ = run_bso(model, x, 4)
     hard_nir, _ = simulate(path, x, 4, soft_reset=False, dtype=dtype)
     assert not torch.allclose(soft_bso, hard_nir)
+    agree = (soft_bso.argmax(-1) == hard_nir.argmax(-1)).double().mean().item()
+    assert result["bso_vs_hard_reset_agreement"] == agree < 1.0
 
 
 def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
@@ -118,6 +121,75 @@ def test_graph_read_back_holds_the_folded_weights_and_lif_parameters(tmp_path):
         classifier.weight[:, :, 3, 1], model.classifier.weight.detach().numpy() / 16
     )
     assert tuple(graph.nodes["output"].output_type["output"]) == (10, 1, 1)
+
+
+def test_compare_reports_how_far_two_different_networks_are(tmp_path):
+    """The graph of one classifier against bso with another: the same spikes, other logits; the
+    report's numbers are the ones computed from both networks' outputs."""
+    model, _ = digits_model()
+    path = tmp_path / "model.nir"
+    to_nir(model, (1, 8, 8), path, T=2)
+    with torch.no_grad():
+        noise = torch.randn(
+            model.classifier.weight.shape, generator=torch.Generator().manual_seed(1)
+        )
+        model.classifier.weight.add_(0.1 * noise.to(torch.float64))
+    x = torch.randn(32, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    soft = compare(model, path, x, T=2)["soft"]
+    ours, _ = run_bso(model, x, 2)
+    theirs, _ = simulate(path, x, 2, soft_reset=True, dtype=torch.float64)
+    assert soft["spike_mismatch"] == 0.0
+    assert soft["max_abs_logit_diff"] == (ours - theirs).abs().max().item() > 0
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).double().mean().item()
+    assert soft["prediction_agreement"] == agree and 0 < agree < 1
+
+
+def test_running_bso_leaves_the_model_at_rest_and_in_its_mode():
+    """After run_bso the neurons are reset (the next call starts from rest, as on a fresh model)
+    and the model is back in training mode if it was."""
+    from bso.neurons import reset_neurons
+
+    model, _ = digits_model()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reset_neurons(model)
+        fresh = model(x)
+        reset_neurons(model)
+        model.train()
+        run_bso(model, x, 3)
+        assert model.training
+        model.eval()
+        assert torch.equal(model(x), fresh)
+
+
+def test_reading_a_missing_nir_file_names_it(tmp_path):
+    model, _ = digits_model()
+    with pytest.raises(FileNotFoundError, match="NIR file .*missing.nir not found"):
+        compare(model, tmp_path / "missing.nir", torch.zeros(1, 1, 8, 8), T=1)
+
+
+def test_batchnorm_fold_keeps_the_convs_own_bias(tmp_path):
+    """The first conv has a bias: b' = a (b - mean) + beta, and the folded conv computes
+    bn(conv(x)) (float64)."""
+    model, _ = digits_model()
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.conv.bias.copy_(torch.linspace(-2, 2, block.conv.bias.numel()))
+    path = tmp_path / "model.nir"
+    to_nir(model, (1, 8, 8), path, T=4)
+    conv = nir.read(str(path)).nodes["blocks_0_conv"]
+    a = (block.bn.weight / torch.sqrt(block.bn.running_var + block.bn.eps)).detach()
+    bias = a * (block.conv.bias - block.bn.running_mean) + block.bn.bias
+    np.testing.assert_allclose(conv.bias, bias.detach().numpy(), rtol=1e-12)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    folded = torch.nn.functional.conv2d(
+        x,
+        torch.from_numpy(conv.weight),
+        torch.from_numpy(conv.bias),
+        block.conv.stride,
+        block.conv.padding,
+    )
+    np.testing.assert_allclose(folded.numpy(), block.bn(block.conv(x)).detach().numpy(), atol=1e-12)
 
 
 @pytest.mark.integration

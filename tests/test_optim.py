@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bso.optim import BSO, TBSO, OptimizerRouter, build_router
+from bso.optim.binary import flip_where_above, flip_where_positive
 
 
 def _param(values):
@@ -46,10 +47,11 @@ def test_bso_without_momentum_reset_keeps_momentum():
     assert flips.tolist() == [0]
 
 
-def test_bso_flip_condition_is_strict_and_signed():
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_bso_flip_condition_is_strict_and_signed(float_order):
     # W*M == gamma does not flip; a gradient that agrees with the weight's sign never flips it.
     w = _param([1.0, 1.0, -1.0])
-    opt = BSO([w], gamma=0.5, beta=0.0)
+    opt = BSO([w], gamma=0.5, beta=0.0, float_order=float_order)
     _step(opt, w, [0.5, -3.0, 3.0])  # W*M = [0.5, -3, -3]
     assert w.tolist() == [1.0, 1.0, -1.0]
 
@@ -80,14 +82,53 @@ def test_tbso_hand_computed_second_moment_per_layer_and_time_step():
     assert flips.tolist() == [1, 0]
 
 
-def test_tbso_threshold_forms_differ_by_where_eps_goes():
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_tbso_second_moment_weighs_the_old_value_by_beta2(float_order):
+    """v[t] = beta2 v[t] + (1 - beta2) mean(G^2) with beta2 = 0.75 (at 0.5 the two weights agree),
+    in both float orders (exact binary fractions: the same values)."""
+    w = _param([1.0, 1.0])
+    opt = TBSO(
+        [w], 1, gamma=0.5, beta1=0.5, beta2=0.75, eps=0.0, threshold="code", float_order=float_order
+    )
+    # M = 0.5 [2, -2] = [1, -1]; v = 0.25 mean([4, 4]) = 1; thr = 0.5; W*M = [1, -1]: flip 0
+    assert _step(opt, w, [2.0, -2.0], 0).tolist() == [1]
+    assert opt.state[w]["v"].tolist() == [1.0]
+    assert w.tolist() == [-1.0, 1.0]
+    # M = 0.5 [1, -1] + 0.5 [-4, 0] = [-1.5, -0.5]; v = 0.75 + 0.25 * 8 = 2.75;
+    # thr = 0.5 sqrt(2.75) = 0.83; W*M = [1.5, -0.5]: flip 0 back
+    assert _step(opt, w, [-4.0, 0.0], 0).tolist() == [1]
+    assert opt.state[w]["v"].tolist() == [2.75]
+    assert opt.state[w]["momentum"].tolist() == [-1.5, -0.5]
+    assert w.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_tbso_flip_condition_is_strict(float_order):
+    # beta1 = beta2 = 0, G = [1, 1]: M = G, v = 1, threshold = gamma (sqrt(1) + 0) = 1 = W*M at 0
+    w = _param([1.0, -1.0])
+    opt = TBSO([w], 1, gamma=1.0, beta1=0.0, beta2=0.0, eps=0.0, float_order=float_order)
+    assert _step(opt, w, [1.0, 1.0], 0).tolist() == [0]
+    assert w.tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_tbso_threshold_forms_differ_by_where_eps_goes(float_order):
     # beta1 = beta2 = 0: M = G = [1, -1], v = mean(G^2) = 1, W*M = [1, -1], gamma = 0.5, eps = 2.24
     #   code:  0.5 * (sqrt(1) + 2.24) = 1.62 -> no flip
     #   paper: 0.5 * sqrt(1 + 2.24)  = 0.90 -> flip index 0
     results = {}
     for form in ("code", "paper"):
         w = _param([1.0, 1.0])
-        opt = TBSO([w], num_steps=1, gamma=0.5, beta1=0.0, beta2=0.0, eps=2.24, threshold=form)
+        opt = TBSO(
+            [w],
+            1,
+            gamma=0.5,
+            beta1=0.0,
+            beta2=0.0,
+            eps=2.24,
+            threshold=form,
+            float_order=float_order,
+        )
         w.grad = torch.tensor([1.0, -1.0])
         opt.step(0)
         results[form] = w.tolist()
@@ -118,13 +159,16 @@ def _reference_tbso(w, grads_by_step, T, gamma, b1, b2, eps):
     return w, m, v
 
 
-def test_tbso_matches_reference_over_many_steps():
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_tbso_matches_reference_over_many_steps(float_order):
     g = torch.Generator().manual_seed(0)
     T = 3
     w0 = torch.where(torch.randn(6, 5, generator=g) >= 0, 1.0, -1.0)
     steps = [(k % T, torch.randn(6, 5, generator=g) * 1e-2) for k in range(60)]
     w = nn.Parameter(w0.clone())
-    opt = TBSO([w], num_steps=T, gamma=0.3, beta1=0.9, beta2=0.99, eps=1e-10)
+    opt = TBSO(
+        [w], num_steps=T, gamma=0.3, beta1=0.9, beta2=0.99, eps=1e-10, float_order=float_order
+    )
     for t, grad in steps:
         w.grad = grad.clone()
         opt.step(t)
@@ -134,12 +178,13 @@ def test_tbso_matches_reference_over_many_steps():
     assert torch.allclose(opt.state[w]["v"].double(), torch.tensor(ref_v, dtype=torch.double))
 
 
-def test_bso_matches_reference_over_many_steps():
+@pytest.mark.parametrize("float_order", ["release", "fast"])
+def test_bso_matches_reference_over_many_steps(float_order):
     g = torch.Generator().manual_seed(1)
     w0 = torch.where(torch.randn(40, generator=g) >= 0, 1.0, -1.0)
     grads = [torch.randn(40, generator=g) for _ in range(50)]
     w = nn.Parameter(w0.clone())
-    opt = BSO([w], gamma=0.2, beta=0.8, reset_momentum=True)
+    opt = BSO([w], gamma=0.2, beta=0.8, reset_momentum=True, float_order=float_order)
     ref_w, ref_m = w0.clone().double(), torch.zeros(40, dtype=torch.double)
     for grad in grads:
         w.grad = grad.clone()
@@ -174,6 +219,34 @@ def test_weights_stay_exactly_pm1_and_no_float_copy(make):
         if "v" in state:
             assert state["v"].shape == (4,)
         assert not torch.equal(state["momentum"].abs(), torch.ones_like(w))
+
+
+def test_defaults_are_the_papers_hyperparameters():
+    """Paper: gamma 5e-7 (CIFAR), beta = beta1 = 1 - 1e-3, beta2 = 1 - 1e-5, eps 1e-10; the released
+    code's threshold form, momentum reset (BSO only) and float order."""
+    bso = BSO([_param([1.0])]).param_groups[0]
+    assert (bso["gamma"], bso["beta"], bso["reset_momentum"]) == (5e-7, 1 - 1e-3, True)
+    assert bso["float_order"] == "release"
+    tbso = TBSO([_param([1.0])], num_steps=2).param_groups[0]
+    assert (tbso["gamma"], tbso["beta1"], tbso["beta2"], tbso["eps"]) == (
+        5e-7,
+        1 - 1e-3,
+        1 - 1e-5,
+        1e-10,
+    )
+    assert (tbso["threshold"], tbso["reset_momentum"], tbso["float_order"]) == (
+        "code",
+        False,
+        "release",
+    )
+
+
+def test_the_flip_tests_do_not_flip_a_tie():
+    """The release's test flips where value > 0 (value = W*M - gamma); W*M == gamma does not flip."""
+    value = torch.tensor([-1.0, 0.0, -0.0, 1e-45, 1.0])
+    assert flip_where_positive(value).tolist() == [False, False, False, True, True]
+    assert flip_where_above(value + 0.5, 0.5).tolist() == [False, False, False, False, True]
+    assert flip_where_above(torch.tensor([0.25, 0.5, 0.75]), 0.5).tolist() == [False, False, True]
 
 
 def test_binary_optimizer_refuses_non_binary_weights():
@@ -224,14 +297,15 @@ def test_router_state_dict_round_trip():
 @pytest.mark.parametrize(
     "make,beta_key",
     [
-        (lambda p: BSO(p, gamma=1e-3), "beta"),
-        (lambda p: TBSO(p, num_steps=1, gamma=0.1, beta2=0.99), "beta1"),
+        (lambda p: BSO(p, gamma=1e-3, beta=1 - 2**-0.5), "beta"),
+        (lambda p: TBSO(p, num_steps=1, gamma=0.1, beta1=1 - 2**-0.5, beta2=0.99), "beta1"),
     ],
 )
 def test_average_regret_vanishes_on_an_online_linear_problem(make, beta_key):
     """The paper's regret analysis: online convex losses f_k(W) = <g_k, W> over W in {-1, +1}^n with
     bounded noisy gradients g_k = mu + noise; the best fixed decision is W* = -sign(mu). With gamma
-    and (1 - beta) decaying like 1/sqrt(k), as the regret analysis assumes, R(K)/K shrinks."""
+    and (1 - beta) decaying like 1/sqrt(k), as the regret analysis assumes (the optimizer's own
+    schedule, decay_hyperparameters, after every step), R(K)/K shrinks."""
     import math
 
     g = torch.Generator().manual_seed(0)
@@ -243,14 +317,16 @@ def test_average_regret_vanishes_on_an_online_linear_problem(make, beta_key):
     best = -torch.sign(mu)
     regret, averages = 0.0, {}
     for k in range(1, 3001):
-        opt.param_groups[0]["gamma"] = gamma0 / math.sqrt(k)
-        opt.param_groups[0][beta_key] = 1 - 1 / math.sqrt(k + 1)
         grad = mu + torch.randn(n, generator=g)
         regret += float(grad @ w.detach() - grad @ best)
         w.grad = grad
         opt.step(0)
         if k in (100, 1000, 3000):
             averages[k] = regret / k
+        opt.decay_hyperparameters(math.sqrt(k / (k + 1)), [beta_key])  # k -> k + 1
+    group = opt.param_groups[0]
+    assert group["gamma"] == pytest.approx(gamma0 / math.sqrt(3001), rel=1e-9)
+    assert 1 - group[beta_key] == pytest.approx(2**-0.5 / math.sqrt(3001), rel=1e-9)
     assert averages[100] > averages[1000] > averages[3000]
     assert averages[3000] < 0.35 * averages[100]
     assert set(w.detach().unique().tolist()) <= {-1.0, 1.0}

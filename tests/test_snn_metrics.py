@@ -13,6 +13,7 @@ from bso.engine import evaluate
 from bso.lean import pack
 from bso.metrics.snn import EnergyModel, SNNCounter, conv_fanout_sum, counter_for, measure
 from bso.models import SpikingVGG
+from bso.neurons import LIFNode
 from conftest import compose_config
 
 
@@ -100,6 +101,43 @@ def test_average_pool_input_counts_every_pooled_spike():
     with SNNCounter(model, T=1) as counter:
         model(image)
     assert counter.record()["sops/blocks.1.conv"] == 2 * 3
+
+
+def test_linear_layer_fed_spikes_counts_one_op_per_spike_and_output():
+    """LIF -> Linear(4, 10): inputs 2, 0, 1.5, 0.5 give 2 spikes, each reaching 10 outputs: 20 SOPs
+    (fan-out, not fan-in 4); 10 outputs x fan-in 4 = 40 dense MACs per sample."""
+    model = nn.Sequential(LIFNode(), nn.Linear(4, 10))
+    with SNNCounter(model, T=1) as counter:
+        model(torch.tensor([[2.0, 0.0, 1.5, 0.5]]))
+    record = counter.record()
+    assert record["sops/1"] == 20
+    assert record["sops/total"] == 20 and record["macs/total"] == 0
+    assert record["spikes/per_sample"] == 2
+
+
+class _UserBlock(nn.Module):
+    """A user's block: a .conv attribute but none of bso's block attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 1, bias=False)
+        self.neuron = LIFNode()
+
+    def forward(self, x):
+        return self.neuron(self.conv(x))
+
+
+def test_a_user_blocks_conv_is_counted_from_what_it_receives():
+    """Real values in: 2x2 outputs x 3 channels x fan-in 1 = 12 MACs; spikes in: 2 spikes x 3
+    outputs each = 6 SOPs."""
+    model = nn.Sequential(_UserBlock())
+    with SNNCounter(model, T=1) as counter:
+        model(torch.tensor([[[[0.5, 0.25], [0.75, 0.125]]]]))
+    assert counter.record()["macs/0.conv"] == 12
+    model = _UserBlock()
+    with SNNCounter(model, T=1) as counter:
+        model(torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]]))
+    assert counter.record()["sops/conv"] == 6
 
 
 def test_hooks_leave_the_evaluation_unchanged_and_are_removed():
