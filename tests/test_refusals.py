@@ -161,7 +161,8 @@ REFUSALS = [
         "train",
         ["dataset=cifar11"],
         r"dataset=cifar11: configs/dataset/ has no option cifar11; choose one of: cifar10, "
-        r"cifar100, digits, dvs_cifar10, gsc, imagenet \(did you mean dataset=cifar10\?\)",
+        r"cifar100, digits, dvs128_gesture, dvs_cifar10, gsc, imagenet, nmnist, shd "
+        r"\(did you mean dataset=cifar10\?\)",
     ),
     (
         "unknown-key",
@@ -174,8 +175,8 @@ REFUSALS = [
         "internal-option-hidden",
         "train",
         ["model=nope"],
-        r"model=nope: configs/model/ has no option nope; choose one of: resnet18, resnet19, vgg11, "
-        r"vgg11_ws, vgg_tiny",
+        r"model=nope: configs/model/ has no option nope; choose one of: mlp_shd, resnet18, "
+        r"resnet19, vgg11, vgg11_ws, vgg_gesture, vgg_nmnist, vgg_tiny$",
     ),
     (
         "input-too-small-for-the-model",
@@ -232,7 +233,8 @@ def test_a_refused_command_is_one_line_exit_1_and_leaves_nothing(command, entry,
 def test_help_hides_the_internal_configs(command):
     code, out, _, _ = command("train", "--help")
     assert code == 0
-    assert "model: resnet18, resnet19, vgg11, vgg11_ws, vgg_tiny\n" in out and "_spiking" not in out
+    models = "mlp_shd, resnet18, resnet19, vgg11, vgg11_ws, vgg_gesture, vgg_nmnist, vgg_tiny"
+    assert f"model: {models}\n" in out and "_spiking" not in out
 
 
 def test_a_truncated_dataset_file_is_named_in_one_line(command, cifar):
