@@ -381,3 +381,20 @@ def test_sample_seeds_depend_on_every_key():
         )
         == 5
     )
+
+
+def test_frames_are_built_in_one_thread_where_cpython_cannot_parse_in_parallel():
+    """numpy reads event files' headers with ast.literal_eval, which CPython before 3.13 can fail
+    on in parallel threads: spikingjelly's frame builder runs in one thread there, and its own
+    setting is back afterwards."""
+    import sys
+
+    from spikingjelly import configure
+
+    from bso.data.dvs import frame_building_threads
+
+    before = configure.max_threads_number_for_datasets_preprocess
+    with frame_building_threads():
+        inside = configure.max_threads_number_for_datasets_preprocess
+    assert inside == (1 if sys.version_info < (3, 13) else before)
+    assert configure.max_threads_number_for_datasets_preprocess == before

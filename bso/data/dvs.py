@@ -14,9 +14,11 @@ the data is read once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,26 @@ def ensure_fresh_frame_cache(root: Path, T: int, split_by: str) -> Path:
     )
     drop_stale_frames(frames, expected)
     return frames
+
+
+@contextlib.contextmanager
+def frame_building_threads():
+    """While spikingjelly integrates events into frames: its thread pool (``spikingjelly.configure``'s
+    ``max_threads_number_for_datasets_preprocess``, default 16) reads every event file with numpy,
+    which parses each array header with ``ast.literal_eval``; CPython before 3.13 can fail on that in
+    parallel threads (``SystemError: AST constructor recursion depth mismatch``, CPython issue
+    106905). There the frames are built in one thread; later versions keep spikingjelly's setting."""
+    from spikingjelly import configure
+
+    if sys.version_info >= (3, 13):
+        yield
+        return
+    before = configure.max_threads_number_for_datasets_preprocess
+    configure.max_threads_number_for_datasets_preprocess = 1
+    try:
+        yield
+    finally:
+        configure.max_threads_number_for_datasets_preprocess = before
 
 
 def index_split(samples: list[tuple[str, int]], train_per_class: int):
@@ -179,7 +201,8 @@ def dvs_cifar10_datasets(
     root = Path(root)
     check_present(root)
     ensure_fresh_frame_cache(root, T, split_by)
-    base = CIFAR10DVS(str(root), data_type="frame", frames_number=T, split_by=split_by)
+    with frame_building_threads():
+        base = CIFAR10DVS(str(root), data_type="frame", frames_number=T, split_by=split_by)
     train_idx, test_idx = index_split(base.samples, train_per_class)
     if not train_idx or not test_idx:
         raise ValueError(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bso.data.dvs import DVSFrames, drop_stale_frames, frame_statistics
+from bso.data.dvs import DVSFrames, drop_stale_frames, frame_building_threads, frame_statistics
 from bso.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,10 @@ def spikingjelly_frames(spec: EventDataset, root: Path, train: bool, T: int, spl
     its samples labelled by their class folder's number."""
     frames = frames_folder(root, T, split_by)
     try:
-        base = spec.dataset_class()(
-            str(root), train=train, data_type="frame", frames_number=T, split_by=split_by
-        )
+        with frame_building_threads():
+            base = spec.dataset_class()(
+                str(root), train=train, data_type="frame", frames_number=T, split_by=split_by
+            )
     except Exception as err:
         marker = frames.with_name(frames.name + ".building")
         if marker.exists():  # the build failed: leave no half-built cache behind
