@@ -41,16 +41,18 @@ eval: install  ## evaluate a saved model on its test set: make eval CKPT=outputs
 # The tests run with OpenMP threads that sleep when idle instead of spinning: on a busy machine (a
 # shared CI runner) spinning threads fight for the cores and the suite runs several times slower.
 # Results do not depend on it. OMP_WAIT_POLICY=ACTIVE make test restores OpenMP's default.
-test-fast test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
+test-fast test test-slow test-latest: export OMP_WAIT_POLICY ?= PASSIVE
 
-# pytest with a marker expression; collecting no test fails (pytest's exit status 5)
-PYTEST = rc=0; $(1) -m pytest -m "$(2)" $(ARGS) || rc=$$?; \
+# pytest with a marker expression, one worker per core (a test file stays in one worker: its
+# module fixtures are built once); collecting no test fails (pytest's exit status 5)
+TEST_WORKERS ?= auto
+PYTEST = rc=0; $(1) -m pytest -m "$(2)" -n $(TEST_WORKERS) --dist loadfile $(ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test-fast: install-dev  ## unit and golden tests, the inner loop (about a minute on 2 cores; not `integration`, not `slow`)
+test-fast: install-dev  ## unit and golden tests, the inner loop (about a minute on 2 cores; not `integration`, not `slow`; TEST_WORKERS=1: one process)
 	@$(call PYTEST,$(PYTHON),not slow and not integration)
 
-test: install-dev  ## unit, golden and integration tests on the lock's versions, what CI runs (< 10 min on 2 cores; not `slow`)
+test: install-dev  ## unit, golden and integration tests on the lock's versions, what CI runs (about 9 min on 2 cores; not `slow`)
 	@$(call PYTEST,$(PYTHON),not slow)
 
 latest-venv:  # a fresh venv with the newest versions pyproject.toml allows
