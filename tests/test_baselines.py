@@ -105,12 +105,35 @@ def test_bptt_batches_start_at_rest_and_an_epoch_tallies_them():
         for (out, _, _), (i, j) in zip(losses, ((0, 4), (4, 6)), strict=True)
     )
     assert int(tally.correct) == correct
+    tally.seconds = 2.0
     metrics = tally.metrics()
+    assert metrics["samples_per_s"] == 3.0  # 6 samples in 2 s
     assert (metrics["samples"], metrics["correct"]) == (6, correct)
     assert metrics["loss"] == pytest.approx(float(tally.loss_sum) / 6)
     assert metrics["acc1"] == correct / 6
     empty = engine.train_epoch(net, rec, [], torch.device("cpu"))
     assert (empty.samples, int(empty.correct), empty.activation_peak_bytes) == (0, 0, 0)
+
+
+def test_an_epoch_whose_loss_turns_nan_stops_as_diverged_at_that_batch():
+    """train_epoch hands every batch's loss to the finite check: NaN readout weights from the second
+    batch on make the loss NaN there, and the epoch stops with RunDiverged naming epoch and batch."""
+    from bso.divergence import FiniteCheck, RunDiverged
+
+    net, x, y = _net_and_batch()
+    engine = BPTTEngine(T=2)
+    engine.prepare(net)
+
+    def loader():
+        yield x[:4], y[:4]
+        with torch.no_grad():
+            net.fc2.weight.fill_(float("nan"))
+        yield x[4:], y[4:]
+        yield x[:4], y[:4]
+
+    check = FiniteCheck(epoch=3, device=torch.device("cpu"))
+    with pytest.raises(RunDiverged, match="epoch 3, batch 2"):
+        engine.train_epoch(net, _Recorder(net), loader(), torch.device("cpu"), finite_check=check)
 
 
 def test_bptt_gradient_equals_autograd_through_the_unrolled_network():
@@ -155,12 +178,14 @@ def test_straight_through_estimator():
 def test_latent_flip_counting_and_clipping():
     layer = SynapticLinear(3, 2, weights="latent", bias=False)
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[0.05, -0.05, 0.5], [2.0, -0.01, 0.3]]))
+        layer.weight.copy_(torch.tensor([[0.05, -0.05, -1.5], [2.0, -0.01, 0.3]]))
     opt = PlainOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), [("w", layer.weight)], True)
     layer.weight.grad = torch.tensor([[0.1, 0.0, 0.0], [0.0, -0.02, 0.0]])
     flips = opt.step()
     assert flips.tolist() == [2]  # 0.05 -> -0.05 and -0.01 -> 0.01 changed sign
-    assert layer.weight.detach().abs().max() <= 1.0  # 2.0 clipped to 1
+    # 2.0 clipped to 1, -1.5 to -1; the rest as SGD left them
+    expected = torch.tensor([[0.05 - 0.1, -0.05, -1.0], [1.0, -0.01 + 0.02, 0.3]])
+    torch.testing.assert_close(layer.weight.detach(), expected)
 
 
 def test_latent_flip_counting_takes_the_sign_of_zero_as_plus_one():
