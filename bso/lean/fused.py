@@ -70,7 +70,7 @@ def batchnorm_lif_forward(z, bn, neuron, pool):
 def batchnorm_train_forward(z: torch.Tensor, bn: nn.BatchNorm2d):
     """``bn(z)`` in training mode, as :class:`torch.nn.BatchNorm2d` runs it (the momentum, the
     batch counter and the running statistics alike; the kernel ``F.batch_norm`` picks on this
-    device: ``aten._batch_norm_impl_index``), plus what its backward reads: the batch mean and
+    device, found by :func:`bso.compat.batch_norm_kernels`), plus what its backward reads: the batch mean and
     inverse std (C values each), cuDNN's reserve space and which kernel ran. Backward then runs that
     kernel's own backward (:func:`batchnorm_lif_backward`) without recomputing the statistics.
     Where torch lacks those kernels by name (:func:`bso.compat.batch_norm_kernels`), ``F.batch_norm``
