@@ -24,6 +24,7 @@ and its ``_backward``                       saved statistics (:mod:`bso.lean.fus
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -35,9 +36,10 @@ log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 
 
+@functools.cache
 def private(path: str):
     """The object at the dotted ``path`` (a module, then attributes), or None where the installed
-    version has no such thing."""
+    version has no such thing. Looked up once per process: the lean mode asks at every step."""
     parts = path.split(".")
     for split in range(len(parts), 0, -1):
         try:
@@ -79,30 +81,32 @@ def raise_recompile_limit(limit: int) -> None:
     config.recompile_limit = max(config.recompile_limit, limit)
 
 
+def _all_or_none(paths: list[str], fallback: str) -> tuple | None:
+    """The objects at ``paths``, or None (after one warning naming the first path) where any is
+    missing."""
+    found = [private(path) for path in paths]
+    if None in found:
+        warn_missing(paths[0], fallback)
+        return None
+    return tuple(found)
+
+
 def batch_norm_kernels():
     """(forward, backward): aten's ``_batch_norm_impl_index`` and its backward, the kernels
     ``F.batch_norm`` runs and differentiates; None where missing (after one warning)."""
-    ops = [private(f"torch.ops.aten._batch_norm_impl_index{s}") for s in ("", "_backward")]
-    if None in ops:
-        warn_missing(
-            "torch.ops.aten._batch_norm_impl_index",
-            "the lean mode re-runs BatchNorm in backward (the same values, one more pass)",
-        )
-        return None
-    return tuple(ops)
+    return _all_or_none(
+        [f"torch.ops.aten._batch_norm_impl_index{s}" for s in ("", "_backward")],
+        "the lean mode re-runs BatchNorm in backward (the same values, one more pass)",
+    )
 
 
 def spikingjelly_cpu_surrogate():
     """(surrogate_gradient, surrogate_spec): the function spikingjelly's CPU LIF step
     differentiates through, and how it names a surrogate; None where missing (after one warning)."""
-    found = [private(f"spikingjelly._ops.surrogate._surrogate_{n}") for n in ("gradient", "spec")]
-    if None in found:
-        warn_missing(
-            "spikingjelly._ops.surrogate._surrogate_gradient",
-            "the lean mode re-runs the LIF step in backward (the same values, slower)",
-        )
-        return None
-    return tuple(found)
+    return _all_or_none(
+        [f"spikingjelly._ops.surrogate._surrogate_{n}" for n in ("gradient", "spec")],
+        "the lean mode re-runs the LIF step in backward (the same values, slower)",
+    )
 
 
 PRIVATE_APIS = (
