@@ -5,8 +5,8 @@ The library API (docs/library.md, "Use BSO / T-BSO in your own code"):
 * :class:`BSO`, :class:`TBSO` -- the flip optimizers for stored +-1 weights (paper Eq. 11-14);
 * :class:`CaseOptimizer` -- binary weights to BSO / T-BSO, everything else to SGD / Adam / ...;
 * :func:`convert` -- make a plain PyTorch or spikingjelly model binary (+-1 conv/linear weights,
-  LIF neurons that keep the presynaptic trace); :func:`make_lean` -- the lean mode on it;
-  :func:`fuse_elementwise` -- its neurons' online steps as compiled loops (the same values);
+  LIF neurons that keep the presynaptic trace; ``backend=`` how their steps run, :mod:`bso.backend`);
+  :func:`make_lean` -- the lean mode on it;
 * :func:`online_step` -- one time step of online training (forward, loss, backward, flip).
 
 The training framework (``bso-train`` / ``python train.py``, Hydra configs) lives in
@@ -31,7 +31,6 @@ __all__ = [
     "__version__",
     "binary_parameters",
     "convert",
-    "fuse_elementwise",
     "make_lean",
     "online_step",
     "reset",
@@ -44,7 +43,6 @@ _EXPORTS = {
     "CaseOptimizer": "bso.optim.case",
     "convert": "bso.conversion",
     "make_lean": "bso.lean",
-    "fuse_elementwise": "bso.compiled",
     "binary_parameters": "bso.conversion",
     "online_step": "bso.step",
     "StepOutput": "bso.step",
@@ -52,7 +50,6 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from bso.compiled import fuse_elementwise
     from bso.conversion import binary_parameters, convert
     from bso.lean import make_lean
     from bso.optim.binary import BSO, TBSO

@@ -1,4 +1,4 @@
-"""Element-wise chains as one compiled loop each (``fast.fuse_elementwise``, :func:`fuse_elementwise`).
+"""The ``fused`` backend (:mod:`bso.backend`): element-wise chains as one compiled loop each.
 
 Per neuron and time step, online training runs a chain of element-wise operations: the LIF step
 (charge, spike, soft reset), the presynaptic trace (paper Eq. 9; the released NDOT ratio alone is
@@ -9,23 +9,23 @@ a pass over memory; here the same Python code (:func:`bso.neurons.charge`,
 
 The compiled loops hold only +, -, *, / and comparisons, which Inductor fuses without reordering:
 the values are the eager operations' bit for bit (tests/test_compiled.py on hand-built tensors; the
-golden tests replay the released code's full-width VGG-11 run with the fused steps). The sigmoid
+golden tests replay the released code's full-width VGG-11 run under this backend). The sigmoid
 stays torch's kernel: an exponential computed in a vectorised loop body and in its scalar tail can
-differ in the last bit, and which elements fall in a tail differs between the two. What is fused:
+differ in the last bit, and which elements fall in a tail differs between the two. What is compiled:
 
-* ``float_order="release"`` (the paper rows): the online step -- charge, spike, reset, trace -- in
-  one loop; saved for backward, as by the eager graph, one float per neuron (here the sigmoid's
-  scaled input ``alpha (h - V_th)``); backward: torch's sigmoid, then the products
+* the online step of the release's neuron -- charge, spike, reset, trace -- in one loop; saved for
+  backward, as by the eager graph, one float per neuron (here the sigmoid's scaled input
+  ``alpha (h - V_th)``); backward: torch's sigmoid, then the products
   ``((dL/ds * (1 - sg)) * sg) * alpha`` in one loop;
-* ``float_order="fast"``: spikingjelly's own LIF operator runs the step; the trace is fused;
 * the lean mode (:mod:`bso.lean.fused`): the same forward loop (nothing saved), and in backward the
   charge ``h = v + V_th s`` rebuilt and scaled in one loop;
 * the blocks' 2-D average pools of the spikes and the trace (:class:`FusedAvgPool2d`).
 
-BPTT neurons (no trace, a graph through time) keep the eager operations. Compiling costs seconds on
-the first batches (cached on disk by Inductor); on the CPU it needs a C++ compiler. Under
-``fast.autocast`` the compiled loops compute bf16 inputs in float32 and round once, so they do not
-match the eager bf16 operations bit for bit.
+The backend is for online training (BPTT neurons have no trace and a graph through time:
+:func:`bso.backend.check` refuses it). Compiling costs seconds on the first batches (cached on disk
+by Inductor); on the CPU it needs a C++ compiler. Under ``fast.autocast`` the compiled loops
+compute bf16 inputs in float32 and round once, so they do not match the eager bf16 operations bit
+for bit.
 """
 
 from __future__ import annotations
@@ -152,17 +152,14 @@ def step_constants(neuron: LIFNode) -> tuple:
 
 
 def fused_step(neuron: LIFNode, x, v_prev, trace, p_prev):
-    """(s[t], v[t], a_hat[t], p[t]) of an online neuron (:func:`why_not_fusable` is None), fused.
-    Only s[t] carries a gradient (to x); v[t] is detached, as the next step detaches it anyway."""
+    """(s[t], v[t], a_hat[t], p[t]) of an online neuron (:func:`bso.backend.why_not_fused` is
+    None), fused. Only s[t] carries a gradient (to x); v[t] is detached, as the next step detaches
+    it anyway."""
     v_prev = v_prev.detach()
-    if neuron.float_order == "release":
-        if not (torch.is_grad_enabled() and x.requires_grad):  # no graph (the lean mode's forward)
-            constants = step_constants(neuron)[:-1]  # no surrogate: nothing is differentiated
-            return compiled(release_online_forward)(x, v_prev, trace, p_prev, *constants)
-        return _ReleaseOnlineStep.apply(x, v_prev, trace, p_prev, neuron)
-    spike, v = neuron.spikingjelly_step(x, v_prev)  # spikingjelly's own LIF operator
-    trace, p = neuron.presynaptic_trace(spike, trace, v, v_prev, p_prev, compiled(trace_step))
-    return spike, v, trace, p
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no graph (the lean mode's forward)
+        constants = step_constants(neuron)[:-1]  # no surrogate: nothing is differentiated
+        return compiled(release_online_forward)(x, v_prev, trace, p_prev, *constants)
+    return _ReleaseOnlineStep.apply(x, v_prev, trace, p_prev, neuron)
 
 
 def lif_input_gradient_from_state(neuron: LIFNode, grad_spike, v, spike):
@@ -187,19 +184,34 @@ def average_pool_backward(
     )
 
 
+def average_pool_input_gradient(*args):
+    """:func:`average_pool_backward`, compiled (the lean mode's pools under the fused backend)."""
+    return compiled(average_pool_backward, flatten=False)(*args)
+
+
 class FusedAvgPool2d(nn.AvgPool2d):
     """:class:`torch.nn.AvgPool2d` run by ``torch.compile`` (forward and, under autograd, backward):
     Inductor's loop sums each window in the order torch's kernel does and divides the same way, so the
-    values are torch's bit for bit (tests/test_compiled.py), several times faster on the CPU, whose
-    kernel does not vectorise. The blocks pool the spikes and the trace with it at every step.
-    :func:`fuse_elementwise` swaps in plain ``nn.AvgPool2d`` modules (a subclass keeps its own
-    forward) without ``ceil_mode``, whose edge windows' gradients round differently."""
+    values are torch's bit for bit (tests/test_compiled.py), faster on the CPU, whose kernel does not
+    vectorise. The blocks pool the spikes and the trace with it at every step. :func:`fuse_pools` puts it
+    in place of plain ``nn.AvgPool2d`` modules without ``ceil_mode``, whose edge windows' gradients
+    round differently."""
 
-    fuse_elementwise = True
+    backend = "fused"  # bso.backend.pool_input_gradient: the lean mode's backward compiled too
+
+    @classmethod
+    def like(cls, pool: nn.AvgPool2d) -> FusedAvgPool2d:
+        """A compiled pool with ``pool``'s arguments."""
+        return cls(
+            pool.kernel_size,
+            pool.stride,
+            pool.padding,
+            pool.ceil_mode,
+            pool.count_include_pad,
+            pool.divisor_override,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fuse_elementwise:
-            return super().forward(x)
         return compiled(average_pool, flatten=False)(
             x,
             self.kernel_size,
@@ -211,40 +223,14 @@ class FusedAvgPool2d(nn.AvgPool2d):
         )
 
 
-def why_not_fusable(neuron: nn.Module) -> str | None:
-    """None where :func:`fused_step` runs exactly ``neuron``'s eager step; else the reason."""
-    if not isinstance(neuron, LIFNode):
-        return f"{type(neuron).__name__} is not a bso.neurons.LIFNode"
-    if neuron.trace_rule is None or not neuron.detach_state:
-        return "it is not an online neuron (BPTT: no trace, a graph through time)"
-    if neuron.v_reset is not None or neuron.decay_input:
-        return "it has a hard reset or a decayed input (not the paper's LIF)"
-    function = neuron.surrogate_function
-    if not (isinstance(function, surrogate.Sigmoid) and function.spiking):
-        return f"its surrogate is {type(function).__name__}, not the sigmoid"
-    return None
-
-
-def fuse_elementwise(model: nn.Module) -> nn.Module:
-    """Run every online LIF neuron of ``model`` (configured by the engine first) as fused steps;
-    in place, returns ``model``. Refuses a model with no such neuron (BPTT: nothing to fuse) and,
-    on the CPU, a machine without the C++ compiler Inductor needs."""
-    neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
-    fusable = [n for n in neurons if why_not_fusable(n) is None]
-    if not fusable:
-        reason = why_not_fusable(neurons[0]) if neurons else "it has no bso.neurons.LIFNode"
-        raise ValueError(
-            "fast.fuse_elementwise=true fuses the online LIF step and its trace, but no neuron of "
-            f"this model can be fused: {reason}. Leave fast.fuse_elementwise=false"
-        )
-    if any(p.device.type == "cpu" for p in model.parameters()):
-        check_compiler()
-    for neuron in fusable:
-        neuron.fuse_elementwise = True
-    for module in model.modules():
+def fuse_pools(model: nn.Module) -> None:
+    """Put a :class:`FusedAvgPool2d` with its arguments in place of each plain ``nn.AvgPool2d``
+    of ``model`` without ``ceil_mode`` (the parent's attribute set to the new module; a pool used
+    in several places stays one module). :func:`bso.backend.apply` calls it for backend fused."""
+    fused: dict[int, FusedAvgPool2d] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if type(module) is nn.AvgPool2d and not module.ceil_mode:  # see FusedAvgPool2d
-            module.__class__ = FusedAvgPool2d
-    return model
+            model.set_submodule(name, fused.setdefault(id(module), FusedAvgPool2d.like(module)))
 
 
 def cpp_compiler(cxx: str | None = None) -> str:
@@ -259,8 +245,7 @@ def check_compiler(cxx: str | None = None) -> None:
     name = cpp_compiler(cxx)
     if shutil.which(name) is None:
         raise RuntimeError(
-            "fast.fuse_elementwise=true compiles the element-wise steps with torch.compile, which "
-            f"needs a C++ compiler ({name}) on the CPU; none was found on PATH. Install one (e.g. "
-            "apt install g++), name it in the CXX environment variable, or leave "
-            "fast.fuse_elementwise=false"
+            "backend=fused compiles the element-wise steps with torch.compile, which needs a C++ "
+            f"compiler ({name}) on the CPU; none was found on PATH. Install one (e.g. apt install "
+            "g++), name it in the CXX environment variable, or use backend=release"
         )

@@ -31,6 +31,7 @@ from spikingjelly.activation_based import layer as sj_layer
 from spikingjelly.activation_based import neuron as sj_neuron
 from torch import nn
 
+from bso import backend as backends
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d, SynapticLinear, binarize_
 from bso.neurons import TRACE_RULES, LIFNode, configure_neurons
 
@@ -229,6 +230,7 @@ def convert(
     full_precision: Iterable[str] = ("first", "last"),
     trace: str | None = "ndot",
     init: str = "release",
+    backend: str = "release",
 ) -> nn.Module:
     """Make ``model`` a binary (spiking) network, in place; returns it.
 
@@ -245,6 +247,10 @@ def convert(
             draw (fan_out, relu) -- +-1 with equal probability; ``"sign"``: the sign of the model's
             current weights (sign(0) = +1), e.g. to start from a trained full-precision model.
             Full-precision layers keep their weights either way.
+        backend: how the neurons' steps run, one of ``bso.backend.BACKENDS``: ``"release"`` (the
+            released code's float32 order), ``"fast"`` (spikingjelly's kernels) or ``"fused"``
+            (the release's values, the online steps and average pools as compiled loops; needs
+            ``trace``). BSO / T-BSO take their own ``backend=``.
 
     Raises ``TypeError`` naming the module for layers and neurons it cannot convert (any other
     spikingjelly neuron, other conv dimensions, non-zero padding modes).
@@ -293,6 +299,9 @@ def convert(
         new = ConvertedLIFNode.from_spikingjelly(src)
         new.bso_name, new.trace_links = name, links
         _replace(model, name, new)
+    if neurons:
+        configure_neurons(model, detach_state=trace is not None, trace_rule=trace)
+    backends.apply(model, backend)  # before the hooks: fused replaces the average pools
     if trace is not None:
         for module in model.modules():
             if isinstance(module, TRACE_TRANSPARENT):
@@ -301,8 +310,6 @@ def convert(
                 module.register_forward_hook(links.value)
         model.register_forward_pre_hook(links.begin)
         model.register_forward_hook(links.clear)
-    if neurons:
-        configure_neurons(model, detach_state=trace is not None, trace_rule=trace)
     return model
 
 

@@ -5,7 +5,7 @@ distribution and its version, the lock file's hash and whether this environment 
 commit and dirty state, Python, torch's CUDA / cuDNN build and the devices, thread counts.
 
 ``python -m bso.env`` (or ``bso-env``) prints it as one screen, with what follows from it: whether
-``fast.fuse_elementwise`` and ``fast.compile`` can run here, spikingjelly's CUDA backends, the wandb
+``backend=fused`` and ``fast.compile`` can run here, spikingjelly's CUDA backends, the wandb
 mode and which private torch / spikingjelly APIs are present (:mod:`bso.compat`) -- the first thing
 to paste into a bug report. ``--json`` prints the whole record instead.
 """
@@ -163,7 +163,7 @@ def capabilities(env: dict) -> list[tuple[str, str]]:
         ("C++ compiler", f"{compiler}: {'found' if has_compiler else 'not on PATH (set CXX)'}"),
         ("Triton", "installed" if triton else "not installed"),
         (
-            "fast.fuse_elementwise",
+            "backend=fused",
             _yes(has_compiler or (cuda and triton), "CPU" if has_compiler else None)
             + (" + CUDA" if cuda and triton else ""),
         ),

@@ -14,9 +14,6 @@ autocast           false    bf16 autocast of the per-step forward; the output is
                             default. Works on CPU too (slow there).
 compile            false    ``torch.compile`` of the per-step forward (the model's ``forward``; the
                             online engine calls it T times per batch). CUDA only: refused on CPU.
-fuse_elementwise   false    The online LIF step, its trace and surrogate backward as one compiled
-                            loop each (:mod:`bso.compiled`): the eager float32 values bit for bit,
-                            fewer passes over memory. CPU (needs a C++ compiler) and CUDA.
 reuse_host_memory  false    Freed host memory stays in the process for the next tensors (glibc's
                             malloc options, :func:`reuse_host_memory`): faster with large
                             activations, a higher resident peak. Linux (glibc) only.
@@ -41,7 +38,6 @@ KEYS = (
     "cudnn_benchmark",
     "autocast",
     "compile",
-    "fuse_elementwise",
     "reuse_host_memory",
 )
 
@@ -63,7 +59,10 @@ def check(cfg, device: torch.device) -> None:
     """Refuse unknown keys and what this device cannot do, before any data is read."""
     unknown = sorted(set(cfg) - set(KEYS))
     if unknown:
-        raise ValueError(f"unknown fast.* keys {unknown}; the fast path has {list(KEYS)}")
+        raise ValueError(
+            f"unknown fast.* keys {unknown}; the fast path has {list(KEYS)} (how the LIF step and "
+            "the optimizer run is the top-level backend=release|fast|fused)"
+        )
     for key in KEYS:
         if not isinstance(cfg.get(key, False), bool):
             raise ValueError(f"fast.{key} must be true or false, got {cfg.get(key)!r}")
@@ -95,10 +94,6 @@ def apply(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark"))
         if cfg.get("channels_last"):
             model.to(memory_format=torch.channels_last)
-    if cfg.get("fuse_elementwise"):  # after the engine configured the neurons (online or BPTT)
-        from bso.compiled import fuse_elementwise
-
-        fuse_elementwise(model)
     if cfg.get("compile"):
         model.compile()  # in place: the module's __call__ goes through torch.compile
     if cfg.get("autocast"):

@@ -22,12 +22,14 @@ For online training the neuron adds two things, both switched on by the online e
 
 Every rule starts with ``a_hat[1] = s[1]``.
 
-``float_order`` (docs/parity.md): ``"fast"`` runs spikingjelly's LIF step (its fused CUDA / Triton
-kernels, its CPU composite), whose backward rounds the surrogate's product as
-``dL/ds * ((1 - sg) * sg * alpha)``; ``"release"`` runs the same step as plain torch operations with
-spikingjelly's sigmoid surrogate function, whose backward is the released code's
-``((dL/ds * (1 - sg)) * sg) * alpha`` with ``sg = sigmoid(alpha * (h - V_th))``. The forward values
-are the same; the release order is what makes a BSO / T-BSO run bit for bit the release's.
+How a step runs is the neuron's ``backend`` (:mod:`bso.backend`, which picks the implementation):
+``"release"`` runs the step as plain torch operations with spikingjelly's sigmoid surrogate
+function, whose backward is the released code's ``((dL/ds * (1 - sg)) * sg) * alpha`` with
+``sg = sigmoid(alpha * (h - V_th))``; ``"fast"`` runs spikingjelly's LIF step (its CUDA /
+Triton kernels, its CPU composite), whose backward rounds the surrogate's product as
+``dL/ds * ((1 - sg) * sg * alpha)``; ``"fused"`` runs the release's step and trace as compiled
+loops (:mod:`bso.compiled`). The forward values are the same; the release order is what makes a
+BSO / T-BSO run bit for bit the release's (docs/parity.md).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate
 from torch import nn
 
+from bso import backend as backends
+
 TRACE_RULES = ("ndot", "ndot_paper", "ottt")
-FLOAT_ORDERS = ("release", "fast")
 
 
 class LIFNode(sj_neuron.LIFNode):
@@ -57,7 +60,7 @@ class LIFNode(sj_neuron.LIFNode):
         v_threshold: float = 1.0,
         surrogate_alpha: float = 4.0,
         detach_reset: bool = False,
-        float_order: str = "fast",
+        backend: str = backends.DEFAULT,
         v_reset: float | None = None,
     ):
         if v_reset is not None and not isinstance(v_reset, int | float):
@@ -65,11 +68,7 @@ class LIFNode(sj_neuron.LIFNode):
                 f"LIF v_reset must be null (subtract the threshold after a spike, the paper's "
                 f"neuron) or a number (reset to it), got {v_reset!r} (model.neuron.v_reset)"
             )
-        if float_order not in FLOAT_ORDERS:
-            raise ValueError(
-                f"unknown LIF float_order {float_order!r}; choose one of {FLOAT_ORDERS} (release: "
-                "the released code's surrogate-gradient rounding; fast: spikingjelly's kernels)"
-            )
+        backends.check(backend)
         super().__init__(
             tau=float(tau),
             decay_input=False,
@@ -79,10 +78,9 @@ class LIFNode(sj_neuron.LIFNode):
             detach_reset=detach_reset,
             step_mode="s",
         )
-        self.float_order = float_order
+        self.backend = backend  # bso.backend: release | fast | fused
         self.detach_state = False
         self.trace_rule: str | None = None
-        self.fuse_elementwise = False  # bso.compiled.fuse_elementwise: the online step compiled
         self.register_memory("trace", None)
         self.register_memory("trace_potential", None)  # p[t-1] of the released NDOT rule
 
@@ -92,25 +90,29 @@ class LIFNode(sj_neuron.LIFNode):
         return 1.0 - 1.0 / self.tau
 
     def single_step_functional_forward(self, inputs, states, **kwargs):
-        x = inputs[0]
-        v_prev, trace, p_prev = states  # v_prev = u[t-1] - V_th s[t-1]
-        if self.fuse_elementwise and self.trace_rule is not None and torch.is_grad_enabled():
-            from bso.compiled import fused_step  # torch.compile: loaded only when asked for
+        spike, v, trace, p = backends.neuron_step(self)(self, inputs[0], *states)
+        return (spike,), (v, trace, p)  # states: v_prev = u[t-1] - V_th s[t-1], trace, p[t-1]
 
-            spike, v, trace, p_prev = fused_step(self, x, v_prev, trace, p_prev)
-            return (spike,), (v, trace, p_prev)
+    def release_online_step(self, x, v_prev, trace, p_prev):
+        """(s[t], v[t], a_hat[t], p[t]) by :meth:`release_step` (backend "release")."""
+        return self.eager_step(self.release_step, x, v_prev, trace, p_prev)
+
+    def spikingjelly_online_step(self, x, v_prev, trace, p_prev):
+        """(s[t], v[t], a_hat[t], p[t]) by :meth:`spikingjelly_step` (backend "fast")."""
+        return self.eager_step(self.spikingjelly_step, x, v_prev, trace, p_prev)
+
+    def eager_step(self, step, x, v_prev, trace, p_prev):
+        """``step(x, v[t-1]) -> (s[t], v[t])`` with the state detached for online training and
+        the trace kept while autograd is on."""
         if self.detach_state:
             v_prev = v_prev.detach()
-        if self.float_order == "release" and self.v_reset is None and not self.decay_input:
-            spike, v = self.release_step(x, v_prev)  # the release's neuron (soft reset) only
-        else:
-            spike, v = self.spikingjelly_step(x, v_prev)
+        spike, v = step(x, v_prev)
         if self.trace_rule is not None and torch.is_grad_enabled():
             trace, p_prev = self.presynaptic_trace(spike, trace, v, v_prev, p_prev)
-        return (spike,), (v, trace, p_prev)
+        return spike, v, trace, p_prev
 
     def spikingjelly_step(self, x: torch.Tensor, v_prev: torch.Tensor):
-        """One LIF step by spikingjelly (its fused CUDA / Triton kernels, its CPU composite)."""
+        """One LIF step by spikingjelly (its CUDA / Triton kernels, its CPU composite)."""
         return sj_functional.lif_step(
             x,
             v_prev,
@@ -125,19 +127,18 @@ class LIFNode(sj_neuron.LIFNode):
     def release_step(self, x: torch.Tensor, v_prev: torch.Tensor):
         """One LIF step (soft reset, undecayed input) as torch operations: the values of
         spikingjelly's step, and the surrogate backward of its sigmoid function, which rounds as the
-        released code does (``float_order="release"``). A neuron with a hard reset or a decayed
-        input is not the release's neuron: it runs spikingjelly's step in either order."""
+        released code does (backend "release"). A neuron with a hard reset or a decayed input is
+        not the release's neuron: it runs spikingjelly's step under every backend."""
         h = charge(x, v_prev, self.tau)
         spike = self.surrogate_function(h - self.v_threshold)
         reset = spike.detach() if self.detach_reset else spike
         return spike, h - times_threshold(reset, self.v_threshold)
 
     @torch.no_grad()
-    def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None, step=None):
+    def presynaptic_trace(self, spike, trace, v, v_prev, p_prev=None):
         """a_hat[t] = mu[t] * a_hat[t-1] + s[t] (paper Eq. 9); a_hat[1] = s[1].
-        Returns the trace and, for the released NDOT rule, p[t] for the next step. ``step`` runs
-        :func:`trace_step` (default: itself; :mod:`bso.compiled` passes its compiled loop)."""
-        return (step or trace_step)(
+        Returns the trace and, for the released NDOT rule, p[t] for the next step."""
+        return trace_step(
             self.trace_rule,
             spike.detach(),
             trace,
@@ -151,7 +152,7 @@ class LIFNode(sj_neuron.LIFNode):
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
-            + f", detach_state={self.detach_state}, trace={self.trace_rule}, float_order={self.float_order}"
+            + f", detach_state={self.detach_state}, trace={self.trace_rule}, backend={self.backend}"
         )
 
 

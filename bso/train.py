@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
-from bso import distributed, fastpath, rundir
+from bso import backend, distributed, fastpath, rundir
 from bso.checkpoint import (
     TRAIN_FORMAT,
     copy_atomic,
@@ -118,10 +118,12 @@ class Schedules:
             self.cosine.load_state_dict(state["cosine"])
 
 
-def build_model(cfg: DictConfig, device: torch.device):
+def build_model(cfg: DictConfig, device: torch.device, run_on: torch.device | None = None):
+    """The model on ``device`` (``run_on``: the run's device, if the model is built elsewhere)."""
     model = _instantiate(cfg, "model").to(device)
     engine = _instantiate(cfg, "engine")
     engine.prepare(model)
+    backend.apply(model, cfg.backend, run_on or device)  # after prepare: fused needs online neurons
     return model, engine
 
 
@@ -264,7 +266,7 @@ def preflight(cfg: DictConfig, checkpoint: dict | None, weights, evaluating: boo
     architecture), and the data itself (missing or unreadable files). Returns the (training, test)
     datasets, which the run then uses."""
     try:
-        distributed.resolve_device(str(cfg.device), env["local_rank"] if env else 0)
+        device = distributed.resolve_device(str(cfg.device), env["local_rank"] if env else 0)
     except (ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
     if not evaluating and int(cfg.dataset.epochs) < 1:
@@ -274,13 +276,17 @@ def preflight(cfg: DictConfig, checkpoint: dict | None, weights, evaluating: boo
         )
     cpu = torch.device("cpu")
     with _quiet():
-        model, engine = build_model(cfg, cpu)
+        model, engine = build_model(cfg, cpu, run_on=device)
         if weights is not None:
             load_weights(model, cfg.get("checkpoint") or cfg.get("init_from"), *weights, cfg)
         if checkpoint is not None:
             load_weights(model, cfg.resume, checkpoint, checkpoint.get("config"), cfg)
         if not evaluating:
-            Schedules(build_optimizer(model, cfg.optimizer), cfg.optimizer, int(cfg.dataset.epochs))
+            Schedules(
+                build_optimizer(model, cfg.optimizer, cfg.backend),
+                cfg.optimizer,
+                int(cfg.dataset.epochs),
+            )
     check_input_fits(model, cfg)
     del model, engine
     try:
@@ -550,7 +556,7 @@ def _train(
     )
     if dist.enabled:  # the same init on every rank above; augmentation differs per rank
         seed_everything(cfg.seed + dist.rank)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.backend)
     schedules = Schedules(optimizer, cfg.optimizer, epochs)
     train_loader, test_loader = build_dataloaders(
         cfg.dataset, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, datasets=datasets

@@ -35,6 +35,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bso.backend import BACKENDS
+
 
 class ConfigError(ValueError):
     """A config value or key that the run refuses before any work."""
@@ -111,6 +113,7 @@ class Schema:
     docstring)."""
 
     seed: Optional[int] = None  # noqa: UP045
+    backend: Optional[str] = None  # noqa: UP045
     save_checkpoint: Optional[bool] = None  # noqa: UP045
     overwrite: Optional[bool] = None  # noqa: UP045
     engine: _Engine = field(default_factory=_Engine)
@@ -137,6 +140,7 @@ TYPED_KEYS = tuple(_schema_keys(_SCHEMA))
 
 # (key, test, what it must be)
 RANGES = (
+    ("backend", lambda v: v in BACKENDS, f"one of {' | '.join(BACKENDS)} (bso/backend.py)"),
     ("engine.T", lambda v: v >= 1, ">= 1"),
     ("dataset.epochs", lambda v: v >= 0, ">= 0"),
     ("dataset.batch_size", lambda v: v >= 1, ">= 1"),

@@ -1,6 +1,6 @@
-"""fast.fuse_elementwise (bso.compiled): the compiled online LIF step, trace and surrogate backward
-give the eager operations' values bit for bit; what cannot be fused is refused in one line. (The
-golden tests in test_release_parity.py replay the released code's runs with the fused steps too.)"""
+"""backend=fused (bso.compiled): the compiled online LIF step, trace and surrogate backward give the
+release backend's eager values bit for bit; what cannot be fused is refused in one line. (The golden
+tests in test_release_parity.py replay the released code's runs under the fused backend too.)"""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from bso import fastpath
-from bso.compiled import fuse_elementwise
+from bso import backend
+from bso.compiled import FusedAvgPool2d
 from bso.lean.fused import lif_input_gradient
 from bso.neurons import LIFNode
 from conftest import compose_config
@@ -39,19 +39,17 @@ def _run(neuron, steps):
     return record
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
 @pytest.mark.parametrize("rule", ["ndot", "ndot_paper", "ottt"])
-def test_fused_step_equals_the_eager_step_bit_for_bit(rule, float_order):
+def test_fused_step_equals_the_eager_step_bit_for_bit(rule):
     g = torch.Generator().manual_seed(0)
     shape = (3, 5, 7, 9)  # no power of two: the compiled loops' vector tails run too
     steps = [
         (torch.randn(shape, generator=g) * 1.5, torch.randn(shape, generator=g)) for _ in range(4)
     ]
     runs = []
-    for fuse in (False, True):
-        neuron = LIFNode(tau=2.0 if rule == "ndot" else 3.0, float_order=float_order)
+    for name in ("release", "fused"):
+        neuron = LIFNode(tau=2.0 if rule == "ndot" else 3.0, backend=name)
         neuron.detach_state, neuron.trace_rule = True, rule
-        neuron.fuse_elementwise = fuse
         runs.append(_run(neuron, steps))
     eager, fused = runs
     spikes = 0
@@ -64,21 +62,22 @@ def test_fused_step_equals_the_eager_step_bit_for_bit(rule, float_order):
 
 def test_fused_lean_backward_equals_the_eager_one():
     g = torch.Generator().manual_seed(1)
-    neuron = LIFNode(float_order="release")
     v, _, _ = _states((4, 6, 5, 5), g)
     spike = (torch.rand(v.shape, generator=g) < 0.3).float()
     grad = torch.randn(v.shape, generator=g)
-    eager = lif_input_gradient(neuron, v + spike, grad)
-    from bso.compiled import lif_input_gradient_from_state
-
-    assert torch.equal(lif_input_gradient_from_state(neuron, grad, v, spike), eager)
+    grads = []
+    for name in ("release", "fused"):
+        neuron = LIFNode(backend=name)
+        neuron.detach_state, neuron.trace_rule = True, "ndot"
+        grads.append(lif_input_gradient(neuron, grad, v, spike))
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_ndot_trace_fused_from_hand_built_states():
     """The released NDOT rule on hand-built values: mu = clamp(p[t] / p[t-1], -lambda, lambda), lambda
     where p[t-1] = 0; checks the fused step's numbers, not only its agreement with eager."""
-    neuron = LIFNode(float_order="release")  # tau 2: lambda 0.5, V_th 1
-    neuron.detach_state, neuron.trace_rule, neuron.fuse_elementwise = True, "ndot", True
+    neuron = LIFNode(backend="fused")  # tau 2: lambda 0.5, V_th 1
+    neuron.detach_state, neuron.trace_rule = True, "ndot"
     neuron.reset()
     x0 = torch.tensor([1.5, 0.2, 0.4, 0.9])
     neuron(x0.clone().requires_grad_())  # s = [1, 0, 0, 0], v = [0.5, 0.2, 0.4, 0.9]
@@ -98,20 +97,21 @@ def test_fusing_a_bptt_model_or_without_a_compiler_is_refused(monkeypatch):
     cfg = compose_config("engine=bptt", "optimizer=adam", "model.weights=latent")
     model = instantiate(cfg.model)
     instantiate(cfg.engine).prepare(model)
-    with pytest.raises(ValueError, match="not an online neuron.*fast.fuse_elementwise=false"):
-        fuse_elementwise(model)
+    with pytest.raises(ValueError, match="backend=fused.*not an online neuron.*backend=release"):
+        backend.apply(model, "fused")
 
-    cfg = compose_config("fast.fuse_elementwise=true")
+    cfg = compose_config("backend=fused")
     model = instantiate(cfg.model)
     instantiate(cfg.engine).prepare(model)
     monkeypatch.setenv("CXX", "no-such-compiler++")  # the compiler named by the environment
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*no-such-compiler.*CXX"):
-        fastpath.apply(model, cfg.fast, torch.device("cpu"))
-    assert not any(getattr(m, "fuse_elementwise", False) for m in model.modules())
+        backend.apply(model, cfg.backend)
+    assert backend.apply(model, cfg.backend, torch.device("cuda")) is model  # no C++ needed
+    assert all(n.backend == "fused" for n in model.modules() if isinstance(n, LIFNode))
     monkeypatch.undo()
-    assert fastpath.apply(model, cfg.fast, torch.device("cpu")) is model
+    assert backend.apply(model, cfg.backend) is model
     neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
-    assert neurons and all(n.fuse_elementwise for n in neurons)
+    assert neurons and all(n.backend == "fused" for n in neurons)
 
 
 def test_the_compiler_check_reads_its_argument_then_cxx(monkeypatch):
@@ -138,13 +138,11 @@ def test_the_compiler_check_reads_its_argument_then_cxx(monkeypatch):
     ids=["2x2", "3x3-stride2-pad1", "3x3-overlap-nopad-count"],
 )
 def test_fused_average_pool_equals_torchs_bit_for_bit(kwargs):
-    from bso.compiled import FusedAvgPool2d
-
     g = torch.Generator().manual_seed(3)
     x = torch.rand((2, 3, 9, 7), generator=g) * 3  # a trace-like float input, odd sizes
     grad = torch.randn((2, 3, 9, 7), generator=g)
-    eager, fused = torch.nn.AvgPool2d(**kwargs), torch.nn.AvgPool2d(**kwargs)
-    fused.__class__ = FusedAvgPool2d
+    eager = torch.nn.AvgPool2d(**kwargs)
+    fused = FusedAvgPool2d.like(eager)
     outs = []
     for pool in (eager, fused):
         xi = x.clone().requires_grad_()
@@ -156,11 +154,9 @@ def test_fused_average_pool_equals_torchs_bit_for_bit(kwargs):
 
 def test_lean_pool_backward_fused_equals_torchs():
     """The lean mode's pool backward (from the spikes' shape alone), compiled for a fused pool."""
-    from bso.compiled import FusedAvgPool2d
     from bso.lean.fused import _avg_pool2d_backward
 
     grad = torch.randn((4, 8, 5, 5), generator=torch.Generator().manual_seed(4))
     pool = torch.nn.AvgPool2d(2)
     eager = _avg_pool2d_backward(grad, pool, (4, 8, 10, 11))
-    pool.__class__ = FusedAvgPool2d
-    assert torch.equal(_avg_pool2d_backward(grad, pool, (4, 8, 10, 11)), eager)
+    assert torch.equal(_avg_pool2d_backward(grad, FusedAvgPool2d.like(pool), (4, 8, 10, 11)), eager)

@@ -87,7 +87,7 @@ def test_bso_env_prints_one_screen_and_json():
     text = out.stdout
     for label in ("Python", "torch", "spikingjelly", "CUDA devices", "threads", "environment"):
         assert any(line.startswith(label) for line in lines), label
-    for label in ("C++ compiler", "fast.fuse_elementwise", "fast.compile", "wandb", "private APIs"):
+    for label in ("C++ compiler", "backend=fused", "fast.compile", "wandb", "private APIs"):
         assert label in text, label
     assert torch.__version__ in text and "requirements.lock" in text
     record = json.loads(

@@ -57,7 +57,6 @@ def test_public_api_and_version():
         "TBSO",
         "CaseOptimizer",
         "convert",
-        "fuse_elementwise",
         "make_lean",
         "online_step",
     }
@@ -329,20 +328,18 @@ def test_lean_mode_flips_exactly_as_the_plain_mode():
 
 
 @pytest.mark.parametrize("lean", [False, True])
-def test_fused_elementwise_steps_flip_exactly_as_the_eager_ones(lean):
-    """bso.fuse_elementwise on a converted model (release float order, as the paper rows): the same
-    outputs and flips as the eager neurons, plain or lean."""
-    torch.manual_seed(2)
-    eager = bso.convert(sj_net())
-    for m in eager.modules():
-        if isinstance(m, ConvertedLIFNode):
-            m.float_order = "release"
-    if lean:
-        eager = bso.make_lean(eager)
-    fused = bso.fuse_elementwise(copy.deepcopy(eager))
-    assert [m.fuse_elementwise for m in fused.modules() if isinstance(m, ConvertedLIFNode)] == [
-        True,
-        True,
+def test_the_fused_backend_flips_exactly_as_the_release_one(lean):
+    """bso.convert(..., backend="fused"): the same outputs and flips as the release backend's eager
+    neurons, plain or lean."""
+    models = []
+    for backend in ("release", "fused"):
+        torch.manual_seed(2)
+        model = bso.convert(sj_net(), backend=backend)
+        models.append(bso.make_lean(model) if lean else model)
+    eager, fused = models
+    assert [m.backend for m in fused.modules() if isinstance(m, ConvertedLIFNode)] == [
+        "fused",
+        "fused",
     ]
     opts = router(eager, gamma=1e-7), router(fused, gamma=1e-7)
     total = 0

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bso.optim import BSO, TBSO, OptimizerRouter, build_router
-from bso.optim.binary import flip_where_above, flip_where_positive
+from bso.optim.binary import flip_where_above
 
 
 def _param(values):
@@ -47,11 +47,11 @@ def test_bso_without_momentum_reset_keeps_momentum():
     assert flips.tolist() == [0]
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
-def test_bso_flip_condition_is_strict_and_signed(float_order):
+@pytest.mark.parametrize("backend", ["release", "fast", "fused"])
+def test_bso_flip_condition_is_strict_and_signed(backend):
     # W*M == gamma does not flip; a gradient that agrees with the weight's sign never flips it.
     w = _param([1.0, 1.0, -1.0])
-    opt = BSO([w], gamma=0.5, beta=0.0, float_order=float_order)
+    opt = BSO([w], gamma=0.5, beta=0.0, backend=backend)
     _step(opt, w, [0.5, -3.0, 3.0])  # W*M = [0.5, -3, -3]
     assert w.tolist() == [1.0, 1.0, -1.0]
 
@@ -82,13 +82,13 @@ def test_tbso_hand_computed_second_moment_per_layer_and_time_step():
     assert flips.tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
-def test_tbso_second_moment_weighs_the_old_value_by_beta2(float_order):
+@pytest.mark.parametrize("backend", ["release", "fast", "fused"])
+def test_tbso_second_moment_weighs_the_old_value_by_beta2(backend):
     """v[t] = beta2 v[t] + (1 - beta2) mean(G^2) with beta2 = 0.75 (at 0.5 the two weights agree),
     in both float orders (exact binary fractions: the same values)."""
     w = _param([1.0, 1.0])
     opt = TBSO(
-        [w], 1, gamma=0.5, beta1=0.5, beta2=0.75, eps=0.0, threshold="code", float_order=float_order
+        [w], 1, gamma=0.5, beta1=0.5, beta2=0.75, eps=0.0, threshold="code", backend=backend
     )
     # M = 0.5 [2, -2] = [1, -1]; v = 0.25 mean([4, 4]) = 1; thr = 0.5; W*M = [1, -1]: flip 0
     assert _step(opt, w, [2.0, -2.0], 0).tolist() == [1]
@@ -102,17 +102,17 @@ def test_tbso_second_moment_weighs_the_old_value_by_beta2(float_order):
     assert w.tolist() == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
-def test_tbso_flip_condition_is_strict(float_order):
+@pytest.mark.parametrize("backend", ["release", "fast", "fused"])
+def test_tbso_flip_condition_is_strict(backend):
     # beta1 = beta2 = 0, G = [1, 1]: M = G, v = 1, threshold = gamma (sqrt(1) + 0) = 1 = W*M at 0
     w = _param([1.0, -1.0])
-    opt = TBSO([w], 1, gamma=1.0, beta1=0.0, beta2=0.0, eps=0.0, float_order=float_order)
+    opt = TBSO([w], 1, gamma=1.0, beta1=0.0, beta2=0.0, eps=0.0, backend=backend)
     assert _step(opt, w, [1.0, 1.0], 0).tolist() == [0]
     assert w.tolist() == [1.0, -1.0]
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
-def test_tbso_threshold_forms_differ_by_where_eps_goes(float_order):
+@pytest.mark.parametrize("backend", ["release", "fast", "fused"])
+def test_tbso_threshold_forms_differ_by_where_eps_goes(backend):
     # beta1 = beta2 = 0: M = G = [1, -1], v = mean(G^2) = 1, W*M = [1, -1], gamma = 0.5, eps = 2.24
     #   code:  0.5 * (sqrt(1) + 2.24) = 1.62 -> no flip
     #   paper: 0.5 * sqrt(1 + 2.24)  = 0.90 -> flip index 0
@@ -127,7 +127,7 @@ def test_tbso_threshold_forms_differ_by_where_eps_goes(float_order):
             beta2=0.0,
             eps=2.24,
             threshold=form,
-            float_order=float_order,
+            backend=backend,
         )
         w.grad = torch.tensor([1.0, -1.0])
         opt.step(0)
@@ -159,15 +159,15 @@ def _reference_tbso(w, grads_by_step, T, gamma, b1, b2, eps):
     return w, m, v
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
-def test_tbso_matches_reference_over_many_steps(float_order):
+@pytest.mark.parametrize("backend", ["release", "fast", "fused"])
+def test_tbso_matches_reference_over_many_steps(backend):
     g = torch.Generator().manual_seed(0)
     T = 3
     w0 = torch.where(torch.randn(6, 5, generator=g) >= 0, 1.0, -1.0)
     steps = [(k % T, torch.randn(6, 5, generator=g) * 1e-2) for k in range(60)]
     w = nn.Parameter(w0.clone())
     opt = TBSO(
-        [w], num_steps=T, gamma=0.3, beta1=0.9, beta2=0.99, eps=1e-10, float_order=float_order
+        [w], num_steps=T, gamma=0.3, beta1=0.9, beta2=0.99, eps=1e-10, backend=backend
     )
     for t, grad in steps:
         w.grad = grad.clone()
@@ -178,13 +178,13 @@ def test_tbso_matches_reference_over_many_steps(float_order):
     assert torch.allclose(opt.state[w]["v"].double(), torch.tensor(ref_v, dtype=torch.double))
 
 
-@pytest.mark.parametrize("float_order", ["release", "fast"])
-def test_bso_matches_reference_over_many_steps(float_order):
+@pytest.mark.parametrize("backend", ["release", "fast", "fused"])
+def test_bso_matches_reference_over_many_steps(backend):
     g = torch.Generator().manual_seed(1)
     w0 = torch.where(torch.randn(40, generator=g) >= 0, 1.0, -1.0)
     grads = [torch.randn(40, generator=g) for _ in range(50)]
     w = nn.Parameter(w0.clone())
-    opt = BSO([w], gamma=0.2, beta=0.8, reset_momentum=True, float_order=float_order)
+    opt = BSO([w], gamma=0.2, beta=0.8, reset_momentum=True, backend=backend)
     ref_w, ref_m = w0.clone().double(), torch.zeros(40, dtype=torch.double)
     for grad in grads:
         w.grad = grad.clone()
@@ -226,7 +226,7 @@ def test_defaults_are_the_papers_hyperparameters():
     code's threshold form, momentum reset (BSO only) and float order."""
     bso = BSO([_param([1.0])]).param_groups[0]
     assert (bso["gamma"], bso["beta"], bso["reset_momentum"]) == (5e-7, 1 - 1e-3, True)
-    assert bso["float_order"] == "release"
+    assert bso["backend"] == "release"
     tbso = TBSO([_param([1.0])], num_steps=2).param_groups[0]
     assert (tbso["gamma"], tbso["beta1"], tbso["beta2"], tbso["eps"]) == (
         5e-7,
@@ -234,7 +234,7 @@ def test_defaults_are_the_papers_hyperparameters():
         1 - 1e-5,
         1e-10,
     )
-    assert (tbso["threshold"], tbso["reset_momentum"], tbso["float_order"]) == (
+    assert (tbso["threshold"], tbso["reset_momentum"], tbso["backend"]) == (
         "code",
         False,
         "release",
@@ -244,7 +244,7 @@ def test_defaults_are_the_papers_hyperparameters():
 def test_the_flip_tests_do_not_flip_a_tie():
     """The release's test flips where value > 0 (value = W*M - gamma); W*M == gamma does not flip."""
     value = torch.tensor([-1.0, 0.0, -0.0, 1e-45, 1.0])
-    assert flip_where_positive(value).tolist() == [False, False, False, True, True]
+    assert flip_where_above(value, 0.0).tolist() == [False, False, False, True, True]
     assert flip_where_above(value + 0.5, 0.5).tolist() == [False, False, False, False, True]
     assert flip_where_above(torch.tensor([0.25, 0.5, 0.75]), 0.5).tolist() == [False, False, True]
 

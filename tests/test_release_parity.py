@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bso.compiled import fuse_elementwise
+from bso import backend as backends
 from bso.engine import OnlineEngine, instantaneous_loss
 from bso.layers import named_binary_parameters
 from bso.models import SpikingVGG
@@ -40,14 +40,21 @@ def release_model(golden: dict, **options) -> SpikingVGG:
     return model
 
 
-def release_optimizer(model, golden: dict):
+def release_optimizer(model, golden: dict, backend: str = "release"):
     h = golden["hyper"]
     if golden["optimizer"] == "tbso":
         binary = partial(
-            TBSO, num_steps=h["T"], gamma=h["gamma"], beta1=h["beta1"], beta2=h["beta2"]
+            TBSO,
+            num_steps=h["T"],
+            gamma=h["gamma"],
+            beta1=h["beta1"],
+            beta2=h["beta2"],
+            backend=backend,
         )
     else:  # the release's reset=True branch
-        binary = partial(BSO, gamma=h["gamma"], beta=h["beta1"], reset_momentum=True)
+        binary = partial(
+            BSO, gamma=h["gamma"], beta=h["beta1"], reset_momentum=True, backend=backend
+        )
     return build_router(model, binary, partial(torch.optim.SGD, lr=h["lr_fp"]))
 
 
@@ -56,7 +63,7 @@ def replay(
     engine: OnlineEngine | None = None,
     lean: bool = False,
     recompute_binary_convs: bool = False,
-    fuse: bool = False,
+    backend: str = "release",
     **model_options,
 ) -> dict:
     """Train on the golden batches with the release recipe; record what each step produced."""
@@ -70,9 +77,8 @@ def replay(
         recompute_binary_convs=recompute_binary_convs,
     )
     engine.prepare(model)
-    if fuse:  # fast.fuse_elementwise: the compiled LIF steps (bso.compiled)
-        fuse_elementwise(model)
-    router = release_optimizer(model, golden)
+    backends.apply(model, backend)
+    router = release_optimizer(model, golden, backend)
     logits, flips, second_moments = [], [], []
     forward, step = model.forward, router.step
 
@@ -116,7 +122,7 @@ def golden_run(request):
         golden,
         lean=mode.startswith("lean"),
         recompute_binary_convs=mode == "lean_recompute",
-        fuse=mode.endswith("fused"),
+        backend="fused" if mode.endswith("fused") else "release",
     )
     if mode == "lean_recompute":  # every binary conv recomputed its output in backward
         convs = [b for b in ours["model"].blocks if b.conv.is_binary]
@@ -285,14 +291,12 @@ def _sha256_of_momentum(m: torch.Tensor) -> str:
     return hashlib.sha256((m.detach().contiguous() + 0.0).numpy().tobytes()).hexdigest()
 
 
-def full_width_replay(lean: bool, fuse: bool = False) -> tuple[dict, dict]:
+def full_width_replay(lean: bool, backend: str = "release") -> tuple[dict, dict]:
     """Train the golden's three batches with the DEFAULT paper row, overriding only what the golden
-    fixes (T = 4, the plain or lean mode) and, with ``fuse``, fast.fuse_elementwise; the model,
-    optimizer, engine and float order are the config's. Returns the golden and what each step
-    produced."""
+    fixes (T = 4, the plain or lean mode) and the backend; the model, optimizer and engine are the
+    config's. Returns the golden and what each step produced."""
     from hydra.utils import instantiate
 
-    from bso import fastpath
     from bso.compiled import FusedAvgPool2d
     from bso.layers import binary_weight_values
     from bso.neurons import LIFNode
@@ -306,7 +310,7 @@ def full_width_replay(lean: bool, fuse: bool = False) -> tuple[dict, dict]:
         "experiment=cifar10_tbso",
         f"engine.T={h['T']}",
         f"engine.lean={lean}",
-        f"fast.fuse_elementwise={fuse}",
+        f"backend={backend}",
     )
     # what the golden was recorded with is what the paper row composes (nothing else overridden)
     assert cfg.model.layers == golden["architecture"] and cfg.optimizer.name == golden["optimizer"]
@@ -341,11 +345,13 @@ def full_width_replay(lean: bool, fuse: bool = False) -> tuple[dict, dict]:
     engine = instantiate(cfg.engine)
     engine.prepare(model)
     assert engine.fused_update == lean
-    assert fastpath.apply(model, cfg.fast, torch.device("cpu")) is model
-    assert all(n.fuse_elementwise == fuse for n in model.modules() if isinstance(n, LIFNode))
+    assert backends.apply(model, cfg.backend) is model
+    assert all(n.backend == backend for n in model.modules() if isinstance(n, LIFNode))
     pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
-    assert pools and all(isinstance(m, FusedAvgPool2d) == fuse for m in pools)
-    router = build_optimizer(model, cfg.optimizer)
+    fused = backend == "fused"
+    assert pools and all(isinstance(m, FusedAvgPool2d) == fused for m in pools)
+    router = build_optimizer(model, cfg.optimizer, cfg.backend)
+    assert {g["backend"] for g in router.binary.param_groups} == {backend}
     binary = router.binary
     steps = []
     forward, step = model.forward, router.step
@@ -383,12 +389,12 @@ def full_width_replay(lean: bool, fuse: bool = False) -> tuple[dict, dict]:
 
 @pytest.fixture(
     scope="module",
-    params=[(False, False), (True, False), (False, True), (True, True)],
+    params=[(False, "release"), (True, "release"), (False, "fused"), (True, "fused")],
     ids=["plain", "lean", "plain_fused", "lean_fused"],
 )
 def full_width_run(request):
-    lean, fuse = request.param
-    return full_width_replay(lean=lean, fuse=fuse)
+    lean, backend = request.param
+    return full_width_replay(lean=lean, backend=backend)
 
 
 def other_reduction_order(golden, ours) -> str | None:
@@ -504,16 +510,16 @@ def test_release_order_bso_and_a_tie_does_not_flip():
     assert set(w.detach().abs().tolist()) == {1.0}
 
 
-def test_fast_order_is_the_fused_form_and_unknown_orders_are_refused():
+def test_fast_backend_is_the_fewer_pass_form_and_unknown_backends_are_refused():
     w = torch.nn.Parameter(torch.ones(8))
-    opt = TBSO([w], num_steps=1, float_order="fast")
+    opt = TBSO([w], num_steps=1, backend="fast")
     (g,) = _grads(w.shape, 2)[:1]
     w.grad = g.clone()
     opt.step(0)
     expected = torch.zeros(8).mul_(0.999).add_(g, alpha=1.0 - 0.999)
     assert torch.equal(opt.state[w]["momentum"], expected)
-    with pytest.raises(ValueError, match="float_order"):
-        BSO([w], float_order="fma")
+    with pytest.raises(ValueError, match="unknown backend 'fma'; choose one of"):
+        BSO([w], backend="fma")
 
 
 def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
@@ -527,7 +533,7 @@ def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
     grad = torch.randn(x.shape, generator=g)
     out = {}
     for order in ("release", "fast"):
-        neuron = LIFNode(float_order=order)
+        neuron = LIFNode(backend=order)
         neuron.detach_state = True
         neuron(torch.randn(x.shape, generator=torch.Generator().manual_seed(4)))  # a v[t-1]
         xi = x.clone().requires_grad_()
@@ -541,5 +547,7 @@ def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
     charge = v + spike  # h = v[t] + V_th s[t]
     sg = torch.sigmoid(4.0 * (charge - 1.0))
     assert torch.equal(grad_x, ((grad * (1 - sg)) * sg) * 4.0)
-    assert torch.equal(lif_input_gradient(neuron, charge, grad), grad_x)
+    assert torch.equal(lif_input_gradient(neuron, grad, v, spike), grad_x)
+    fast_neuron = out["fast"][3]
+    assert torch.equal(lif_input_gradient(fast_neuron, grad, v, spike), out["fast"][2])
     assert not torch.equal(out["fast"][2], grad_x)  # the other rounding: not bit-identical

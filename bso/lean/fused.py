@@ -17,9 +17,8 @@ from spikingjelly.activation_based import surrogate
 from torch import nn
 from torch.nn import functional as F
 
-from bso import compat
+from bso import backend, compat
 from bso.bits import pack_bits, unpack_bits
-from bso.compiled import average_pool_backward, compiled, lif_input_gradient_from_state
 from bso.models.parts import as_pair
 from bso.neurons import LIFNode, times_threshold
 
@@ -105,15 +104,13 @@ def batchnorm_lif_backward(grad_out, z, weight, bias, spike_bits, bn, neuron, po
     if pool is not None:  # in the spikes' layout, as the plain kernel gives it (input's)
         grad_spike = _avg_pool2d_backward(grad_out, pool, shape)
         grad_spike = grad_spike.contiguous(memory_format=memory_format)
-    spike = unpack_bits(spike_bits, shape, v.dtype).contiguous(memory_format=memory_format)
-    if neuron.fuse_elementwise and neuron.float_order == "release":  # one compiled loop
-        grad_h = lif_input_gradient_from_state(neuron, grad_spike, v, spike)
-    else:
-        # h[t] = v[t] + V_th s[t], exactly (in the forward's layout); s * 1 = s for V_th = 1
-        charge = v + times_threshold(spike, neuron.v_threshold)
-        del spike
-        grad_h = lif_input_gradient(neuron, charge, grad_spike)
-        del charge
+    # the spikes are handed over unnamed, so that the gradient frees them once read
+    grad_h = backend.lean_input_gradient(neuron)(
+        neuron,
+        grad_spike,
+        v,
+        unpack_bits(spike_bits, shape, v.dtype).contiguous(memory_format=memory_format),
+    )
     if batch_stats is None:  # no saved statistics (see batchnorm_train_forward)
         return _batch_norm_rerun_backward(grad_h, z, weight, bias, bn.eps)
     # the backward autograd runs for the forward's BatchNorm kernel, from its saved statistics
@@ -147,29 +144,46 @@ def _batch_norm_rerun_backward(grad_y, z, weight, bias, eps):
     return tuple(next(grads) if t is not None else None for t in inputs)
 
 
-def lif_input_gradient(neuron: LIFNode, charge: torch.Tensor, grad_spike: torch.Tensor):
-    """dL/dI[t] of one online LIF step from its charge ``h[t]`` and dL/ds[t], exactly as
-    spikingjelly's own backward computes it (online: no gradient reaches v[t-1] or leaves v[t]).
+def lif_input_gradient(neuron: LIFNode, grad_spike, v: torch.Tensor, spike: torch.Tensor):
+    """dL/dI[t] of one online LIF step from dL/ds[t] and the neuron's state after it, v[t] and
+    s[t], exactly as the neuron's backend differentiates its step (online: no gradient reaches
+    v[t-1] or leaves v[t]); the implementation is :func:`bso.backend.lean_input_gradient`'s."""
+    return backend.lean_input_gradient(neuron)(neuron, grad_spike, v, spike)
+
+
+def charge_of(neuron: LIFNode, v: torch.Tensor, spike: torch.Tensor) -> torch.Tensor:
+    """h[t] = v[t] + V_th s[t], exactly (in the forward's layout); s * 1 = s for V_th = 1."""
+    return v + times_threshold(spike, neuron.v_threshold)
+
+
+def release_input_gradient(neuron: LIFNode, grad_spike, v, spike):
+    """:func:`lif_input_gradient` of the release's step (:meth:`LIFNode.release_step`), which
+    differentiates through its surrogate function alone: that function is differentiated at
+    ``h - V_th``."""
+    charge = charge_of(neuron, v, spike)
+    del spike  # the caller hands it over: freed before the gradient is computed
+    function = neuron.surrogate_function
+    if isinstance(function, surrogate.Sigmoid) and function.spiking:
+        # what autograd calls for this function's backward, without its forward (heaviside)
+        return surrogate.sigmoid_backward(grad_spike, charge - neuron.v_threshold, function.alpha)[
+            0
+        ]
+    with torch.enable_grad():
+        x = (charge - neuron.v_threshold).detach().requires_grad_()
+        (grad_h,) = torch.autograd.grad(function(x), x, grad_spike)
+    return grad_h
+
+
+def spikingjelly_input_gradient(neuron: LIFNode, grad_spike, v, spike):
+    """:func:`lif_input_gradient` of spikingjelly's step (backend "fast").
 
     On the CPU, spikingjelly runs the LIF step as a composite of torch ops whose input gradient is
     its surrogate's alone, ``dL/ds * sg(h - V_th)``: computed here by its own function, without
     re-running the step. Elsewhere (its CUDA kernels), or for a surrogate or dtype that the CPU
     shortcut does not cover, the step is re-run on ``h`` (with v = 0, so its charge is ``h``
-    exactly) and differentiated through spikingjelly.
-
-    With ``float_order="release"`` the neuron's step differentiates through its surrogate function
-    alone (:meth:`LIFNode.release_step`): that function is differentiated at ``h - V_th``."""
-    if neuron.float_order == "release" and neuron.v_reset is None and not neuron.decay_input:
-        function = neuron.surrogate_function
-        if isinstance(function, surrogate.Sigmoid) and function.spiking:
-            # what autograd calls for this function's backward, without its forward (heaviside)
-            return surrogate.sigmoid_backward(
-                grad_spike, charge - neuron.v_threshold, function.alpha
-            )[0]
-        with torch.enable_grad():
-            x = (charge - neuron.v_threshold).detach().requires_grad_()
-            (grad_h,) = torch.autograd.grad(neuron.surrogate_function(x), x, grad_spike)
-        return grad_h
+    exactly) and differentiated through spikingjelly."""
+    charge = charge_of(neuron, v, spike)
+    del spike  # the caller hands it over: freed before the gradient is computed
     cpu_float = charge.device.type == "cpu" and charge.dtype == grad_spike.dtype == torch.float32
     found = compat.spikingjelly_cpu_surrogate() if cpu_float else None
     spec = found[1](neuron.surrogate_function) if found else None
@@ -201,8 +215,9 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch.Tensor:
     """avg_pool2d's own backward kernel (the plain graph's, so the same bits), given only the input's
-    shape: it reads no input value, so a zero-stride stand-in replaces the saved spikes. A fused pool
-    (fast.fuse_elementwise) runs it compiled, as its autograd backward does."""
+    shape: it reads no input value, so a zero-stride stand-in replaces the saved spikes. The kernel
+    is :func:`bso.backend.pool_input_gradient`'s (compiled for the fused backend's pools, as their
+    autograd backward is)."""
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     args = (
         grad,
@@ -214,9 +229,7 @@ def _avg_pool2d_backward(grad: torch.Tensor, pool: nn.AvgPool2d, shape) -> torch
         pool.count_include_pad,
         pool.divisor_override,
     )
-    if getattr(pool, "fuse_elementwise", False):
-        return compiled(average_pool_backward, flatten=False)(*args)
-    return torch.ops.aten.avg_pool2d_backward(*args)
+    return backend.pool_input_gradient(pool)(*args)
 
 
 def batchnorm_lif_step(

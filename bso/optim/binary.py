@@ -7,10 +7,11 @@ no device synchronisation happens inside the training loop).
 One method, :meth:`BinaryOptimizer.flip_rule`, is the per-tensor update (momentum, T-BSO's v_l[t],
 the flip mask). ``step`` applies it to every weight that has a ``.grad``.
 
-Floating-point order (``float_order``, docs/parity.md). On the full VGG-11 a float32 product
-rounded in another order moves a value by an ulp, a weight that sits at its threshold flips on one
-side only, and two runs part within a few steps. ``"release"`` (the default) computes what the
-released code computes, in its order, so that a run is bit for bit the release's:
+Floating-point order (``backend``, :mod:`bso.backend`, docs/parity.md). On the full VGG-11 a
+float32 product rounded in another order moves a value by an ulp, a weight that sits at its
+threshold flips on one side only, and two runs part within a few steps. Under ``"release"`` (the
+default) and ``"fused"`` (which compiles no optimizer code) the optimizer computes what the released
+code computes, in its order, so that a run is bit for bit the release's (:class:`ReleaseOrder`):
 
 * it holds ``b = 1 - beta`` (Python float64) and decays ``b *= factor`` (the ``beta`` keys follow);
 * ``M = (1 - b1) * M + b1 * G``: two float32 products, then the sum (no fused multiply-add);
@@ -20,8 +21,8 @@ released code computes, in its order, so that a run is bit for bit the release's
 A tie (the tested value exactly 0) does not flip. The release computes ``r = -sign(value)`` and
 ``W = sign(r * W)``, so a tie writes a 0 weight (neither -1 nor +1) and BSO halves that momentum: a
 defect not copied here. ``"fast"`` is the algebraically equal form with fewer passes over memory
-(``M.mul_(beta).add_(G, alpha=1 - beta)``, ``W * M > gamma * (sqrt(v[t]) + eps)``): the same
-method, other roundings.
+(:class:`FastOrder`: ``M.mul_(beta).add_(G, alpha=1 - beta)``, ``W * M > gamma * (sqrt(v[t]) +
+eps)``): the same method, other roundings.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
+from bso import backend as backends
 from bso.bits import PackedSigns
-
-FLOAT_ORDERS = ("release", "fast")
 
 
 class BinaryOptimizer(Optimizer):
@@ -44,11 +44,7 @@ class BinaryOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict):
         if defaults["gamma"] < 0:
             raise ValueError(f"flip threshold gamma must be >= 0, got {defaults['gamma']}")
-        if defaults.get("float_order") not in FLOAT_ORDERS:
-            raise ValueError(
-                f"unknown float_order {defaults.get('float_order')!r}; choose one of {FLOAT_ORDERS} "
-                "(release: the released code's rounding order, bit for bit; fast: fewer passes)"
-            )
+        backends.check(defaults["backend"])
         for key in self.beta_keys:
             if not 0.0 <= defaults[key] < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {defaults[key]}")
@@ -75,17 +71,6 @@ class BinaryOptimizer(Optimizer):
         if "momentum" not in state:
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
-
-    @staticmethod
-    def update_momentum_(momentum: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
-        """M <- beta * M + (1 - beta) * G (float_order="fast")."""
-        momentum.mul_(beta).add_(grad, alpha=1.0 - beta)
-
-    @staticmethod
-    def release_momentum_(momentum: torch.Tensor, grad: torch.Tensor, b: float) -> None:
-        """M <- (1 - b) * M + b * G with b = 1 - beta, rounded as the released code rounds it: each
-        product in float32, then their sum (float_order="release")."""
-        momentum.mul_(1 - b).add_(b * grad)
 
     def flip_rule(
         self, p: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, group: dict, t: int | None
@@ -147,24 +132,77 @@ def complement(group: dict, beta_key: str) -> float:
     return group.get(complement_key(beta_key), 1.0 - group[beta_key])
 
 
-def float_order(group: dict) -> str:
-    """The group's float order; a group saved without one (a checkpoint from before the choice
-    existed) trained, and continues, in the "fast" order."""
-    return group.get("float_order", "fast")
-
-
-def flip_where_positive(value: torch.Tensor) -> torch.Tensor:
-    """The release's flip test ``-sign(value) == -1``, i.e. ``value > 0``; a tie (exactly 0) does
-    not flip (the release would write a 0 weight there, see the module docstring)."""
-    return value > 0
-
-
 def flip_where_above(value: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``flip_where_positive(value - gamma)`` in one pass: with IEEE gradual underflow the float32
-    difference ``value - gamma`` is > 0 exactly where ``value > gamma`` (it is 0 only where they
-    are equal, and rounds with the sign of the exact difference; inf and NaN alike), so the flips
-    are the same bit for bit."""
+    """The release's flip test ``-sign(value - gamma) == -1`` in one pass: with IEEE gradual
+    underflow the float32 difference ``value - gamma`` is > 0 exactly where ``value > gamma`` (it
+    is 0 only where they are equal, and rounds with the sign of the exact difference; inf and NaN
+    alike), so the flips are the same bit for bit. A tie (exactly 0) does not flip (the release
+    would write a 0 weight there, see the module docstring)."""
     return value > gamma
+
+
+class ReleaseOrder:
+    """BSO / T-BSO's arithmetic in the released code's float32 order (backends release and fused;
+    see the module docstring)."""
+
+    @staticmethod
+    def momentum_(momentum: torch.Tensor, grad: torch.Tensor, group: dict, key: str) -> None:
+        """M <- (1 - b) * M + b * G with b = 1 - beta (``group``'s ``key``): each product in
+        float32, then their sum."""
+        b = complement(group, key)
+        momentum.mul_(1 - b).add_(b * grad)
+
+    @staticmethod
+    def second_moment(v: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """T-BSO's new v_l[t] = (1 - b2) * v_l[t] + mean(b2 * (G * G))."""
+        b2 = complement(group, "beta2")
+        return (1 - b2) * v + (grad * grad).mul_(b2).mean()  # b2 * G^2 in place: same values
+
+    @staticmethod
+    def bso_flip(weight: torch.Tensor, momentum: torch.Tensor, group: dict) -> torch.Tensor:
+        """Where W * M - gamma > 0."""
+        return flip_where_above(weight * momentum, group["gamma"])
+
+    @staticmethod
+    def tbso_flip(weight, momentum, v: torch.Tensor, group: dict) -> torch.Tensor:
+        """Where (W * M) / (sqrt(v_l[t]) + eps) - gamma > 0 (threshold "code"), or
+        (W * M) / sqrt(v_l[t] + eps) - gamma > 0 (threshold "paper")."""
+        denominator = tbso_denominator(v, group)
+        # in fewer passes (same values: in place, and flip_where_above)
+        return flip_where_above(torch.mul(weight, momentum).div_(denominator), group["gamma"])
+
+
+class FastOrder:
+    """BSO / T-BSO's arithmetic in fewer passes over memory (backend fast): the same method,
+    other roundings."""
+
+    @staticmethod
+    def momentum_(momentum: torch.Tensor, grad: torch.Tensor, group: dict, key: str) -> None:
+        """M <- beta * M + (1 - beta) * G."""
+        momentum.mul_(group[key]).add_(grad, alpha=1.0 - group[key])
+
+    @staticmethod
+    def second_moment(v: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """T-BSO's new v_l[t] = beta2 * v_l[t] + (1 - beta2) * mean(G^2)."""
+        return group["beta2"] * v + (1.0 - group["beta2"]) * grad.square().mean()
+
+    @staticmethod
+    def bso_flip(weight: torch.Tensor, momentum: torch.Tensor, group: dict) -> torch.Tensor:
+        """Where W * M > gamma."""
+        return weight * momentum > group["gamma"]
+
+    @staticmethod
+    def tbso_flip(weight, momentum, v: torch.Tensor, group: dict) -> torch.Tensor:
+        """Where W * M > gamma * (sqrt(v_l[t]) + eps) (threshold "code"), or
+        W * M > gamma * sqrt(v_l[t] + eps) (threshold "paper")."""
+        return weight * momentum > group["gamma"] * tbso_denominator(v, group)
+
+
+def tbso_denominator(v: torch.Tensor, group: dict) -> torch.Tensor:
+    """sqrt(v_l[t]) + eps (threshold "code", the released code) or sqrt(v_l[t] + eps) ("paper")."""
+    if group["threshold"] == "code":
+        return v.sqrt() + group["eps"]
+    return (v + group["eps"]).sqrt()
 
 
 class BSO(BinaryOptimizer):
@@ -173,7 +211,7 @@ class BSO(BinaryOptimizer):
         M <- beta * M + (1 - beta) * G          (M starts at 0)
         W <- -W  where  W * M > gamma
 
-    ``reset_momentum=True`` (released code) sets M to 0 where a weight flipped. ``float_order``:
+    ``reset_momentum=True`` (released code) sets M to 0 where a weight flipped. ``backend``:
     see the module docstring.
     """
 
@@ -185,22 +223,17 @@ class BSO(BinaryOptimizer):
         gamma: float = 5e-7,
         beta: float = 1 - 1e-3,
         reset_momentum=True,
-        float_order: str = "release",
+        backend: str = backends.DEFAULT,
     ):
-        defaults = dict(
-            gamma=gamma, beta=beta, reset_momentum=reset_momentum, float_order=float_order
-        )
+        defaults = dict(gamma=gamma, beta=beta, reset_momentum=reset_momentum, backend=backend)
         super().__init__(params, defaults)
 
     def flip_rule(self, p, weight, grad, group, t=None):
         """Eq. 11-12; ``t`` is accepted for API symmetry with T-BSO and unused."""
         m = self.momentum(p)
-        if float_order(group) == "release":
-            self.release_momentum_(m, grad, complement(group, "beta"))
-            flip = flip_where_above(weight * m, group["gamma"])
-        else:
-            self.update_momentum_(m, grad, group["beta"])
-            flip = weight * m > group["gamma"]
+        arithmetic = backends.optimizer_arithmetic(group["backend"])
+        arithmetic.momentum_(m, grad, group, "beta")
+        flip = arithmetic.bso_flip(weight, m, group)
         if group["reset_momentum"]:
             m.masked_fill_(flip, 0.0)
         return flip
@@ -216,7 +249,7 @@ class TBSO(BinaryOptimizer):
 
     ``num_steps`` is T: the number of second-moment slots per layer. ``step(t)`` updates slot ``t``
     (0-based); ``step()`` uses slot 0 (for one update per batch). No bias correction; the momentum is
-    not reset after a flip unless ``reset_momentum=True``. ``float_order``: see the module docstring
+    not reset after a flip unless ``reset_momentum=True``. ``backend``: see the module docstring
     (with ``threshold="paper"`` the release order tests ``(W * M) / sqrt(v_l[t] + eps) - gamma > 0``).
     """
 
@@ -233,7 +266,7 @@ class TBSO(BinaryOptimizer):
         eps: float = 1e-10,
         threshold: str = "code",
         reset_momentum: bool = False,
-        float_order: str = "release",
+        backend: str = backends.DEFAULT,
     ):
         if threshold not in self.THRESHOLDS:
             raise ValueError(
@@ -249,7 +282,7 @@ class TBSO(BinaryOptimizer):
             eps=eps,
             threshold=threshold,
             reset_momentum=reset_momentum,
-            float_order=float_order,
+            backend=backend,
         )
         super().__init__(params, defaults)
 
@@ -270,28 +303,10 @@ class TBSO(BinaryOptimizer):
     def flip_rule(self, p, weight, grad, group, t):
         """Eq. 13-14 at time step ``t``."""
         m, v = self.momentum(p), self.second_moment(p)
-        if float_order(group) == "release":
-            b1, b2 = complement(group, "beta1"), complement(group, "beta2")
-            self.release_momentum_(m, grad, b1)
-            squared = grad * grad
-            v[t] = (1 - b2) * v[t] + squared.mul_(b2).mean()  # b2 * G^2, in place (same values)
-            del squared
-            if group["threshold"] == "code":
-                denominator = v[t].sqrt() + group["eps"]
-            else:
-                denominator = (v[t] + group["eps"]).sqrt()
-            # (W * M) / denominator - gamma > 0, in fewer passes (same values: in place, and
-            # flip_where_above)
-            flip = flip_where_above(torch.mul(weight, m).div_(denominator), group["gamma"])
-        else:
-            self.update_momentum_(m, grad, group["beta1"])
-            beta2 = group["beta2"]
-            v[t] = beta2 * v[t] + (1.0 - beta2) * grad.square().mean()  # mean(G^2)
-            if group["threshold"] == "code":
-                threshold = group["gamma"] * (v[t].sqrt() + group["eps"])
-            else:
-                threshold = group["gamma"] * (v[t] + group["eps"]).sqrt()
-            flip = weight * m > threshold
+        arithmetic = backends.optimizer_arithmetic(group["backend"])
+        arithmetic.momentum_(m, grad, group, "beta1")
+        v[t] = arithmetic.second_moment(v[t], grad, group)
+        flip = arithmetic.tbso_flip(weight, m, v[t], group)
         if group["reset_momentum"]:
             m.masked_fill_(flip, 0.0)
         return flip

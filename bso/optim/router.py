@@ -159,15 +159,18 @@ class PlainOptimizer:
         return torch.tensor([w.numel() for w in self.latent], dtype=torch.long)
 
 
-def build_optimizer(model: nn.Module, cfg) -> OptimizerRouter | PlainOptimizer:
-    """From an ``optimizer`` config: ``binary`` (a flip optimizer, or null) and ``full_precision``
-    (the optimizer of every other parameter)."""
+def build_optimizer(
+    model: nn.Module, cfg, backend: str = "release"
+) -> OptimizerRouter | PlainOptimizer:
+    """From an ``optimizer`` config: ``binary`` (a flip optimizer, built with ``backend``, or null)
+    and ``full_precision`` (the optimizer of every other parameter)."""
     from hydra.utils import instantiate
 
     full = cfg.get("full_precision")
     other = instantiate(full) if full is not None else None
     if cfg.get("binary") is not None:
-        return build_router(model, instantiate(cfg.binary), other, name=f"optimizer={cfg.name}")
+        binary = instantiate(cfg.binary, backend=backend)
+        return build_router(model, binary, other, name=f"optimizer={cfg.name}")
     if named_binary_parameters(model, "binary"):
         raise ValueError(
             f"optimizer={cfg.name} would take gradient steps on stored +-1 weights and break them. "

@@ -48,8 +48,6 @@ def architecture(run: RunRecord) -> str:
     model = OmegaConf.to_container(run.cfg.model, resolve=True)
     for key in NOT_ARCHITECTURE:
         model.pop(key, None)
-    if isinstance(model.get("neuron"), dict):  # the float order follows the optimizer, not the net
-        model["neuron"].pop("float_order", None)
     return json.dumps([run.cfg.dataset.name, model], sort_keys=True)
 
 

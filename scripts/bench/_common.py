@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from bso import backend as backends
 from bso import fastpath, paper
-from bso.compiled import fuse_elementwise as fuse
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.env import distributions, lock_state, nvidia_driver
 from bso.layers import named_binary_parameters
@@ -56,7 +56,7 @@ def build_method(
     ``fuse_elementwise`` compiles their LIF steps (fast.fuse_elementwise, bso.compiled)."""
     torch.manual_seed(0)
     weights = "latent" if method == "bptt_latent" else "binary"
-    neuron = {"float_order": "release"}
+    neuron = {}  # the release backend (bso.backend)
     (channels, *_), classes = SHAPES[dataset]
     net = SpikingMLP if dataset == "shd" else SpikingVGG
     model = net(layers, in_channels=channels, num_classes=classes, weights=weights, neuron=neuron)
@@ -77,7 +77,7 @@ def build_method(
         binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
     engine.prepare(model)  # before the optimizer: the lean mode replaces the binary weights
     if fuse_elementwise:
-        fuse(model)
+        backends.apply(model, "fused")
     if method != "bptt_latent":
         optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
     model.train()

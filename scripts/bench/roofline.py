@@ -140,16 +140,26 @@ class ConvReplay:
 
 @contextmanager
 def unfused(model):
-    """The eager neurons and pools for a while (fast.fuse_elementwise off): torch.compile's loops
-    cannot run under a dispatch mode (the recorder); fusing changes no convolution call."""
-    fused = [m for m in model.modules() if getattr(m, "fuse_elementwise", False)]
-    for m in fused:
-        m.fuse_elementwise = False
+    """The release backend's eager neurons and pools for a while (instead of backend=fused):
+    torch.compile's loops cannot run under a dispatch mode (the recorder); fusing changes no
+    convolution call."""
+    from bso.compiled import FusedAvgPool2d
+    from bso.neurons import LIFNode
+
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode) and m.backend == "fused"]
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedAvgPool2d)]
+    for m in neurons:
+        m.backend = "release"
+    for name, m in pools:
+        args = (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+        model.set_submodule(name, torch.nn.AvgPool2d(*args, m.divisor_override))
     try:
         yield
     finally:
-        for m in fused:
-            m.fuse_elementwise = True
+        for m in neurons:
+            m.backend = "fused"
+        for name, m in pools:
+            model.set_submodule(name, m)
 
 
 def timed(fn, device) -> float:
