@@ -121,8 +121,7 @@ def reuse_host_memory() -> None:
     step allocates and frees the same sizes again and again, so this turns both off (``mallopt``:
     ``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` at its maximum). No value changes; the price is memory:
     the resident size no longer shrinks between steps, and blocks freed in the middle of the heap
-    are reused only by blocks that fit (VGG-11, batch 128, T=4: peak RSS 3.55 GB instead of
-    2.74 GB)."""
+    are reused only by blocks that fit (docs/speed.md)."""
     mallopt = glibc_mallopt()
     if mallopt is None or not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         raise RuntimeError("glibc's mallopt refused fast.reuse_host_memory's settings")

@@ -169,6 +169,11 @@ def build_optimizer(
     full = cfg.get("full_precision")
     other = instantiate(full) if full is not None else None
     if cfg.get("binary") is not None:
+        if "backend" in cfg.binary:
+            raise ValueError(
+                "optimizer.binary.backend: the backend is one choice for the whole run, the "
+                "top-level key backend=release|fast|fused (configs/train.yaml)"
+            )
         binary = instantiate(cfg.binary, backend=backend)
         return build_router(model, binary, other, name=f"optimizer={cfg.name}")
     if named_binary_parameters(model, "binary"):

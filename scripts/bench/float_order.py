@@ -17,6 +17,7 @@ import torch
 from _common import timed_batch
 from hydra.utils import instantiate
 
+from bso import backend
 from bso.compose import compose_config
 from bso.optim import build_optimizer
 
@@ -26,14 +27,15 @@ def build(order: str, lean: bool, T: int, device: torch.device):
         "experiment=cifar10_tbso",
         f"engine.T={T}",
         f"engine.lean={lean}",
-        f"optimizer.binary.float_order={order}",
+        f"backend={order}",
     )
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device)
     engine = instantiate(cfg.engine)
     engine.prepare(model)
+    backend.apply(model, cfg.backend)
     model.train()
-    return model, engine, build_optimizer(model, cfg.optimizer)
+    return model, engine, build_optimizer(model, cfg.optimizer, cfg.backend)
 
 
 def main() -> None:

@@ -80,7 +80,6 @@ def train_speed(
             "cudnn_benchmark": device.type == "cuda",
             "autocast": autocast,
             "compile": compile,
-            "fuse_elementwise": False,  # build_mode fuses for the "_fused" modes
             "reuse_host_memory": False,
         }
     )
