@@ -21,7 +21,7 @@ fused    The release's values bit for bit, with the online LIF step, its trace, 
 Which implementation a module runs is decided here, once per module kind:
 
 * the LIF step (:class:`bso.neurons.LIFNode`): :func:`neuron_step`;
-* the lean mode's LIF input gradient from the neuron's state (:mod:`bso.lean.fused`):
+* the lean mode's LIF input gradient from the neuron's state (:mod:`bso.lean.batchnorm_lif`):
   :func:`lean_input_gradient`;
 * an average pool's input gradient in the lean mode: :func:`pool_input_gradient`;
 * BSO / T-BSO's momentum, second moment and flip test (:mod:`bso.optim.binary`):
@@ -117,7 +117,7 @@ def neuron_step(neuron: nn.Module):
 
 def lean_input_gradient(neuron: nn.Module):
     """The function that gives the lean mode's dL/dI[t] of online LIF ``neuron`` from its state
-    (:mod:`bso.lean.fused`): ``gradient(neuron, dL/ds[t], v[t], s[t]) -> dL/dI[t]``, bit for bit
+    (:mod:`bso.lean.batchnorm_lif`): ``gradient(neuron, dL/ds[t], v[t], s[t]) -> dL/dI[t]``, bit for bit
     the plain graph's under the same backend."""
     return _table("lean input gradient")[_implementation(neuron, True)]
 
@@ -160,7 +160,7 @@ def _table(kind: str) -> dict:
     """Backend -> implementation for each module kind (imported on first use: bso.compiled's
     loops are compiled only when one runs)."""
     from bso import compiled
-    from bso.lean import fused as lean
+    from bso.lean import batchnorm_lif as lean
     from bso.neurons import LIFNode
 
     return {

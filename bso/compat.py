@@ -12,7 +12,7 @@ private API                                 used for; the public path without it
                                             (:mod:`bso.compiled`); without: torch's default
                                             limit, past which the function runs unfused
 ``torch.ops.aten._batch_norm_impl_index``   the lean mode's BatchNorm backward from the forward's
-and its ``_backward``                       saved statistics (:mod:`bso.lean.fused`); without:
+and its ``_backward``                       saved statistics (:mod:`bso.lean.batchnorm_lif`); without:
                                             BatchNorm re-run in backward by ``F.batch_norm``
 ``spikingjelly._ops.surrogate``             the lean mode's LIF input gradient on the CPU
 ``._surrogate_gradient, _surrogate_spec``   without re-running the step; without: the step

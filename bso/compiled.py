@@ -17,7 +17,7 @@ differ in the last bit, and which elements fall in a tail differs between the tw
   backward, as by the eager graph, one float per neuron (here the sigmoid's scaled input
   ``alpha (h - V_th)``); backward: torch's sigmoid, then the products
   ``((dL/ds * (1 - sg)) * sg) * alpha`` in one loop;
-* the lean mode (:mod:`bso.lean.fused`): the same forward loop (nothing saved), and in backward the
+* the lean mode (:mod:`bso.lean.batchnorm_lif`): the same forward loop (nothing saved), and in backward the
   charge ``h = v + V_th s`` rebuilt and scaled in one loop;
 * the blocks' 2-D average pools of the spikes and the trace (:class:`FusedAvgPool2d`).
 
@@ -163,7 +163,8 @@ def fused_step(neuron: LIFNode, x, v_prev, trace, p_prev):
 
 
 def lif_input_gradient_from_state(neuron: LIFNode, grad_spike, v, spike):
-    """The lean mode's dL/dI[t] (:func:`bso.lean.fused.lif_input_gradient` at h = v + V_th s), fused."""
+    """The lean mode's dL/dI[t] (:func:`bso.lean.batchnorm_lif.lif_input_gradient`) at the charge
+    h = v + V_th s, as one compiled loop."""
     alpha = neuron.surrogate_function.alpha
     scaled = compiled(scaled_surrogate_input)(v, spike, neuron.v_threshold, alpha)
     return sigmoid_surrogate_backward(grad_spike, scaled, alpha)

@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from bso import backend, compiled
-from bso.lean import fused as lean
+from bso.lean import batchnorm_lif as lean
 from bso.neurons import LIFNode
 from bso.optim import BSO, TBSO
 from bso.optim.binary import FastOrder, ReleaseOrder

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from bso import backend
 from bso.compiled import FusedAvgPool2d
-from bso.lean.fused import lif_input_gradient
+from bso.lean.batchnorm_lif import lif_input_gradient
 from bso.neurons import LIFNode
 from conftest import compose_config
 
@@ -154,7 +154,7 @@ def test_fused_average_pool_equals_torchs_bit_for_bit(kwargs):
 
 def test_lean_pool_backward_fused_equals_torchs():
     """The lean mode's pool backward (from the spikes' shape alone), compiled for a fused pool."""
-    from bso.lean.fused import _avg_pool2d_backward
+    from bso.lean.batchnorm_lif import _avg_pool2d_backward
 
     grad = torch.randn((4, 8, 5, 5), generator=torch.Generator().manual_seed(4))
     pool = torch.nn.AvgPool2d(2)

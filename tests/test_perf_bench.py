@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bso.lean.fused import batchnorm_train_forward
+from bso.lean.batchnorm_lif import batchnorm_train_forward
 from bso.optim.binary import flip_where_above
 
 pytestmark = pytest.mark.integration  # runs the benchmark scripts on tiny models

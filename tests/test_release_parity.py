@@ -525,7 +525,7 @@ def test_fast_backend_is_the_fewer_pass_form_and_unknown_backends_are_refused():
 def test_release_lif_backward_rounds_as_the_release_and_lean_matches_plain():
     """The LIF's release order: same spikes and potential as spikingjelly's step, input gradient
     ((dL/ds * (1 - sg)) * sg) * alpha, and the lean mode's gradient (from the charge) identical."""
-    from bso.lean.fused import lif_input_gradient
+    from bso.lean.batchnorm_lif import lif_input_gradient
     from bso.neurons import LIFNode
 
     g = torch.Generator().manual_seed(3)

@@ -11,7 +11,7 @@ torch's quantization and spikingjelly's ``memopt`` wrap a model; the core never 
   input gradient with the old weights; the gradient is then freed. :func:`bso.optim.build_router`
   binds the packed layers to the binary optimizer it builds. Full-precision parameters keep their
   ``.grad`` and are stepped by ``optimizer.step(t)`` after backward, as in the plain mode.
-* Smaller activations (:mod:`bso.lean.fused`, :mod:`bso.lean.blocks`): in each conv block,
+* Smaller activations (:mod:`bso.lean.batchnorm_lif`, :mod:`bso.lean.blocks`): in each conv block,
   BatchNorm + LIF (+ the block's average pool) run as one autograd step that saves the BatchNorm
   input and the spikes as bits, rebuilds the LIF charge from the neuron's state in backward and runs
   the pool's backward from the spikes' shape alone (exact for V_th = 1, else not fused). The first

@@ -3,7 +3,7 @@ backward, the same values and gradients, bit for bit.
 
 :func:`apply_to_block` turns a :class:`bso.models.parts.SpikingConvBlock` (no AGMM gate; an online
 LIF with V_th = 1) into a :class:`LeanSpikingConvBlock`, in place: BatchNorm + LIF (+ the block's
-average pool) run as one step (:func:`bso.lean.fused.batchnorm_lif_step`). With ``recompute_conv``
+average pool) run as one step (:func:`bso.lean.batchnorm_lif.batchnorm_lif_step`). With ``recompute_conv``
 the conv joins that step and its output is recomputed in backward from its saved input
 (:class:`_ConvBatchNormLIF`): the first conv (the image, which its weight gradient keeps anyway), and
 with ``engine.recompute_binary_convs`` every packed binary conv whose input is known to be spikes.
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from bso.bits import pack_bits, unpack_bits, unpack_signs
-from bso.lean.fused import (
+from bso.lean.batchnorm_lif import (
     batchnorm_lif_backward,
     batchnorm_lif_forward,
     batchnorm_lif_step,
@@ -49,7 +49,7 @@ LEAN_BLOCKS = {SpikingConvBlock: LeanSpikingConvBlock}
 
 def can_fuse(block: nn.Module) -> bool:
     """Where the fused step is exact: a conv block without AGMM gate whose BatchNorm and LIF
-    :func:`bso.lean.fused.can_fuse_batchnorm_lif` accepts."""
+    :func:`bso.lean.batchnorm_lif.can_fuse_batchnorm_lif` accepts."""
     return (
         isinstance(block, SpikingConvBlock)
         and isinstance(block.gate, nn.Identity)
@@ -107,7 +107,7 @@ class _ConvBatchNormLIF(torch.autograd.Function):
     full-precision parameter, no copy), the BatchNorm parameters and the spikes as bits. Backward
     rebuilds the input exactly, recomputes the conv output with the same kernel (the layer's weights
     are still the old ones: its flip comes last), differentiates BatchNorm + LIF + pool as
-    :func:`bso.lean.fused.batchnorm_lif_step` does, then the conv as the plain layer does: a packed
+    :func:`bso.lean.batchnorm_lif.batchnorm_lif_step` does, then the conv as the plain layer does: a packed
     layer computes its input gradient, then G[t] from the trace, and hands G[t] to BSO/T-BSO; a
     full-precision layer's gradients come from autograd on the recomputed conv. Bit for bit the
     plain graph's gradients on deterministic kernels (the CPU; cuDNN with deterministic algorithms)."""
@@ -162,7 +162,7 @@ def conv_batchnorm_lif_step(block: SpikingConvBlock, x: torch.Tensor, trace) -> 
     """``block``'s conv -> BatchNorm -> LIF -> pool, recomputing the conv output in backward
     (:class:`_ConvBatchNormLIF`); where that does not apply -- evaluation, bf16 autocast (the
     recompute would need the autocast state replayed), a full-precision conv given a trace -- the
-    conv output is saved as by :func:`bso.lean.fused.batchnorm_lif_step`."""
+    conv output is saved as by :func:`bso.lean.batchnorm_lif.batchnorm_lif_step`."""
     conv, bn = block.conv, block.bn
     applies = (
         torch.is_grad_enabled()

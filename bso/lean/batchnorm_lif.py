@@ -55,7 +55,7 @@ class _BatchNormLIF(torch.autograd.Function):
 
 
 def batchnorm_lif_forward(z, bn, neuron, pool):
-    """The fused steps' forward (no graph): ``pool(neuron(bn(z)))``, the spikes as bits, and what
+    """The BatchNorm + LIF step's forward (no graph): ``pool(neuron(bn(z)))``, the spikes as bits, and what
     :func:`batchnorm_lif_backward` reads back besides them: v[t] (held by the neuron until the next
     time step; not a copy) and the spikes' shape and layout."""
     y, batch_stats = batchnorm_train_forward(z, bn)  # updates the running statistics
@@ -236,19 +236,19 @@ def batchnorm_lif_step(
     z: torch.Tensor, bn: nn.BatchNorm2d, neuron: LIFNode, pool: nn.Module | None = None
 ) -> torch.Tensor:
     """``pool(neuron(bn(z)))`` with less saved for backward (see :class:`_BatchNormLIF`); the lean
-    mode's BatchNorm + LIF (+ the block's pool) for online training. An average pool is fused; any
-    other pool (max pooling keeps its indices) runs after the fused step."""
+    mode's BatchNorm + LIF (+ the block's pool) for online training. An average pool runs inside the
+    step; any other pool (max pooling keeps its indices) runs after it."""
     if not (torch.is_grad_enabled() and bn.training):  # backward re-runs training-mode BatchNorm
         spike = neuron(bn(z))
         return spike if pool is None else pool(spike)
-    fused_pool, after = split_pool(pool)
-    out = _BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron, fused_pool)
+    inner, after = split_pool(pool)
+    out = _BatchNormLIF.apply(z, bn.weight, bn.bias, bn, neuron, inner)
     return out if after is None else after(out)
 
 
 def split_pool(pool: nn.Module | None) -> tuple[nn.Module | None, nn.Module | None]:
-    """(the pool a fused step runs inside itself, the pool to run after it), None for none: an
-    average pool is fused, any other pool (max pooling keeps its indices) runs after."""
+    """(the pool the BatchNorm + LIF step runs inside itself, the pool to run after it), None for
+    none: an average pool runs inside, any other pool (max pooling keeps its indices) runs after."""
     if pool is None or isinstance(pool, nn.Identity):
         return None, None
     if isinstance(pool, nn.AvgPool2d):
