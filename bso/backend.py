@@ -117,8 +117,8 @@ def neuron_step(neuron: nn.Module):
 
 def lean_input_gradient(neuron: nn.Module):
     """The function that gives the lean mode's dL/dI[t] of online LIF ``neuron`` from its state
-    (:mod:`bso.lean.batchnorm_lif`): ``gradient(neuron, dL/ds[t], v[t], s[t]) -> dL/dI[t]``, bit for bit
-    the plain graph's under the same backend."""
+    (:mod:`bso.lean.batchnorm_lif`): ``gradient(neuron, dL/ds[t], v[t], s[t]) -> dL/dI[t]``, bit
+    for bit the plain graph's under the same backend."""
     return _table("lean input gradient")[_implementation(neuron, True)]
 
 

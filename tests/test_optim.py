@@ -87,9 +87,7 @@ def test_tbso_second_moment_weighs_the_old_value_by_beta2(backend):
     """v[t] = beta2 v[t] + (1 - beta2) mean(G^2) with beta2 = 0.75 (at 0.5 the two weights agree),
     in both float orders (exact binary fractions: the same values)."""
     w = _param([1.0, 1.0])
-    opt = TBSO(
-        [w], 1, gamma=0.5, beta1=0.5, beta2=0.75, eps=0.0, threshold="code", backend=backend
-    )
+    opt = TBSO([w], 1, gamma=0.5, beta1=0.5, beta2=0.75, eps=0.0, threshold="code", backend=backend)
     # M = 0.5 [2, -2] = [1, -1]; v = 0.25 mean([4, 4]) = 1; thr = 0.5; W*M = [1, -1]: flip 0
     assert _step(opt, w, [2.0, -2.0], 0).tolist() == [1]
     assert opt.state[w]["v"].tolist() == [1.0]
@@ -166,9 +164,7 @@ def test_tbso_matches_reference_over_many_steps(backend):
     w0 = torch.where(torch.randn(6, 5, generator=g) >= 0, 1.0, -1.0)
     steps = [(k % T, torch.randn(6, 5, generator=g) * 1e-2) for k in range(60)]
     w = nn.Parameter(w0.clone())
-    opt = TBSO(
-        [w], num_steps=T, gamma=0.3, beta1=0.9, beta2=0.99, eps=1e-10, backend=backend
-    )
+    opt = TBSO([w], num_steps=T, gamma=0.3, beta1=0.9, beta2=0.99, eps=1e-10, backend=backend)
     for t, grad in steps:
         w.grad = grad.clone()
         opt.step(t)
