@@ -224,6 +224,23 @@ def test_every_dataset_knows_its_input_shape(dataset, shape):
     assert input_shape(compose_config(f"dataset={dataset}").dataset) == shape
 
 
+def test_the_resolvers_are_registered_by_the_entry_points_not_by_importing_the_library():
+    code = (
+        "from omegaconf import OmegaConf\n"
+        "import bso.train, bso.rundir, bso.preflight\n"
+        "names = ['bso_run_dir', 'bso_rank_dir', 'bso_hydra_subdir', 'bso_sweep_dir', "
+        "'bso_config_groups']\n"
+        "print([OmegaConf.has_resolver(n) for n in names])\n"
+        "import bso.cli\n"
+        "print([OmegaConf.has_resolver(n) for n in names])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str([False] * 5), str([True] * 5)]
+
+
 def test_train_and_eval_write_to_their_own_directories():
     from bso.resolvers import register_resolvers
 
