@@ -9,6 +9,7 @@ the configs shipped in the package, writing under ``./outputs`` of the current d
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -21,13 +22,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bso.configs_path import config_dir
-from bso.rundir import hydra_value
-
-# importing bso.train registers the config resolvers
-from bso.train import RunDiverged, RunInterrupted, evaluate_checkpoint, user_error
+from bso import distributed
+from bso.configs_path import config_dir, visible_options
+from bso.data.errors import DataError
+from bso.resolvers import register_resolvers
+from bso.rundir import RunRefused, hydra_value
+from bso.train import RunDiverged, RunInterrupted, describe, evaluate_checkpoint
 from bso.train import train as run_training
-from bso.validate import old_spelling
+from bso.validate import ConfigError
+
+log = logging.getLogger(__name__)
+
+# the configs of every entry point read them (train.py and eval.py import this module, and so does
+# a worker of Hydra's joblib launcher, which composes its job's config before calling it)
+register_resolvers()
 
 
 def run(cfg: DictConfig, task: Callable[[DictConfig], dict] = run_training) -> float:
@@ -50,20 +58,36 @@ def run(cfg: DictConfig, task: Callable[[DictConfig], dict] = run_training) -> f
         sys.exit(1)  # user_error logged it (once, on rank 0 under torchrun)
 
 
+def user_error(err: BaseException) -> bool:
+    """Print a user's mistake (a refused command, a bad value, a missing or unreadable file, a
+    checkpoint that does not fit, a full disk) as one ``error:`` line on stderr (and in the run's
+    log file, when there is one), on rank 0 only under torchrun; False for anything else (a bug
+    keeps its traceback). ``HYDRA_FULL_ERROR=1`` keeps tracebacks for everything."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return False
+    if not isinstance(err, (RunRefused, ConfigError, ValueError, OSError, RunDiverged, DataError)):
+        return False
+    if distributed.is_main() and (distributed.torchrun_env() or {"rank": 0})["rank"] == 0:
+        line = "error: " + describe(err)
+        print(line, file=sys.stderr, flush=True)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+        for handler in logging.getLogger().handlers:  # the log file; the console has it already
+            if isinstance(handler, logging.FileHandler):
+                with contextlib.suppress(Exception):
+                    handler.handle(record)
+    return True
+
+
 HYDRA_FLAGS_WITHOUT_A_RUN = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i")
 
 
 def check_command_line(entry: str, argv: list[str] | None = None) -> None:
-    """Before Hydra parses the command line: a key or option spelled the old way
-    (``optimizer.other.lr=...``, ``model=for_cifar10``), an option no config group has
-    (``dataset=cifar11``), a key the config lacks (``engine.Tt=4``) and any other composition error
-    end the command with one ``error:`` line on stderr (exit status 1) that lists the valid options
-    or keys, before Hydra creates any directory. ``HYDRA_FULL_ERROR=1`` leaves composition errors
-    to Hydra (its full trace)."""
+    """Before Hydra parses the command line: an option no config group has (``dataset=cifar11``), a
+    key the config lacks (``engine.Tt=4``) and any other composition error end the command with one
+    ``error:`` line on stderr (exit status 1) that lists the valid options or keys, before Hydra
+    creates any directory. ``HYDRA_FULL_ERROR=1`` leaves composition errors to Hydra (its full
+    trace)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    message = old_spelling(argv, entry)
-    if message:
-        raise SystemExit(f"error: {message}")
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
         a.split("=")[0] in HYDRA_FLAGS_WITHOUT_A_RUN or a.startswith("--shell") for a in argv
     ):
@@ -168,12 +192,6 @@ def compose_command_line(
     return cfg, None
 
 
-def visible_options(options) -> list[str]:
-    """A config group's options as users see them: files named ``_*`` are internal (included by
-    other files of the group, e.g. ``model/_spiking``)."""
-    return sorted(o for o in options if not o.split("/")[-1].startswith("_"))
-
-
 def _explain(err: Exception, overrides: list[str], config_name: str) -> str:
     from hydra.errors import MissingConfigException
 
@@ -233,24 +251,6 @@ def _missing_key(cfg: DictConfig, key: str) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-def config_groups_help() -> str:
-    """``--help``'s list of config groups and their options (configs/hydra/default.yaml's help
-    template), without Hydra's own groups and the internal ``_*`` files."""
-    from bso.validate import config_dirs
-
-    groups: dict[str, set[str]] = {}
-    for root in config_dirs():
-        for path in root.rglob("*.yaml"):
-            group = path.parent.relative_to(root).as_posix()
-            if group != "." and group.split("/")[0] != "hydra":
-                groups.setdefault(group, set()).add(path.stem)
-    return "\n".join(f"{g}: {', '.join(visible_options(o))}" for g, o in sorted(groups.items()))
-
-
-if not OmegaConf.has_resolver("bso_config_groups"):
-    OmegaConf.register_new_resolver("bso_config_groups", config_groups_help)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from bso.configs_path import config_dir
+from bso.resolvers import register_resolvers
 
 
 def compose_configs(batch: Sequence[Sequence[str]], config_name: str = "train") -> list[DictConfig]:
@@ -20,6 +21,7 @@ def compose_configs(batch: Sequence[Sequence[str]], config_name: str = "train") 
     as given (one Hydra initialisation for the whole batch)."""
     from hydra import compose, initialize_config_dir
 
+    register_resolvers()  # configs/hydra/*.yaml read them
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return [compose(config_name=config_name, overrides=list(overrides)) for overrides in batch]
 

@@ -17,3 +17,9 @@ def config_dir() -> Path:
         f"bso's Hydra configs are missing: neither {package / 'configs'} (installed package) nor "
         f"{package.parent / 'configs'} (checkout) holds train.yaml; reinstall bso"
     )
+
+
+def visible_options(options) -> list[str]:
+    """A config group's options as users see them: files named ``_*`` are internal (included by
+    other files of the group, e.g. ``model/_spiking``)."""
+    return sorted(o for o in options if not o.split("/")[-1].startswith("_"))

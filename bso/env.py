@@ -149,6 +149,25 @@ def describe() -> dict:
     }
 
 
+def environment_changes(before: dict, after: dict) -> list[str]:
+    """What differs between two :func:`describe` records: distributions (``torch 2.14.1 ->
+    2.15.0``), the git commit, the lock file, torch's CUDA build."""
+    changes = []
+    old, new = before.get("distributions", {}), after.get("distributions", {})
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changes.append(f"{name} {old.get(name, 'absent')} -> {new.get(name, 'absent')}")
+    for key, field in (("git", "commit"), ("git", "dirty"), ("lock", "sha256")):
+        a, b = before.get(key, {}).get(field), after.get(key, {}).get(field)
+        if a != b:
+            changes.append(f"{key} {field} {a} -> {b}")
+    for field in ("cuda_build", "cudnn", "devices"):
+        a, b = before.get("torch_build", {}).get(field), after.get("torch_build", {}).get(field)
+        if a != b:
+            changes.append(f"{field} {a} -> {b}")
+    return changes
+
+
 def capabilities(env: dict) -> list[tuple[str, str]]:
     """(what, whether this machine has it and what follows), for the screen."""
     from bso import compat

@@ -1,4 +1,4 @@
-"""External loggers. Every run also writes ``metrics.jsonl`` in its run directory (bso.run)."""
+"""External loggers. Every run also writes ``metrics.jsonl`` in its run directory (bso.rundir)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,25 @@
-"""A run directory belongs to one run and one live process.
+"""The run directory: everything needed to trust and repeat a run, and the one run that owns it.
+This module names its files and writes and reads them; :mod:`bso.runlock` keeps a second process
+out of it.
+
+config.yaml      the resolved config             run_info.json   command, device, model size
+environment.json the software environment: every installed distribution, the lock's hash and match,
+                 git commit, Python, torch's CUDA / cuDNN, threads (bso/env.py); a resume in another
+                 environment adds environment_<date>_<time>.json and says what changed
+status.json      running / completed / failed / interrupted / diverged, last and best epoch
+run.lock         while a process works in the directory: its pid and host (bso/runlock.py)
+metrics.jsonl    one JSON record per epoch       last.pt best.pt  training checkpoints (resume from them)
+train.log        the log                         last_1bit.pt best_1bit.pt  1-bit exports
+
+Run directories are ``<log_dir>/runs/<date>_<time>_<6 hex digits>``, so two runs started in the same
+second never share one. ``resume=<run dir | checkpoint | latest>`` continues a run inside its own
+directory (Hydra's files of the resuming command go to ``.hydra/resume_<date>_<time>``). An
+evaluation (eval.py) gets ``<log_dir>/evals/<date>_<time>_<6 hex digits>``: config.yaml,
+run_info.json, status.json, metrics.jsonl (one record) and eval.log.
 
 * :func:`claim` refuses a *fresh* run in a directory that already holds a run's files (its
   checkpoints, metrics or status): continue that run with ``resume=<dir>`` (or ``resume=auto``), pick
   another directory, or pass ``overwrite=true`` to delete the old run's files and start afresh.
-* :class:`RunLock` (``<run dir>/run.lock``: owner pid, host and start time, created with
-  ``O_EXCL``, touched every 30 s while held) refuses a second live process. A lock left by a process
-  that no longer exists on this host, or untouched for 5 minutes (a job killed on another node), is
-  taken over with a warning.
 * :func:`discard_refused` removes what Hydra created for a command that was refused before any
   work (an empty run directory, or the resuming command's ``.hydra/<time>`` folder).
 * :func:`resume_command` prints a resume command that works when pasted: the path quoted for the
@@ -20,29 +33,208 @@ import contextlib
 import json
 import logging
 import os
+import platform
+import secrets
 import shlex
 import shutil
-import socket
-import threading
-import time
+import sys
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bso.checkpoint import copy_atomic
+from bso.env import describe, environment_changes
+
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "run.lock"
+# --- the files ----------------------------------------------------------------------------------
+
+LAST, BEST = "last.pt", "best.pt"  # training checkpoints (bso.checkpoint.TRAIN_FORMAT)
+LAST_1BIT, BEST_1BIT = "last_1bit.pt", "best_1bit.pt"  # their 1-bit exports
+CHECKPOINTS = (LAST, BEST, LAST_1BIT, BEST_1BIT)
 # a run's own files: a directory holding any of them belongs to a run
-RUN_FILES = (
-    "status.json",
-    "metrics.jsonl",
-    "last.pt",
-    "best.pt",
-    "last_1bit.pt",
-    "best_1bit.pt",
-    "checkpoint.pt",
-)
+RUN_FILES = ("status.json", "metrics.jsonl", *CHECKPOINTS)
+LOCK_NAME = "run.lock"
 # what Hydra writes into a run directory before the run starts (the log: hydra.job.name + .log)
 HYDRA_FILES = (".hydra", "train.log", "eval.log")
+
+
+def new_run_name() -> str:
+    """``<date>_<time>_<6 random hex digits>``: unique even for runs started in the same second."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+
+
+def copy_last_to_best(run_dir: Path) -> None:
+    """``best.pt`` and ``best_1bit.pt`` as copies of the last epoch's files (not serialised again)."""
+    for last, best in ((LAST, BEST), (LAST_1BIT, BEST_1BIT)):
+        copy_atomic(run_dir / last, run_dir / best)
+
+
+# --- what a run records -------------------------------------------------------------------------
+
+
+def write_run_info(run_dir: Path, cfg: DictConfig, device: torch.device, extra: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    info = {
+        "command": sys.argv,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        **extra,
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    write_environment(run_dir)
+
+
+def write_environment(run_dir: Path) -> Path | None:
+    """``environment.json`` (:func:`bso.env.describe`). A run resumed in another environment keeps
+    the first one, writes ``environment_<date>_<time>.json`` and says in one line what changed;
+    None when nothing did."""
+    env = describe()
+    path = run_dir / "environment.json"
+    if path.is_file():
+        try:
+            changes = environment_changes(json.loads(path.read_text()), env)
+        except ValueError:
+            changes = ["environment.json unreadable"]
+        if not changes:
+            return None
+        path = run_dir / f"environment_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+        log.warning(
+            "this process runs in another environment than the run started in (%s); recorded in %s",
+            ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else ""),
+            path.name,
+        )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(env, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+class MetricsFile:
+    """Appends one JSON line per record to ``<run_dir>/metrics.jsonl`` (``enabled=False``: on ranks
+    other than 0 under torchrun, writes nothing)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        """Append ``record`` and flush it to disk (fsync): an epoch's record is on disk before its
+        checkpoint is written. A failed write (disk full) leaves no partial line behind."""
+        if not self.enabled:
+            return
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise
+
+    def records(self) -> list[dict]:
+        """The records on disk; a line cut short by a crash is skipped."""
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def truncate_after(self, epoch: int, record: dict | None = None) -> None:
+        """Drop the records of epochs after ``epoch`` (written after the checkpoint a run resumes
+        from), so that a resumed run never records an epoch twice; ``record``: the checkpoint's own
+        copy of epoch ``epoch``'s record, appended when the file lacks it (lost to a full disk)."""
+        if not self.path.is_file() and record is None:
+            return
+        records = self.records()
+        kept = [r for r in records if r.get("epoch", 0) <= epoch]
+        if (
+            record is not None
+            and record.get("epoch") == epoch
+            and not any(r.get("epoch") == epoch for r in kept)
+        ):
+            kept.append(record)
+        lines = [json.dumps(r) for r in kept]
+        on_disk = self.path.read_text().splitlines() if self.path.is_file() else []
+        if lines != on_disk:
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, self.path)
+
+
+STATUSES = ("running", "completed", "failed", "interrupted", "diverged")
+
+
+class RunStatus:
+    """``<run_dir>/status.json``: what became of the run, rewritten atomically at every change
+    (``enabled=False``: on ranks other than 0 under torchrun, only remembered, never written)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "status.json"
+        self.enabled = enabled
+        self._record: dict = {}
+
+    def read(self) -> dict:
+        if not self.enabled:
+            return dict(self._record)
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def write(self, status: str, **fields) -> dict:
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r}; one of {STATUSES}")
+        try:
+            previous = self.read()
+        except ValueError:  # an unreadable status.json (cut short, garbage): replaced
+            previous = {}
+        record = {**previous, **fields, "status": status, "updated": _now()}
+        self._record = record
+        if not self.enabled:
+            return record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".status.json.tmp")
+        text = json.dumps(record, indent=2)
+        try:
+            with tmp.open("w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if not self._write_in_place(text):
+                raise OSError(err.errno, f"could not write {self.path}: {err.strerror}") from err
+        return record
+
+    def _write_in_place(self, text: str) -> bool:
+        """A full disk has no block for a new file, but the old status.json has its own: overwrite
+        it in place (the status stays one small file; not atomic, the last resort)."""
+        if not self.path.is_file() or len(text.encode()) > 4096:
+            return False
+        try:
+            with self.path.open("r+") as f:
+                f.write(text)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            return False
+        return True
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+# --- one run per directory ---------------------------------------------------------------------
 
 
 class RunRefused(Exception):
@@ -65,7 +257,7 @@ def claim(
         return
     if not overwrite:
         status = _read_status(run_dir)
-        if (run_dir / "last.pt").is_file():
+        if (run_dir / LAST).is_file():
             how = (
                 f"Continue it with {resume_command(run_dir)} (resume=auto does the same for "
                 "requeued jobs), choose another hydra.run.dir, or pass overwrite=true to delete its "
@@ -101,111 +293,6 @@ def _read_status(run_dir: Path) -> str | None:
         return None
     epoch = record.get("epoch")
     return record.get("status", "?") + (f" after epoch {epoch}" if epoch is not None else "")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-class RunLock:
-    """``<run_dir>/run.lock`` held while a process trains (or evaluates) in ``run_dir``.
-
-    The holder touches the file every ``HEARTBEAT_S`` seconds (a daemon thread), so a lock that a
-    killed job on another node left behind (a Slurm requeue after ``kill -9``) goes stale after
-    ``STALE_S`` seconds without a touch; on the same host a lock is stale as soon as its process is
-    gone."""
-
-    HEARTBEAT_S = 30.0
-    STALE_S = 300.0
-
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.path = Path(run_dir) / LOCK_NAME
-        self.enabled = enabled
-        self.held = False
-        self._stop = threading.Event()
-
-    def _stale(self, owner: dict, host: str) -> str | None:
-        """Why ``owner``'s lock is stale, or None while it may still be held."""
-        if owner.get("host") == host and owner.get("pid"):
-            return None if _alive(owner["pid"]) else "which no longer runs"
-        try:
-            idle = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return "released"
-        if idle > self.STALE_S:
-            return (
-                f"untouched for {idle:.0f} s (its holder touches it every {self.HEARTBEAT_S:.0f} s)"
-            )
-        return None
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def owner(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # being written, or unreadable: treated as held
-
-    def acquire(self) -> RunLock:
-        if not self.enabled:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.now().isoformat(timespec="seconds"),
-        }
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None:
-                    continue  # released in between
-                stale = self._stale(owner, me["host"])
-                if stale:
-                    log.warning(
-                        f"{self.path}: taking over the lock of process {owner.get('pid', '?')} "
-                        f"on {owner.get('host', '?')} (started {owner.get('started', '?')}), "
-                        f"{stale}"
-                    )
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise RunRefused(
-                    f"{self.path.parent} is in use by process {owner.get('pid', '?')} on host "
-                    f"{owner.get('host', '?')} (since {owner.get('started', '?')}); one process per run "
-                    f"directory. Wait for it to end (or stop it); if it is known to be gone, delete "
-                    f"{self.path} (a lock untouched for {self.STALE_S:.0f} s is taken over)"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            threading.Thread(target=self._heartbeat, daemon=True, name="bso-run-lock").start()
-            return self
-        raise RunRefused(f"could not take the lock {self.path}; try again")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def log_sizes() -> dict[str, int]:
@@ -253,6 +340,37 @@ def discard_refused(
         shutil.rmtree(hydra_dir / subdir, ignore_errors=True)
         with contextlib.suppress(OSError):  # .hydra itself when this command made it
             (hydra_dir / ".hydra").rmdir()
+
+
+# --- resuming -----------------------------------------------------------------------------------
+
+
+def find_resume_checkpoint(resume: str, log_dir: str | Path = "outputs") -> Path:
+    """The checkpoint that ``resume=`` names: a run directory (its ``last.pt``), a checkpoint file,
+    or ``latest`` (the newest run under ``<log_dir>`` that has a ``last.pt`` and did not complete)."""
+    if str(resume) == "latest":
+        candidates = [
+            path
+            for path in Path(log_dir).glob(f"**/{LAST}")
+            if RunStatus(path.parent).read().get("status") != "completed"
+        ]
+        if not candidates:
+            raise FileNotFoundError(
+                f"resume=latest: no unfinished run with a last.pt under {log_dir}/ "
+                "(completed runs are not resumed; pass resume=<run dir> to extend one)"
+            )
+        return max(candidates, key=lambda path: path.stat().st_mtime)
+    path = Path(resume)
+    if path.is_dir():
+        if (path / LAST).is_file():
+            return path / LAST
+        raise FileNotFoundError(
+            f"resume={resume}: the run directory has no last.pt (the run stopped before finishing "
+            "its first epoch, or it is not a bso run directory)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume}: no such run directory or checkpoint file")
+    return path
 
 
 def hydra_value(text: str) -> str:

@@ -14,12 +14,6 @@ Two mechanisms, neither a hand-kept list of every key:
   argument of a ``_target_`` (instantiation checks those); otherwise the run is refused with the
   closest known keys (``+dataset.batchsize=8`` -> ``dataset.batch_size``). The known keys are read
   from the config files themselves, so a key added to a config file is known at once.
-* **Former spellings**: ``optimizer.other.<key>`` is ``optimizer.full_precision.<key>``,
-  ``model=for_<dataset>`` is no option (each dataset selects its model), and evaluating a checkpoint
-  is ``python eval.py checkpoint=...`` (not ``engine.eval_only=true`` / ``train.py checkpoint=...``).
-  :func:`old_spelling` answers with the spelling to use; the entry points ask it before Hydra parses
-  the command line (Hydra would only say that the key is unknown), :func:`check_renamed_keys` looks
-  for the former keys in the composed config.
 """
 
 from __future__ import annotations
@@ -305,80 +299,7 @@ def _check_argument(item: str, target: str, name: str) -> None:
     )
 
 
-# --- other spellings ----------------------------------------------------------------------------
-
-EVAL_COMMAND = "python eval.py checkpoint=<run dir>/best.pt (bso-eval when installed)"
-
-
-def _renamed_key(key: str, value: str | None) -> str | None:
-    """What to write instead of the key ``key`` (set to ``value``), or None when it is current."""
-    shown = key if value is None else f"{key}={value}"
-    if key == "optimizer.other" or key.startswith("optimizer.other."):
-        new = "optimizer.full_precision" + key[len("optimizer.other") :]
-        return (
-            f"{shown}: the optimizer of the full-precision parameters (first conv, FC, BatchNorm) "
-            f"is optimizer.full_precision; write {new}" + (f"={value}" if value is not None else "")
-        )
-    if key == "engine.eval_only" or key.startswith("engine.eval_only."):
-        return f"{shown}: evaluating a checkpoint is its own command: {EVAL_COMMAND}"
-    return None
-
-
-def _dataset_model(dataset: str | None, dirs: list[Path]) -> str | None:
-    """The model configs/dataset/<dataset>.yaml selects (its defaults list), if it can be read."""
-    for root in dirs:
-        path = root / "dataset" / f"{dataset}.yaml"
-        if dataset and path.is_file():
-            for entry in OmegaConf.load(path).get("defaults") or []:
-                if isinstance(entry, DictConfig):
-                    for key, value in entry.items():
-                        if str(key).split("@")[0].strip("/") == "model":
-                            return str(value)
-    return None
-
-
-def old_spelling(overrides: list[str], entry: str = "train") -> str | None:
-    """The first command-line item that uses a spelling bso no longer reads, as one message that
-    names the spelling to use; None if there is none. ``entry``: ``train`` (train.py, bso-train) or
-    ``eval`` (eval.py, bso-eval)."""
-    dirs = config_dirs()
-    items = [item for item in overrides if "=" in item and not item.startswith("-")]
-    for item in items:
-        key, value = item.split("=", 1)
-        key = key.lstrip("+~")
-        renamed = _renamed_key(key, value)
-        if renamed:
-            return renamed
-        if key == "model" and any(v.strip().startswith("for_") for v in value.split(",")):
-            dataset = value.strip().split(",")[0].strip()[len("for_") :]
-            model = _dataset_model(dataset, dirs)
-            return (
-                f"model={value}: there are no for_<dataset> models; each dataset selects its own "
-                + (f"(dataset={dataset} trains {model}); " if model else "; ")
-                + "leave model= out, or name a model: "
-                + (f"model={model}" if model else "model=<a file in configs/model/>")
-            )
-        if key == "checkpoint" and entry == "train":
-            return (
-                f"{item}: train.py trains; evaluate a checkpoint with python eval.py {item} "
-                f"(bso-eval when installed), or start a new run from its weights with init_from={value}"
-            )
-    return None
-
-
-def check_renamed_keys(cfg: DictConfig) -> None:
-    """A composed config that still holds a key under its former name (e.g. from a config file of
-    one's own) is refused with the name to use."""
-    for key in ("optimizer.other", "engine.eval_only"):
-        if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is not None:
-            raise ConfigError(_renamed_key(key, None) + " (in a config file of this command)")
-
-
 def validate(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Every check; returns ``cfg`` with typed values."""
-    message = old_spelling(overrides, "eval" if "checkpoint" in cfg else "train")
-    if message:
-        raise ConfigError(message)
-    check_renamed_keys(cfg)
     check_added_keys(cfg, overrides)
     return check_types(cfg)

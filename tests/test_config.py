@@ -11,12 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from bso.data import input_shape
 from bso.models import VGG11
 from bso.optim import build_optimizer
-from bso.validate import ConfigError, old_spelling, validate
 from conftest import CONFIG_DIR, ROOT, compose_config
 
 GROUPS = ("dataset", "model", "optimizer", "engine", "logger")
@@ -162,82 +160,6 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
     assert (eval_dir / "config.yaml").is_file() and not (eval_dir / "best.pt").exists()
 
 
-@pytest.mark.integration
-def test_the_former_eval_switch_fails_with_one_line_naming_eval_py():
-    proc = subprocess.run(
-        [sys.executable, "train.py", "engine.eval_only=true", "checkpoint=outputs/runs/a/best.pt"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [
-        "error: engine.eval_only=true: evaluating a checkpoint is its own command: "
-        "python eval.py checkpoint=<run dir>/best.pt (bso-eval when installed)"
-    ]
-
-
-@pytest.mark.parametrize(
-    "entry,argv,message",
-    [
-        (
-            "train",
-            ["optimizer.other.lr=0.2"],
-            "the optimizer of the full-precision parameters (first conv, "
-            "FC, BatchNorm) is optimizer.full_precision; write optimizer.full_precision.lr=0.2",
-        ),
-        (
-            "train",
-            ["-m", "+optimizer.other.nesterov=true"],
-            "write optimizer.full_precision.nesterov=true",
-        ),
-        (
-            "train",
-            ["dataset=cifar10", "model=for_cifar10"],
-            "model=for_cifar10: there are no for_<dataset> "
-            "models; each dataset selects its own (dataset=cifar10 trains vgg11); leave model= out, or name "
-            "a model: model=vgg11",
-        ),
-        ("train", ["model=for_imagenet,vgg11"], "(dataset=imagenet trains resnet18)"),
-        ("eval", ["checkpoint=a/best.pt", "engine.eval_only=true"], "python eval.py checkpoint="),
-        (
-            "train",
-            ["checkpoint=runs/a/best.pt"],
-            "checkpoint=runs/a/best.pt: train.py trains; evaluate a "
-            "checkpoint with python eval.py checkpoint=runs/a/best.pt (bso-eval when installed), or start a "
-            "new run from its weights with init_from=runs/a/best.pt",
-        ),
-    ],
-)
-def test_former_spellings_are_refused_with_the_spelling_to_use(entry, argv, message):
-    assert message in old_spelling(argv, entry)
-
-
-def test_current_spellings_pass_the_former_spelling_check():
-    argv = [
-        "-m",
-        "optimizer.full_precision.lr=0.2",
-        "model=vgg11",
-        "engine.T=2,4",
-        "hydra.run.dir=x",
-    ]
-    assert old_spelling(argv, "train") is None
-    assert old_spelling(["checkpoint=runs/a/best.pt", "dataset=cifar10"], "eval") is None
-
-
-def test_a_config_that_still_holds_a_former_key_is_refused():
-    cfg = compose_config()
-    with open_dict(cfg):
-        cfg.optimizer.other = {"lr": 0.2}  # e.g. from an experiment file of one's own
-    with pytest.raises(
-        ConfigError, match="is optimizer.full_precision; write optimizer.full_precision"
-    ):
-        validate(cfg, [])
-    with pytest.raises(ConfigError, match="write optimizer.full_precision.lr=0.2"):
-        validate(compose_config("+optimizer.other.lr=0.2"), ["+optimizer.other.lr=0.2"])
-
-
 # Every (optimizer, dataset) pair's gamma, full-precision lr and decay period, as composed: the
 # dataset files set the values that differ per dataset (configs/dataset/*.yaml: `bso:`, `tbso:`).
 PAIR_VALUES = {  # dataset: (BSO's (gamma, lr, every_epochs), T-BSO's)
@@ -302,10 +224,27 @@ def test_every_dataset_knows_its_input_shape(dataset, shape):
     assert input_shape(compose_config(f"dataset={dataset}").dataset) == shape
 
 
-def test_train_and_eval_write_to_their_own_directories():
-    from bso.run import register_resolvers
+def test_the_resolvers_are_registered_by_the_entry_points_not_by_importing_the_library():
+    code = (
+        "from omegaconf import OmegaConf\n"
+        "import bso.train, bso.rundir, bso.preflight\n"
+        "names = ['bso_run_dir', 'bso_rank_dir', 'bso_hydra_subdir', 'bso_sweep_dir', "
+        "'bso_config_groups']\n"
+        "print([OmegaConf.has_resolver(n) for n in names])\n"
+        "import bso.cli\n"
+        "print([OmegaConf.has_resolver(n) for n in names])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str([False] * 5), str([True] * 5)]
 
-    register_resolvers()  # what train.py and eval.py do on import: the run directory's resolvers
+
+def test_train_and_eval_write_to_their_own_directories():
+    from bso.resolvers import register_resolvers
+
+    register_resolvers()  # what the entry points do before Hydra composes: the run directory's
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         train_cfg = compose("train", overrides=["paths.log_dir=logs"], return_hydra_config=True)
         eval_cfg = compose(

@@ -11,7 +11,7 @@ from importlib import metadata
 
 import torch
 
-from bso import env, run
+from bso import env, rundir
 from bso.report import cli as report_cli
 from bso.report import runs, tables
 from conftest import ROOT
@@ -58,16 +58,16 @@ def test_a_resume_in_another_environment_keeps_the_first_and_says_what_changed(
     tmp_path, monkeypatch, caplog
 ):
     first = env.describe()
-    monkeypatch.setattr(run, "describe", lambda: first)
-    assert run.write_environment(tmp_path) == tmp_path / "environment.json"
-    assert run.write_environment(tmp_path) is None  # the same environment: nothing new
+    monkeypatch.setattr(rundir, "describe", lambda: first)
+    assert rundir.write_environment(tmp_path) == tmp_path / "environment.json"
+    assert rundir.write_environment(tmp_path) is None  # the same environment: nothing new
     changed = json.loads(json.dumps(first))
     changed["distributions"]["torch"] = "9.9.9"
     changed["distributions"].pop("numpy")
     changed["lock"]["sha256"] = "0" * 64
-    monkeypatch.setattr(run, "describe", lambda: changed)
-    with caplog.at_level(logging.WARNING, logger="bso.run"):
-        path = run.write_environment(tmp_path)
+    monkeypatch.setattr(rundir, "describe", lambda: changed)
+    with caplog.at_level(logging.WARNING, logger="bso.rundir"):
+        path = rundir.write_environment(tmp_path)
     assert path.name.startswith("environment_") and path != tmp_path / "environment.json"
     assert json.loads((tmp_path / "environment.json").read_text()) == first
     assert json.loads(path.read_text())["distributions"]["torch"] == "9.9.9"

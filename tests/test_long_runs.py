@@ -11,10 +11,12 @@ import sys
 import pytest
 import torch
 
+import bso.loop
 import bso.train as bso_train
 from bso.data import EpochSampler
 from bso.engine import OnlineEngine
-from bso.run import RunStatus, find_resume_checkpoint, run_dir_resolver
+from bso.resolvers import run_dir_resolver
+from bso.rundir import RunStatus, find_resume_checkpoint
 from bso.train import RunInterrupted, evaluate_checkpoint, train
 from conftest import ROOT, compose_config
 
@@ -80,7 +82,7 @@ def straight_run(tmp_path_factory):
 def test_two_epochs_plus_resumed_two_equal_four_straight(straight_run, tmp_path, monkeypatch):
     """Interrupted after epoch 2 (the signal arrives during its evaluation), then resumed."""
     run_dir = tmp_path / "run"
-    _interrupt_on_call(monkeypatch, bso_train, "evaluate", call=2)
+    _interrupt_on_call(monkeypatch, bso.loop, "evaluate", call=2)
     with pytest.raises(RunInterrupted):
         train(compose_config("dataset.epochs=4", *FAST, output_dir=run_dir), overrides=[])
     status = RunStatus(run_dir).read()

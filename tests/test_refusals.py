@@ -26,9 +26,9 @@ import torch
 
 import bso.checkpoint as bso_checkpoint
 import bso.cli as cli
-import bso.run
+import bso.rundir
 from bso.data.synthetic import write_cifar
-from bso.run import RunStatus
+from bso.rundir import RunStatus
 from bso.train import train
 from conftest import ROOT, compose_config
 
@@ -367,7 +367,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_status_json_says_failed(
     monkeypatch.setattr(bso_checkpoint.torch, "save", full)
     monkeypatch.setattr(bso_checkpoint.shutil, "disk_usage", lambda p: SimpleNamespace(free=512))
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(bso.run.os, "replace", no_new_files)
+    monkeypatch.setattr(bso.rundir.os, "replace", no_new_files)
     code, out, err, _ = command("train", *TINY, "dataset.epochs=1", f"hydra.run.dir={run_dir}")
     assert code == 1
     assert re.fullmatch(
@@ -386,7 +386,7 @@ def test_status_json_that_cannot_be_written_at_all_is_said_once(monkeypatch, tmp
 
     status = RunStatus(tmp_path)
     monkeypatch.setattr(
-        bso.run.os,
+        bso.rundir.os,
         "replace",
         lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
     )

@@ -190,8 +190,8 @@ def _schedule_trace(optimizer_name: str, epochs: int, every: int = 50) -> list[d
     """The hyper-parameters each epoch trains with, under the composed recipe's Schedules."""
     from hydra.utils import instantiate
 
+    from bso.loop import Schedules
     from bso.optim import build_optimizer
-    from bso.train import Schedules
     from conftest import compose_config
 
     cfg = compose_config(

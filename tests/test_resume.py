@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bso.resume import Progress, config_for_resume, rng_state, set_rng_state
+from bso.preflight import config_for_resume
+from bso.resume import Progress, rng_state, set_rng_state
 from conftest import compose_config
 
 

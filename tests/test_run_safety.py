@@ -22,9 +22,10 @@ import bso.checkpoint as bso_checkpoint
 from bso import report as rp
 from bso.divergence import FiniteCheck, RunDiverged
 from bso.paper import cells
-from bso.resume import config_for_weights
-from bso.run import MetricsFile, RunStatus, run_dir_resolver
-from bso.rundir import RunLock, RunRefused, claim, resume_command
+from bso.preflight import config_for_weights
+from bso.resolvers import run_dir_resolver
+from bso.rundir import MetricsFile, RunRefused, RunStatus, claim, resume_command
+from bso.runlock import RunLock
 from bso.train import evaluate_checkpoint, train
 from bso.validate import ConfigError
 from conftest import ROOT, compose_config
@@ -145,7 +146,7 @@ def test_a_mid_epoch_torchrun_checkpoint_is_refused_in_one_process_and_keeps_its
 def test_another_world_size_at_an_epoch_boundary_warns_that_the_global_batch_changes(
     finished, caplog
 ):
-    from bso.resume import check_world_size
+    from bso.preflight import check_world_size
 
     blob = torch.load(finished / "last.pt", weights_only=False)
     blob["tally"], blob["rng"] = blob["tally"] * 4, blob["rng"] * 4  # written by 4 processes
@@ -228,14 +229,14 @@ def test_a_full_disk_fails_the_run_and_loses_no_epoch(tmp_path, monkeypatch):
 
 
 def test_a_best_checkpoint_lost_to_a_full_disk_is_restored_on_resume(tmp_path, monkeypatch, caplog):
-    import bso.train as bso_train
+    import bso.rundir
 
     run_dir = tmp_path / "run"
 
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bso_train, "copy_atomic", full_disk)  # epoch 1's best.pt copy fails
+    monkeypatch.setattr(bso.rundir, "copy_atomic", full_disk)  # epoch 1's best.pt copy fails
     with pytest.raises(OSError):
         _train(run_dir, "dataset.epochs=2")
     monkeypatch.undo()
@@ -288,22 +289,6 @@ def test_a_checkpoint_of_another_dataset_is_refused_before_any_work(finished, tm
     )
     assert (evaluated.dataset.name, evaluated.model.in_channels) == ("cifar10", 3)
     assert evaluated.engine.T == blob["config"]["engine"]["T"] == 1
-
-
-def test_a_run_saved_with_the_former_key_names_resumes(finished, tmp_path):
-    """A last.pt whose config says optimizer.other and engine.eval_only (as bso wrote them before
-    optimizer.full_precision and eval.py) continues with the current names."""
-    run_dir = _copy(finished, tmp_path / "former")
-    blob = torch.load(run_dir / "last.pt", weights_only=False)
-    optimizer = blob["config"]["optimizer"]
-    optimizer["other"] = optimizer.pop("full_precision")
-    blob["config"]["engine"]["eval_only"] = False
-    blob["config"]["checkpoint"] = None
-    torch.save(blob, run_dir / "last.pt")
-    assert _train(tmp_path / "x", f"resume={run_dir}", "dataset.epochs=2")["epoch"] == 2
-    config = torch.load(run_dir / "last.pt", weights_only=False)["config"]
-    assert config["optimizer"]["full_precision"]["lr"] == 0.1 and "other" not in config["optimizer"]
-    assert "eval_only" not in config["engine"] and "checkpoint" not in config
 
 
 # --- 8. config values --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """End to end on the embedded digits (CPU): learning, +-1 weights, schedules, run directory; the
-evaluation's top-1 / top-5; a run's weights from another run (init_from, eval_only)."""
+evaluation's top-1 / top-5; a run's weights from another run (init_from, eval.py)."""
 
 import json
 

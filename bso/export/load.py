@@ -10,9 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bso.checkpoint import load_checkpoint, read_checkpoint
+from bso.rundir import BEST, BEST_1BIT, LAST, LAST_1BIT
 
 # what a run directory offers, in the order taken: the best epoch's weights first, 1 bit first
-RUN_CHECKPOINTS = ("best_1bit.pt", "best.pt", "last_1bit.pt", "last.pt")
+RUN_CHECKPOINTS = (BEST_1BIT, BEST, LAST_1BIT, LAST)
 
 
 def find_checkpoint(path: str | Path) -> Path:

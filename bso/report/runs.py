@@ -238,15 +238,13 @@ def load_run(run_dir: Path) -> RunRecord:
 
 
 def is_evaluation(run_dir: Path) -> bool:
-    """An evaluation of a checkpoint (its status.json says ``evaluated``, or its config sets
-    ``engine.eval_only``): a test of trained weights, not a training result."""
+    """An evaluation of a checkpoint (its status.json says ``evaluated``): a test of trained
+    weights, not a training result."""
     path = run_dir / "status.json"
     try:
-        if path.is_file() and "evaluated" in json.loads(path.read_text()):
-            return True
+        return path.is_file() and "evaluated" in json.loads(path.read_text())
     except (OSError, ValueError, TypeError):
-        pass
-    return bool(OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "engine.eval_only"))
+        return False
 
 
 def load_runs(root: Path) -> list[RunRecord]:
