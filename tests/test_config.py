@@ -239,7 +239,7 @@ def test_a_config_that_still_holds_a_former_key_is_refused():
 
 
 # Every (optimizer, dataset) pair's gamma, full-precision lr and decay period, as composed: the
-# dataset files set the values that differ per dataset (configs/dataset/*.yaml: `bso:`, `tbso:`).
+# values that differ per dataset are in configs/optimizer_dataset/<optimizer>_<dataset>.yaml.
 PAIR_VALUES = {  # dataset: (BSO's (gamma, lr, every_epochs), T-BSO's)
     "digits": ((5e-7, 0.1, 2), (5e-7, 0.1, 2)),
     "cifar10": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
@@ -247,6 +247,9 @@ PAIR_VALUES = {  # dataset: (BSO's (gamma, lr, every_epochs), T-BSO's)
     "dvs_cifar10": ((1e-6, 0.1, 50), (1e-6, 0.1, 50)),
     "gsc": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
     "imagenet": ((5e-7, 0.1, 50), (1e-6, 0.2, 20)),
+    "dvs128_gesture": ((1e-6, 0.1, 25), (1e-6, 0.1, 25)),
+    "nmnist": ((1e-6, 0.1, 10), (1e-6, 0.1, 10)),
+    "shd": ((5e-7, 0.1, 25), (5e-7, 0.1, 25)),
 }
 
 
@@ -268,6 +271,23 @@ def test_each_dataset_sets_its_binary_optimizer_values(dataset):
         "optimizer.full_precision.lr=0.3",
     ).optimizer
     assert (cfg.binary.gamma, cfg.full_precision.lr) == (2e-6, 0.3)
+
+
+def test_every_per_dataset_optimizer_file_is_selected_by_its_pair():
+    # an `optional` defaults entry skips a file whose name matches no (optimizer, dataset) pair
+    # silently: each file must be named <optimizer>_<dataset> of existing options, and composing
+    # that pair must give the file's values
+    from omegaconf import OmegaConf
+
+    files = sorted((CONFIG_DIR / "optimizer_dataset").glob("*.yaml"))
+    assert files
+    for path in files:
+        optimizer, dataset = path.stem.split("_", 1)
+        assert optimizer in _options("optimizer") and dataset in _options("dataset"), path.name
+        own = OmegaConf.load(path)
+        composed = compose_config(f"optimizer={optimizer}", f"dataset={dataset}").optimizer
+        assert OmegaConf.merge(composed, own) == composed, path.name
+        assert "tbso" not in compose_config(f"dataset={dataset}").dataset  # one place, not two
 
 
 def test_the_imagenet_experiments_train_the_released_values():
