@@ -34,7 +34,7 @@ from torch import nn
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d, SynapticLinear, binarize_
 from bso.neurons import TRACE_RULES, LIFNode, configure_neurons
 
-INITS = ("release", "sign")
+BINARY_INITS = ("release", "sign")  # convert(init=): how the converted layers' +-1 weights start
 # modules that may sit between a neuron and the next conv/linear: they are applied to the trace too
 TRACE_TRANSPARENT = (
     nn.Identity,
@@ -249,8 +249,8 @@ def convert(
     Raises ``TypeError`` naming the module for layers and neurons it cannot convert (any other
     spikingjelly neuron, other conv dimensions, non-zero padding modes).
     """
-    if init not in INITS:
-        raise ValueError(f"unknown init={init!r}; choose one of {INITS}")
+    if init not in BINARY_INITS:
+        raise ValueError(f"unknown init={init!r}; choose one of {BINARY_INITS}")
     if trace is not None and trace not in TRACE_RULES:
         raise ValueError(f"unknown trace={trace!r}; choose one of {TRACE_RULES} or None (BPTT)")
     if any(isinstance(m, _Converted | ConvertedLIFNode) for m in model.modules()):

@@ -478,14 +478,6 @@ def simulate(
     return summed.flatten(1), spikes
 
 
-def graph_arrays(graph: nir.NIRGraph) -> dict[str, dict[str, np.ndarray]]:
-    """Every node's array parameters (for comparing two graphs)."""
-    return {
-        name: {k: v for k, v in vars(node).items() if isinstance(v, np.ndarray)}
-        for name, node in graph.nodes.items()
-    }
-
-
 @torch.no_grad()
 def run_bso(model: nn.Module, x: torch.Tensor, T: int, hard_reset: bool = False):
     """(``model``'s output summed over ``T`` steps on input ``x``, each LIF layer's spikes per step),

@@ -136,12 +136,6 @@ def timed_batch(engine, model, optimizer, x, y, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def require_cuda(name: str, allow_cpu: bool, command: str, otherwise: str) -> torch.device:
     """The device ``name`` of a CUDA benchmark; without CUDA (or for a non-CUDA ``name``) one
     ``error:`` line and exit, before anything is written, unless ``allow_cpu``."""

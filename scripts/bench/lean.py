@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, device_meta, resolve_device, sync, write_results
+from _common import ROOT, build_method, device_meta, sync, write_results
 
+from bso.distributed import resolve_device
 from bso.metrics.memory import SavedTensorMeter, persistent_state_bytes
 from bso.models import VGG11
 

@@ -31,13 +31,13 @@ from _common import (
     apply_host_memory,
     build_mode,
     device_meta,
-    resolve_device,
     sync,
     timed_batch,
     write_results,
 )
 from torch.profiler import ProfilerActivity, profile
 
+from bso.distributed import resolve_device
 from bso.models import VGG11
 
 # operator name (aten:: or mkldnn/cudnn kernel) -> category; the first pattern that matches wins

@@ -35,12 +35,12 @@ from _common import (
     apply_host_memory,
     build_mode,
     cpu_name,
-    resolve_device,
     sync,
     write_results,
 )
 
 from bso.compat import torch_dispatch_mode
+from bso.distributed import resolve_device
 from bso.models import VGG11
 
 aten = torch.ops.aten

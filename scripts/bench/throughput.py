@@ -25,11 +25,11 @@ from _common import (
     apply_host_memory,
     build_mode,
     device_meta,
-    resolve_device,
     sync,
     write_results,
 )
 
+from bso.distributed import resolve_device
 from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 from bso.models import VGG11
 
