@@ -75,6 +75,25 @@ def test_bad_engine_values_fail_with_their_name(override, message):
         instantiate(cfg.engine)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optimizer.binary.gamma=-1"], "TBSO): flip threshold gamma must be >= 0, got -1.0"),
+        (["optimizer.binary.beta1=1"], "TBSO): beta1 must be in [0, 1), got 1.0"),
+        (["optimizer=bso", "optimizer.binary.beta=-0.1"], "BSO): beta must be in [0, 1), got -0.1"),
+        (["engine.T=0"], "TBSO): num_steps (T) must be >= 1, got 0"),
+        (["optimizer.full_precision.lr=-1"], "optimizer.full_precision.lr=-1.0: must be >= 0"),
+        (["dataset.batch_size=0"], "dataset.batch_size=0: must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_refused_by_validate_with_their_key(overrides, message):
+    # the binary optimizer's bounds are its constructor's, asked before any work
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(*overrides), overrides)
+    assert str(err.value).endswith(message)
+    assert str(err.value).startswith(("optimizer.binary (bso.optim.", overrides[-1].split("=")[0]))
+
+
 def test_bso_on_a_full_precision_model_is_refused(tmp_path):
     from bso.train import train
 
