@@ -43,7 +43,9 @@ from _common import (
     MODES,
     ROOT,
     build_mode,
+    build_run,
     device_meta,
+    method_overrides,
     require_cuda,
     sync,
     write_results,
@@ -74,17 +76,11 @@ def train_speed(
     default: lean for BSO/T-BSO, as trained, plain for BPTT-latent) with the fast path's defaults on
     CUDA (channels_last, cudnn.benchmark), ``autocast`` (bf16) and ``compile`` (fast.compile)."""
     mode = mode or ("plain" if method == "bptt_latent" else "lean")
-    fast = OmegaConf.create(
-        {
-            "channels_last": device.type == "cuda",
-            "cudnn_benchmark": device.type == "cuda",
-            "autocast": autocast,
-            "compile": compile,
-            "fuse_elementwise": False,  # build_mode fuses for the "_fused" modes
-            "reuse_host_memory": False,
-        }
-    )
-    model, engine, optimizer = build_mode(method, T, layers, device, mode)
+    lean, backend = MODES[mode]
+    overrides = method_overrides(method, T, layers, lean=lean, backend=backend)
+    overrides += [f"fast.autocast={autocast}", f"fast.compile={compile}"]
+    model, engine, optimizer, cfg = build_run(overrides, device)
+    fast = OmegaConf.merge(cfg.fast, {"fuse_elementwise": False})  # build_run fused "_fused" modes
     trained = fastpath.apply(model, fast, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)

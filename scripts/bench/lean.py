@@ -53,7 +53,12 @@ def main() -> None:
     for method in args.methods:
         built = {
             mode: build_method(
-                method, args.T, args.layers, device, mode != "plain", mode == "recompute"
+                method,
+                args.T,
+                args.layers,
+                device,
+                lean=mode != "plain",
+                recompute_binary_convs=mode == "recompute",
             )
             for mode in MODES
         }

@@ -110,7 +110,9 @@ def apply_memopt(model) -> None:
 
 def build(name: str, T: int, layers: str, device):
     method, lean, recompute, memopt = CONFIGS[name]
-    model, engine, opt = build_method(method, T, layers, device, lean, recompute)
+    model, engine, opt = build_method(
+        method, T, layers, device, lean=lean, recompute_binary_convs=recompute
+    )
     if memopt:
         apply_memopt(model)
     return model, engine, opt
