@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from bso import fastpath, paper
-from bso.compiled import fuse_elementwise as fuse
 from bso.compose import compose_config
 from bso.env import distributions, lock_state, nvidia_driver
 from bso.optim import build_optimizer
@@ -53,7 +52,8 @@ def method_overrides(
     """The ``train.py`` overrides of one Figure 4 method: ``experiment=<dataset>_<method's>`` at
     ``T`` time steps with the model's ``layers`` (VGG: its layer list; SHD's MLP: its hidden widths,
     e.g. "512-512-512"); for the online methods ``engine.lean`` (packed weights, flip inside
-    backward), ``engine.recompute_binary_convs`` and the ``backend`` (:data:`BACKEND_OVERRIDES`)."""
+    backward), ``engine.recompute_binary_convs`` and the ``backend`` (release: the released code's
+    float order; fast: fewer passes; fused: the release's values, compiled LIF steps)."""
     if dataset not in SHAPES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(SHAPES)}")
     layers_key = "model.hidden" if dataset == "shd" else "model.layers"
@@ -64,17 +64,8 @@ def method_overrides(
             f"engine.lean={lean}",
             f"engine.recompute_binary_convs={recompute_binary_convs}",
         ]
-        overrides += BACKEND_OVERRIDES[backend]
+        overrides.append(f"backend={backend}")
     return overrides
-
-
-# how the LIF step and BSO / T-BSO's arithmetic run, as train.py overrides: release (the released
-# code's float order), fast (fewer passes), fused (the release's values, compiled LIF steps)
-BACKEND_OVERRIDES = {
-    "release": [],
-    "fast": ["optimizer.binary.float_order=fast"],
-    "fused": ["fast.fuse_elementwise=true"],
-}
 
 
 def build_run(overrides: list[str], device: torch.device):
@@ -84,10 +75,8 @@ def build_run(overrides: list[str], device: torch.device):
     switches (``cfg.fast``, bso.fastpath.apply) are the caller's to apply."""
     cfg = compose_config(*overrides)
     torch.manual_seed(0)
-    model, engine = build_model(cfg, device)
-    if cfg.fast.fuse_elementwise:
-        fuse(model)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    model, engine = build_model(cfg, device)  # the backend applied to the neurons and pools
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.backend)
     model.train()
     return model, engine, optimizer, cfg
 

@@ -80,8 +80,7 @@ def train_speed(
     overrides = method_overrides(method, T, layers, lean=lean, backend=backend)
     overrides += [f"fast.autocast={autocast}", f"fast.compile={compile}"]
     model, engine, optimizer, cfg = build_run(overrides, device)
-    fast = OmegaConf.merge(cfg.fast, {"fuse_elementwise": False})  # build_run fused "_fused" modes
-    trained = fastpath.apply(model, fast, device)
+    trained = fastpath.apply(model, cfg.fast, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(2):  # warm-up: cuDNN's algorithm search, allocator

@@ -38,10 +38,13 @@ from _common import (
     sync,
     write_results,
 )
+from torch import nn
 
 from bso.compat import torch_dispatch_mode
+from bso.compiled import FusedAvgPool2d
 from bso.distributed import resolve_device
 from bso.models import VGG11
+from bso.neurons import LIFNode
 
 aten = torch.ops.aten
 CONV_OPS = (aten.convolution.default, aten.convolution_backward.default)
@@ -140,16 +143,29 @@ class ConvReplay:
 
 @contextmanager
 def unfused(model):
-    """The eager neurons and pools for a while (fast.fuse_elementwise off): torch.compile's loops
-    cannot run under a dispatch mode (the recorder); fusing changes no convolution call."""
-    fused = [m for m in model.modules() if getattr(m, "fuse_elementwise", False)]
-    for m in fused:
-        m.fuse_elementwise = False
+    """The release backend's eager neurons and pools for a while in place of backend=fused's
+    compiled ones: torch.compile's loops cannot run under a dispatch mode (the recorder); the
+    backend changes no convolution call."""
+    neurons = [m for m in model.modules() if isinstance(m, LIFNode) and m.backend == "fused"]
+    pools = [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, FusedAvgPool2d)
+    ]
+    for m in neurons:
+        m.backend = "release"
+    for name, m in pools:
+        eager = nn.AvgPool2d(
+            m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+        )
+        model.set_submodule(name, eager)
     try:
         yield
     finally:
-        for m in fused:
-            m.fuse_elementwise = True
+        for m in neurons:
+            m.backend = "fused"
+        for name, m in pools:
+            model.set_submodule(name, m)
 
 
 def timed(fn, device) -> float:
