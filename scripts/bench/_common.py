@@ -81,6 +81,13 @@ def build_run(overrides: list[str], device: torch.device):
     return model, engine, optimizer, cfg
 
 
+def dataset_config(name: str, **values):
+    """``configs/dataset/<name>.yaml`` as ``python train.py dataset=<name>`` composes it, with
+    ``values`` set (``root=...``, ``num_workers=...``)."""
+    overrides = [f"dataset.{key}={value}" for key, value in values.items()]
+    return compose_config(f"dataset={name}", *overrides).dataset
+
+
 def build_method(method: str, T: int, layers: str, device: torch.device, **options):
     """Model, engine and optimizer of one Figure 4 method (``options``: :func:`method_overrides`)."""
     model, engine, optimizer, _ = build_run(method_overrides(method, T, layers, **options), device)

@@ -44,13 +44,13 @@ from _common import (
     ROOT,
     build_mode,
     build_run,
+    dataset_config,
     device_meta,
     method_overrides,
     require_cuda,
     sync,
     write_results,
 )
-from omegaconf import OmegaConf
 from roofline import parse_args as roofline_args
 from roofline import run as roofline_run
 
@@ -185,9 +185,13 @@ def _fig4_sweep(args, device, out: Path) -> dict:
 
 
 def loader_speed(root: Path, workers: int, batch: int, device) -> dict:
-    cfg = OmegaConf.load(ROOT / "configs" / "dataset" / "cifar10.yaml")
-    cfg.root, cfg.num_workers, cfg.batch_size = str(root), workers, batch
-    cfg.pin_memory = device.type == "cuda"
+    cfg = dataset_config(
+        "cifar10",
+        root=root,
+        num_workers=workers,
+        batch_size=batch,
+        pin_memory=device.type == "cuda",
+    )
     train, _ = build_dataloaders(cfg)
 
     def one_pass() -> tuple[int, float]:
