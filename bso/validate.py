@@ -7,7 +7,10 @@ Two mechanisms, neither a hand-kept list of every key:
   integers (``engine.T=2.5`` is refused instead of training T=2), learning rates, gamma and the
   neuron constants are floats (``optimizer.binary.gamma=1e-6x`` is refused with its key). OmegaConf
   converts what it safely can (``'3'`` -> 3) and refuses the rest. A key that is absent from the
-  composed config is not checked (not every optimizer has a gamma). :data:`RANGES` adds the bounds.
+  composed config is not checked (not every optimizer has a gamma). :data:`RANGES` adds the bounds
+  that no bso constructor checks; the binary optimizer's own (gamma, betas, T) are its constructor's,
+  asked here by building it on one +-1 weight (:func:`check_binary_optimizer`), and engine.T is the
+  engine's, built before any work by the run.
 * **Unknown keys**: Hydra already refuses ``key=value`` for a key that is not in the config; the
   ``+key=value`` form it suggests for that case adds any key. Such a key is accepted only if some
   config file under ``configs/`` defines it (e.g. a key of another dataset's file) or if it is an
@@ -132,21 +135,18 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
 _SCHEMA = OmegaConf.structured(Schema)
 TYPED_KEYS = tuple(_schema_keys(_SCHEMA))
 
-# (key, test, what it must be)
+# (key, test, what it must be): the bounds no bso constructor checks. Those a constructor checks
+# are its own: engine.T (bso.engine.Engine, built with the model before any work), the binary
+# optimizer's gamma, betas and T (bso.optim.BinaryOptimizer: check_binary_optimizer).
 RANGES = (
     ("backend", lambda v: v in BACKENDS, f"one of {' | '.join(BACKENDS)} (bso/backend.py)"),
-    ("engine.T", lambda v: v >= 1, ">= 1"),
     ("dataset.epochs", lambda v: v >= 0, ">= 0"),
     ("dataset.batch_size", lambda v: v >= 1, ">= 1"),
     ("dataset.num_workers", lambda v: v >= 0, ">= 0"),
     ("engine.mse_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("model.neuron.tau", lambda v: v > 0, "> 0 (the membrane time constant; lambda = 1 - 1/tau)"),
     ("model.neuron.v_threshold", lambda v: v > 0, "> 0"),
-    ("optimizer.binary.gamma", lambda v: v >= 0, ">= 0"),
-    ("optimizer.binary.beta", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.binary.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.binary.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.full_precision.lr", lambda v: v >= 0, ">= 0"),
+    ("optimizer.full_precision.lr", lambda v: v >= 0, ">= 0"),  # torch's optimizers: no key named
     ("optimizer.hparam_decay.every_epochs", lambda v: v >= 0, ">= 0 (0 disables)"),
     ("divergence.check_every", lambda v: v >= 1, ">= 1"),
 )
@@ -178,7 +178,25 @@ def check_types(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not test(value):
             raise ConfigError(f"{key}={value}: must be {expected}")
+    check_binary_optimizer(cfg)
     return cfg
+
+
+def check_binary_optimizer(cfg: DictConfig) -> None:
+    """``optimizer.binary`` built on one +-1 weight (no model, no data): what its constructor refuses
+    (gamma < 0, a beta outside [0, 1), an unknown option) raises :class:`ConfigError` naming it."""
+    binary = OmegaConf.select(cfg, "optimizer.binary", default=None)
+    if binary is None:
+        return
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(binary)([torch.ones(1)])
+    except (InstantiationException, ValueError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        raise ConfigError(f"optimizer.binary ({binary.get('_target_')}): {cause}") from None
 
 
 def _type_name(key: str) -> str:

@@ -193,7 +193,7 @@ def run_consumer(consumer, python, nir_file, images_file, T, work) -> dict:
 @torch.no_grad()
 def check_file(model, T, nir_file, images, labels, pythons, entry) -> dict:
     """Run ``nir_file`` in every consumer and compare with ``model`` (bso) on ``images``."""
-    from bso.export.nir import run_bso
+    from bso.export.nir_compare import run_bso
     from bso.neurons import LIFNode
 
     ours = torch.cat([run_bso(model, x, T)[0].argmax(-1) for x in images.split(120)]).numpy()

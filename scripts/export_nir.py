@@ -24,7 +24,8 @@ import torch
 
 from bso.data import input_shape
 from bso.export import load_trained, to_nir
-from bso.export.nir import DT, compare
+from bso.export.nir import DT
+from bso.export.nir_compare import compare
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -73,6 +73,25 @@ def test_bad_engine_values_fail_with_their_name(override, message):
         instantiate(cfg.engine)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optimizer.binary.gamma=-1"], "TBSO): flip threshold gamma must be >= 0, got -1.0"),
+        (["optimizer.binary.beta1=1"], "TBSO): beta1 must be in [0, 1), got 1.0"),
+        (["optimizer=bso", "optimizer.binary.beta=-0.1"], "BSO): beta must be in [0, 1), got -0.1"),
+        (["engine.T=0"], "TBSO): num_steps (T) must be >= 1, got 0"),
+        (["optimizer.full_precision.lr=-1"], "optimizer.full_precision.lr=-1.0: must be >= 0"),
+        (["dataset.batch_size=0"], "dataset.batch_size=0: must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_refused_by_validate_with_their_key(overrides, message):
+    # the binary optimizer's bounds are its constructor's, asked before any work
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(*overrides), overrides)
+    assert str(err.value).endswith(message)
+    assert str(err.value).startswith(("optimizer.binary (bso.optim.", overrides[-1].split("=")[0]))
+
+
 def test_bso_on_a_full_precision_model_is_refused(tmp_path):
     from bso.train import train
 
@@ -161,7 +180,7 @@ def test_command_line_trains_and_writes_the_run_directory(tmp_path):
 
 
 # Every (optimizer, dataset) pair's gamma, full-precision lr and decay period, as composed: the
-# dataset files set the values that differ per dataset (configs/dataset/*.yaml: `bso:`, `tbso:`).
+# values that differ per dataset are in configs/optimizer_dataset/<optimizer>_<dataset>.yaml.
 PAIR_VALUES = {  # dataset: (BSO's (gamma, lr, every_epochs), T-BSO's)
     "digits": ((5e-7, 0.1, 2), (5e-7, 0.1, 2)),
     "cifar10": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
@@ -169,6 +188,9 @@ PAIR_VALUES = {  # dataset: (BSO's (gamma, lr, every_epochs), T-BSO's)
     "dvs_cifar10": ((1e-6, 0.1, 50), (1e-6, 0.1, 50)),
     "gsc": ((5e-7, 0.1, 50), (5e-7, 0.1, 50)),
     "imagenet": ((5e-7, 0.1, 50), (1e-6, 0.2, 20)),
+    "dvs128_gesture": ((1e-6, 0.1, 25), (1e-6, 0.1, 25)),
+    "nmnist": ((1e-6, 0.1, 10), (1e-6, 0.1, 10)),
+    "shd": ((5e-7, 0.1, 25), (5e-7, 0.1, 25)),
 }
 
 
@@ -190,6 +212,23 @@ def test_each_dataset_sets_its_binary_optimizer_values(dataset):
         "optimizer.full_precision.lr=0.3",
     ).optimizer
     assert (cfg.binary.gamma, cfg.full_precision.lr) == (2e-6, 0.3)
+
+
+def test_every_per_dataset_optimizer_file_is_selected_by_its_pair():
+    # an `optional` defaults entry skips a file whose name matches no (optimizer, dataset) pair
+    # silently: each file must be named <optimizer>_<dataset> of existing options, and composing
+    # that pair must give the file's values
+    from omegaconf import OmegaConf
+
+    files = sorted((CONFIG_DIR / "optimizer_dataset").glob("*.yaml"))
+    assert files
+    for path in files:
+        optimizer, dataset = path.stem.split("_", 1)
+        assert optimizer in _options("optimizer") and dataset in _options("dataset"), path.name
+        own = OmegaConf.load(path)
+        composed = compose_config(f"optimizer={optimizer}", f"dataset={dataset}").optimizer
+        assert OmegaConf.merge(composed, own) == composed, path.name
+        assert "tbso" not in compose_config(f"dataset={dataset}").dataset  # one place, not two
 
 
 def test_the_imagenet_experiments_train_the_released_values():

@@ -377,3 +377,25 @@ def test_a_converted_model_pickles_and_its_copy_still_finds_the_traces(tmp_path)
     for t in range(T):
         bso.online_step(loaded, opt, x, y, t=t, T=T)
     assert torch.all(loaded[3].weight.abs() == 1)
+
+
+def _python_block(path, after: str) -> str:
+    """The first ```python block after the line ``after`` in ``path``."""
+    text = (ROOT / path).read_text()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+@pytest.mark.parametrize(
+    "path,after", [("README.md", "## Use BSO / T-BSO"), ("docs/library.md", "# ")]
+)
+def test_the_documented_example_runs_and_flips_weights(path, after):
+    net = sj_net()
+    x, y = batch()
+    names = {"net": net, "my_spikingjelly_net": net, "T": T, "x": x, "y": y, "loader": [(x, y)]}
+    exec(compile(_python_block(path, after), path, "exec"), names)
+    model, optimizer = names["model"], names["optimizer"]
+    assert model is net and isinstance(model[3], ConvertedConv2d)
+    # T-BSO stepped at each of the T time steps: every slot of the layer's second moment is written
+    assert isinstance(optimizer.binary, bso.TBSO)
+    assert torch.all(optimizer.binary.second_moment(model[3].weight) > 0)

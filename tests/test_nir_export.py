@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from bso.checkpoint import export_1bit
 from bso.export import NIRExportError, load_trained, to_nir
-from bso.export.nir import compare, run_bso, simulate
+from bso.export.nir_compare import compare, run_bso, simulate
 from bso.lean import pack
 from bso.models import BiRealResNet18, SpikingResNet19, SpikingVGG
 from bso.neurons import LIFNode

@@ -175,7 +175,7 @@ class SeededSamples(Dataset):
 
 def seed_generators(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator (32 bits of ``seed``) and torch's CPU
-    generator (``torch.manual_seed`` would also seed every accelerator: 1000x slower per sample)."""
+    generator (``torch.manual_seed`` would also seed every accelerator, far slower per sample)."""
     random.seed(seed)
     np.random.seed(seed & 0xFFFF_FFFF)
     torch.default_generator.manual_seed(seed)

@@ -44,107 +44,15 @@ from pathlib import Path
 import nir
 import numpy as np
 import torch
-from spikingjelly.activation_based import neuron as sj_neuron
 from torch import nn
 
+from bso.export.nir_support import NIRExportError, check_exportable, pair, unsupported
 from bso.layers import BINARY_AT_INFERENCE, SynapticConv2d
-from bso.models.parts import SpikingConvBlock
 from bso.models.resnet import BiRealResNet18, SpikingResNet19
 from bso.models.vgg import SpikingVGG
 from bso.neurons import LIFNode
 
 DT = 1e-4  # seconds per time step: snnTorch's fixed step, spikingjelly's default
-
-
-class NIRExportError(ValueError):
-    """A layer that NIR (or this exporter) cannot express."""
-
-
-def _fail(name: str, module: nn.Module, why: str) -> NIRExportError:
-    return NIRExportError(
-        f"cannot export layer '{name}' ({type(module).__name__}) to NIR: {why}. Exportable: "
-        "SpikingVGG (<n>C<k> convs, AP<k> average pools), SpikingResNet19 and BiRealResNet18 "
-        "(stem_pool=false), with BatchNorm or none, no AGMM gate"
-    )
-
-
-def check_exportable(model: nn.Module) -> None:
-    """Raise :class:`NIRExportError` naming the first layer NIR cannot express."""
-    if isinstance(model, SpikingVGG):
-        for i, block in enumerate(model.blocks):
-            _check_block(f"blocks.{i}", block)
-    elif isinstance(model, SpikingResNet19):
-        _check_block("stem", model.stem)
-        for i, block in enumerate(model.blocks):
-            for part in ("1", "2"):
-                _check_parts(
-                    f"blocks.{i}",
-                    block,
-                    [f"conv{part}", f"bn{part}", f"gate{part}", f"neuron{part}"],
-                )
-            if block.down_conv is not None:
-                _check_parts(f"blocks.{i}", block, ["down_conv", "down_bn"])
-    elif isinstance(model, BiRealResNet18):
-        _check_parts("stem", model.stem, ["0", "1"])
-        if not isinstance(model.stem[2], nn.Identity):
-            raise _fail("stem.2", model.stem[2], _NO_MAX_POOL + " (BiRealResNet18 stem_pool=false)")
-        for i, block in enumerate(model.blocks):
-            _check_parts(f"blocks.{i}", block, ["neuron", "conv", "bn", "gate"])
-            if not isinstance(block.shortcut, nn.Identity):
-                _check_parts(f"blocks.{i}.shortcut", block.shortcut, ["1", "2"])
-    else:
-        raise _fail(
-            type(model).__name__,
-            model,
-            "not one of the models this exporter maps (a chain or residual blocks of conv, "
-            "BatchNorm, LIF and average pools)",
-        )
-
-
-_NO_MAX_POOL = "NIR has no max pooling (its pools: SumPool2d, AvgPool2d); train with AP<k> instead"
-
-
-def _check_parts(prefix: str, owner: nn.Module, names: list[str]) -> None:
-    """Each named child of ``owner``: a conv, a BatchNorm (or none), no gate, bso's LIF."""
-    for part in names:
-        name, module = f"{prefix}.{part}", owner.get_submodule(part)
-        if isinstance(module, nn.Conv2d):
-            if (
-                module.groups != 1
-                or module.padding_mode != "zeros"
-                or tuple(module.dilation) != (1, 1)
-            ):
-                raise _fail(name, module, "only ungrouped, undilated, zero-padded convs")
-        elif isinstance(module, LIFNode):
-            if module.decay_input:
-                raise _fail(name, module, "expected bso's LIF (undecayed input)")
-        elif part.startswith("gate"):
-            if not isinstance(module, nn.Identity):
-                raise _fail(
-                    name,
-                    module,
-                    "AGMM's gate scales by a statistic of the whole feature map, which NIR has "
-                    "no node for",
-                )
-        elif not isinstance(module, (nn.BatchNorm2d, nn.Identity)):
-            raise _fail(name, module, "only BatchNorm2d (folded into the conv) or none")
-
-
-def _check_block(name: str, block: SpikingConvBlock) -> None:
-    _check_parts(name, block, ["conv", "bn", "gate", "neuron"])
-    pool = block.pool
-    if isinstance(pool, nn.MaxPool2d):
-        raise _fail(f"{name}.pool", pool, _NO_MAX_POOL)
-    if isinstance(pool, nn.AvgPool2d):
-        k, stride, padding = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
-        if k[0] != k[1] or stride != k or padding != (0, 0) or pool.divisor_override:
-            raise _fail(f"{name}.pool", pool, "only square average pools with stride = kernel")
-    elif not isinstance(pool, nn.Identity):
-        raise _fail(f"{name}.pool", pool, "only average pooling")
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(int(v) for v in value) if isinstance(value, tuple | list) else (value, value)
 
 
 @torch.no_grad()
@@ -194,7 +102,7 @@ def _conv_arrays(
     if binary_weights and conv.weights in BINARY_AT_INFERENCE and isinstance(bn, nn.BatchNorm2d):
         a = _batchnorm_scale(bn)
         if torch.any(a == 0):
-            raise _fail(
+            raise unsupported(
                 name.replace("conv", "bn"),
                 bn,
                 f"channel {int(torch.nonzero(a == 0)[0])} has a zero scale (gamma = 0); its "
@@ -247,15 +155,15 @@ class _GraphBuilder:
     def conv(self, name, conv, bn, inputs: list[str], size: tuple, pool: int = 1):
         """Add ``bn(conv(avgpool(inputs)))`` as node ``name``; (node, output size, state scale)."""
         if any(n % pool for n in size):
-            raise _fail(
+            raise unsupported(
                 name,
                 conv,
                 f"the average pool before it gets a {size[0]}x{size[1]} input, not a multiple of "
                 f"its kernel {pool}, so it cannot be folded into this conv",
             )
         weight, bias, scale = _conv_arrays(name, conv, bn, pool, self.binary_weights)
-        stride = tuple(pool * s for s in _pair(conv.stride))
-        padding = tuple(pool * p for p in _pair(conv.padding))
+        stride = tuple(pool * s for s in pair(conv.stride))
+        padding = tuple(pool * p for p in pair(conv.padding))
         key = _node_name(name)
         self.nodes[key] = nir.Conv2d(
             input_shape=tuple(int(n) for n in size),
@@ -279,7 +187,9 @@ class _GraphBuilder:
         """The global average pool (after an average pool ``pool``) and ``fc`` as one conv over the
         whole feature map (weights / (h w)), then the output node."""
         if any(n % pool for n in size):
-            raise _fail("classifier", fc, f"the last pool's input {size} is not a multiple of it")
+            raise unsupported(
+                "classifier", fc, f"the last pool's input {size} is not a multiple of it"
+            )
         weight = fc.effective_weight().detach().double()
         kernel = weight.view(*weight.shape, 1, 1).expand(*weight.shape, *size) / (size[0] * size[1])
         bias = fc.bias.detach().double() if fc.bias is not None else weight.new_zeros(len(weight))
@@ -307,7 +217,7 @@ def _vgg(model: SpikingVGG, graph: _GraphBuilder, size: tuple) -> None:
         conv, size, scale = graph.conv(f"blocks.{i}.conv", block.conv, block.bn, x, size, pool)
         shape = (block.conv.out_channels, *size)
         x = [graph.lif(f"blocks.{i}.neuron", block.neuron, [conv], shape, scale)]
-        pool = _pair(block.pool.kernel_size)[0] if isinstance(block.pool, nn.AvgPool2d) else 1
+        pool = pair(block.pool.kernel_size)[0] if isinstance(block.pool, nn.AvgPool2d) else 1
     graph.classifier(model.classifier, x, size, pool)
 
 
@@ -340,7 +250,7 @@ def _bireal(model: BiRealResNet18, graph: _GraphBuilder, size: tuple) -> None:
             x = [out, *x]
         else:
             pool = block.shortcut[0]
-            k = _pair(pool.kernel_size)[0] if isinstance(pool, nn.AvgPool2d) else 1
+            k = pair(pool.kernel_size)[0] if isinstance(pool, nn.AvgPool2d) else 1
             down, _, _ = graph.conv(
                 f"{name}.shortcut.1", block.shortcut[1], block.shortcut[2], x, size, k
             )
@@ -371,7 +281,7 @@ def to_nir(
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
     check_exportable(model)
     if binary_weights and not isinstance(model, SpikingVGG):
-        raise _fail(
+        raise unsupported(
             type(model).__name__,
             model,
             "binary_weights=True moves each channel's BatchNorm scale into its neurons' state, "
@@ -433,119 +343,3 @@ def read_nir(path: str | Path) -> nir.NIRGraph:
     if not path.is_file():
         raise FileNotFoundError(f"NIR file {path} not found")
     return nir.read(str(path))
-
-
-def simulate(
-    graph: nir.NIRGraph | str | Path,
-    x: torch.Tensor,
-    T: int,
-    *,
-    soft_reset: bool = True,
-    dt: float = DT,
-    dtype=torch.float32,
-):
-    """Run an NIR graph with spikingjelly's importer (``import_from_nir``) for ``T`` steps on the
-    same input ``x`` and return (the output summed over the steps, every spiking layer's spikes per
-    step; the output flattened to (batch, classes)). ``soft_reset=True`` switches the imported
-    neurons to subtracting the threshold (what the metadata says a soft-reset model does); ``False``
-    runs NIR's reset as written."""
-    from spikingjelly.activation_based.nir_exchange import import_from_nir
-
-    graph = read_nir(graph) if isinstance(graph, (str, Path)) else graph
-    module = import_from_nir(graph, dt=dt, dtype=dtype)
-    spikes: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, sj_neuron.BaseNode):  # inside the importer's stateful wrapper
-            if soft_reset:
-                sub.v_reset = None
-            layer = name.removesuffix(".module")
-            spikes[layer] = []
-            handles.append(
-                module.get_submodule(layer).register_forward_hook(
-                    lambda m, a, out, key=layer: spikes[key].append(out[0].detach().clone())
-                )
-            )
-    state, summed = None, 0.0
-    try:
-        with torch.no_grad():
-            for _ in range(T):
-                out, state = module(x.to(dtype), state)
-                summed = summed + out
-    finally:
-        for h in handles:
-            h.remove()
-    return summed.flatten(1), spikes
-
-
-def graph_arrays(graph: nir.NIRGraph) -> dict[str, dict[str, np.ndarray]]:
-    """Every node's array parameters (for comparing two graphs)."""
-    return {
-        name: {k: v for k, v in vars(node).items() if isinstance(v, np.ndarray)}
-        for name, node in graph.nodes.items()
-    }
-
-
-@torch.no_grad()
-def run_bso(model: nn.Module, x: torch.Tensor, T: int, hard_reset: bool = False):
-    """(``model``'s output summed over ``T`` steps on input ``x``, each LIF layer's spikes per step),
-    as bso evaluates it; ``hard_reset=True`` gives the neurons NIR's reset to 0 for the duration."""
-    from bso.neurons import reset_neurons
-
-    neurons = {n: m for n, m in model.named_modules() if isinstance(m, LIFNode)}
-    spikes: dict[str, list[torch.Tensor]] = {n: [] for n in neurons}
-    handles = [
-        m.register_forward_hook(lambda m, a, out, key=n: spikes[key].append(out.detach().clone()))
-        for n, m in neurons.items()
-    ]
-    saved = {n: m.v_reset for n, m in neurons.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        if hard_reset:
-            for m in neurons.values():
-                m.v_reset = 0.0
-        reset_neurons(model)
-        summed = 0.0
-        for _ in range(T):
-            summed = summed + model(x)
-    finally:
-        for n, m in neurons.items():
-            m.v_reset = saved[n]
-        for h in handles:
-            h.remove()
-        reset_neurons(model)
-        model.train(was_training)
-    return summed, spikes
-
-
-def compare(model: nn.Module, graph: nir.NIRGraph | str | Path, x: torch.Tensor, T: int) -> dict:
-    """Run ``model`` (bso) and the NIR graph (spikingjelly's importer) on the batch ``x`` for ``T``
-    steps and say how far apart they are: the largest |logit difference|, the fraction of spikes
-    that differ and of predictions that agree. A model with the soft reset is compared twice, both
-    sides with bso's soft reset and both with NIR's hard reset, plus how often its predictions
-    survive a target that applies NIR's hard reset as written (``bso_vs_hard_reset_agreement``);
-    a model with a hard reset (``v_reset`` a number) once, as trained (``"hard"``)."""
-    dtype = model.classifier.weight.dtype
-    x = x.to(dtype)
-    soft = all(m.v_reset is None for m in model.modules() if isinstance(m, LIFNode))
-    result = {}
-    outputs = {}
-    for reset in ("soft", "hard") if soft else ("hard",):
-        ours, our_spikes = run_bso(model, x, T, hard_reset=soft and reset == "hard")
-        theirs, their_spikes = simulate(graph, x, T, soft_reset=reset == "soft", dtype=dtype)
-        ours_all = torch.cat([torch.stack(v).flatten() for v in our_spikes.values()])
-        theirs_all = torch.cat([torch.stack(v).flatten() for v in their_spikes.values()])
-        outputs[reset] = (ours, theirs)
-        result[reset] = {
-            "max_abs_logit_diff": float((ours - theirs).abs().max()),
-            "spike_mismatch": float((ours_all != theirs_all).double().mean()),
-            "prediction_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).double().mean()),
-            "spiking_layers": len(their_spikes),
-        }
-    if soft:
-        bso_soft, nir_hard = outputs["soft"][0], outputs["hard"][1]
-        result["bso_vs_hard_reset_agreement"] = float(
-            (bso_soft.argmax(-1) == nir_hard.argmax(-1)).double().mean()
-        )
-    return result

@@ -31,22 +31,18 @@ class SavedTensorMeter:
 
     Each underlying storage counts once however many saved tensors view it; a storage stops counting
     when the last saved reference to it is freed (after backward, or when the graph is dropped).
-    Parameters saved for backward are counted too unless ``include_parameters=False``.
+    Parameters saved for backward are counted too.
     """
 
-    def __init__(self, include_parameters: bool = True):
-        self.include_parameters = include_parameters
+    def __init__(self):
         self.current_bytes = 0
         self.peak_bytes = 0
         self._refs: dict = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._parameter_ptrs: set = set()
 
     def _pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         key = (tensor.device, storage.data_ptr(), storage.nbytes())
-        if not self.include_parameters and key[1] in self._parameter_ptrs:
-            return tensor
         count = self._refs.get(key, 0)
         if count == 0:
             self.current_bytes += key[2]
@@ -66,10 +62,6 @@ class SavedTensorMeter:
                 self.current_bytes -= key[2]
         else:
             self._refs[key] = count - 1
-
-    def watch_parameters_of(self, model: torch.nn.Module) -> SavedTensorMeter:
-        self._parameter_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        return self
 
     def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()

@@ -12,7 +12,7 @@ from bso.models.agmm import AGMMGate
 from bso.neurons import LIFNode
 
 NORMS = ("bn", "none")
-INITS = ("release", "pytorch")
+MODEL_INITS = ("release", "pytorch")  # model.init: how the model's weights start
 
 
 @dataclass
@@ -35,8 +35,8 @@ class ModelOptions:
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"unknown model.norm={self.norm!r}; choose one of {NORMS}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown model.init={self.init!r}; choose one of {INITS}")
+        if self.init not in MODEL_INITS:
+            raise ValueError(f"unknown model.init={self.init!r}; choose one of {MODEL_INITS}")
         self.neuron = dict(self.neuron or {})
 
     def lif(self) -> LIFNode:

@@ -20,7 +20,6 @@ from bso.report.runs import RunRecord, Summary, fmt_stats, identity, method_of, 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-METRICS = ("firing_rate/all", "spikes/per_sample", "sops/total", "macs/total", "energy/total_uj")
 # model keys a full-precision twin may differ in: the weights and the gate of the binary methods
 NOT_ARCHITECTURE = (
     "name",

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the three methods of Figure 4 and the result files."""
+"""What the benchmark scripts share: the three methods of Figure 4, composed from configs/ as
+``python train.py`` composes them, and the result files."""
 
 from __future__ import annotations
 
@@ -6,18 +7,15 @@ import json
 import platform
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from bso import backend as backends
 from bso import fastpath, paper
-from bso.engine import BPTTEngine, OnlineEngine
+from bso.compose import compose_config
 from bso.env import distributions, lock_state, nvidia_driver
-from bso.layers import named_binary_parameters
-from bso.models import SpikingMLP, SpikingVGG
-from bso.optim import BSO, TBSO, PlainOptimizer, build_router
+from bso.optim import build_optimizer
+from bso.train import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = tuple(paper.FIG4_METHODS)  # bptt_latent, bso, tbso
@@ -37,72 +35,88 @@ def input_batch(dataset: str, batch: int, T: int, device: torch.device):
     return x, torch.randint(0, classes, (batch,), device=device)
 
 
-def build_method(
+# The paper experiment each benchmark method trains (configs/experiment/<dataset>_<name>.yaml): the
+# benchmarks compose it, as `python train.py experiment=...` does, and change only what they measure.
+EXPERIMENTS = {"bptt_latent": "qsnn", "bso": "bso", "tbso": "tbso"}
+
+
+def method_overrides(
     method: str,
     T: int,
     layers: str,
-    device: torch.device,
     lean: bool = False,
     recompute_binary_convs: bool = False,
-    fuse_elementwise: bool = False,
+    backend: str = "release",
     dataset: str = "cifar10",
-):
-    """VGG (CIFAR-shaped, 10 classes; ``layers`` its layer list) or, with ``dataset="shd"``, the
-    spiking MLP (700 channels, 20 classes; ``layers`` its hidden widths, e.g. "512-512-512"),
-    engine and optimizer of one Figure 4 method, in the paper
-    recipe's float order (``float_order="release"``, as configs/optimizer/{bso,tbso}.yaml); ``lean``
-    puts the online methods in the lean mode (engine.lean: packed weights, flip inside backward),
-    optionally recomputing the binary convs' outputs in backward (engine.recompute_binary_convs);
-    ``fuse_elementwise`` compiles their LIF steps (fast.fuse_elementwise, bso.compiled)."""
+) -> list[str]:
+    """The ``train.py`` overrides of one Figure 4 method: ``experiment=<dataset>_<method's>`` at
+    ``T`` time steps with the model's ``layers`` (VGG: its layer list; SHD's MLP: its hidden widths,
+    e.g. "512-512-512"); for the online methods ``engine.lean`` (packed weights, flip inside
+    backward), ``engine.recompute_binary_convs`` and the ``backend`` (release: the released code's
+    float order; fast: fewer passes; fused: the release's values, compiled LIF steps)."""
+    if dataset not in SHAPES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(SHAPES)}")
+    layers_key = "model.hidden" if dataset == "shd" else "model.layers"
+    overrides = [f"experiment={dataset}_{EXPERIMENTS[method]}", f"engine.T={T}"]
+    overrides.append(f"{layers_key}={layers}")
+    if method != "bptt_latent":  # BPTT has one mode
+        overrides += [
+            f"engine.lean={lean}",
+            f"engine.recompute_binary_convs={recompute_binary_convs}",
+        ]
+        overrides.append(f"backend={backend}")
+    return overrides
+
+
+def build_run(overrides: list[str], device: torch.device):
+    """What ``python train.py <overrides>`` trains, built as it builds it (bso.compose,
+    bso.train.build_model, build_optimizer): the model (seeded with 0, on ``device``, in training
+    mode), the engine, the optimizer and the composed config. The fast path's layout and cuDNN
+    switches (``cfg.fast``, bso.fastpath.apply) are the caller's to apply."""
+    cfg = compose_config(*overrides)
     torch.manual_seed(0)
-    weights = "latent" if method == "bptt_latent" else "binary"
-    neuron = {}  # the release backend (bso.backend)
-    (channels, *_), classes = SHAPES[dataset]
-    net = SpikingMLP if dataset == "shd" else SpikingVGG
-    model = net(layers, in_channels=channels, num_classes=classes, weights=weights, neuron=neuron)
-    model = model.to(device)
-    if method == "bptt_latent":  # BPTT, latent weights, Adam
-        engine = BPTTEngine(T=T)
-        optimizer = PlainOptimizer(
-            torch.optim.Adam(model.parameters(), lr=1e-3), named_binary_parameters(model, "latent")
-        )
-    else:  # online, stored +-1 weights, a flip per time step
-        engine = OnlineEngine(
-            T=T,
-            trace="ndot",
-            update="per_step",
-            lean=lean,
-            recompute_binary_convs=recompute_binary_convs,
-        )
-        binary = partial(BSO) if method == "bso" else partial(TBSO, num_steps=T)
-    engine.prepare(model)  # before the optimizer: the lean mode replaces the binary weights
-    if fuse_elementwise:
-        backends.apply(model, "fused")
-    if method != "bptt_latent":
-        optimizer = build_router(model, binary, partial(torch.optim.SGD, lr=0.1))
+    model, engine = build_model(cfg, device)  # the backend applied to the neurons and pools
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.backend)
     model.train()
+    return model, engine, optimizer, cfg
+
+
+def dataset_config(name: str, **values):
+    """``configs/dataset/<name>.yaml`` as ``python train.py dataset=<name>`` composes it, with
+    ``values`` set (``root=...``, ``num_workers=...``)."""
+    overrides = [f"dataset.{key}={value}" for key, value in values.items()]
+    return compose_config(f"dataset={name}", *overrides).dataset
+
+
+def build_method(method: str, T: int, layers: str, device: torch.device, **options):
+    """Model, engine and optimizer of one Figure 4 method (``options``: :func:`method_overrides`)."""
+    model, engine, optimizer, _ = build_run(method_overrides(method, T, layers, **options), device)
     return model, engine, optimizer
 
 
-MODES = ("lean", "plain", "lean_fused", "plain_fused")  # engine.lean x fast.fuse_elementwise
+MODES = {  # mode: (engine.lean, backend)
+    "lean": (True, "release"),
+    "plain": (False, "release"),
+    "lean_fused": (True, "fused"),
+    "plain_fused": (False, "fused"),
+}
 
 
 def build_mode(method: str, T: int, layers: str, device: torch.device, mode: str):
-    """:func:`build_method` for one of :data:`MODES`: "lean" / "plain" (engine.lean=true / false),
-    "_fused" with fast.fuse_elementwise=true."""
+    """:func:`build_method` in one of :data:`MODES` (BPTT-latent: its one mode, whatever ``mode``)."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    lean, fuse = mode.startswith("lean"), mode.endswith("_fused")
-    return build_method(method, T, layers, device, lean=lean, fuse_elementwise=fuse)
+        raise ValueError(f"unknown mode {mode!r}; choose from {tuple(MODES)}")
+    lean, backend = MODES[mode]
+    return build_method(method, T, layers, device, lean=lean, backend=backend)
 
 
-def add_modes_flag(parser, default=MODES) -> None:
+def add_modes_flag(parser, default=tuple(MODES)) -> None:
     parser.add_argument(
         "--modes",
         nargs="+",
         default=list(default),
-        choices=MODES,
-        help="lean / plain: engine.lean; _fused: fast.fuse_elementwise=true",
+        choices=list(MODES),
+        help="lean / plain: engine.lean=true / false; _fused: backend=fused",
     )
 
 
@@ -134,12 +148,6 @@ def timed_batch(engine, model, optimizer, x, y, device: torch.device) -> float:
     engine.train_batch(model, optimizer, x, y)
     sync(device)
     return time.perf_counter() - start
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def require_cuda(name: str, allow_cpu: bool, command: str, otherwise: str) -> torch.device:

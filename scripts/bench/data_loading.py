@@ -16,20 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, write_results
-from omegaconf import OmegaConf
+from _common import ROOT, dataset_config, write_results
 
 from bso.data import build_dataloaders
 from bso.data.synthetic import write_cifar, write_cifar10_dvs
-
-
-def dataset_cfg(name: str, root: Path, workers: int, **extra):
-    base = OmegaConf.load(ROOT / "configs" / "dataset" / f"{name}.yaml")
-    base.root = str(root)
-    base.num_workers = workers
-    for key, value in extra.items():
-        base[key] = value
-    return base
 
 
 def one_pass(loader) -> tuple[int, float]:
@@ -58,10 +48,10 @@ def main() -> None:
         write_cifar10_dvs(tmp / "dvs", per_class=args.dvs_per_class, events=args.dvs_events)
         start = time.perf_counter()
         build_dataloaders(
-            dataset_cfg(
+            dataset_config(
                 "dvs_cifar10",
-                tmp / "dvs",
-                0,
+                root=tmp / "dvs",
+                num_workers=0,
                 frames=10,
                 train_per_class=int(args.dvs_per_class * 0.9),
                 mean=0.0,
@@ -71,13 +61,18 @@ def main() -> None:
         cache_s = time.perf_counter() - start
         for workers in args.workers:
             for name, cfg in (
-                ("cifar10", dataset_cfg("cifar10", tmp / "cifar", workers, pin_memory=False)),
+                (
+                    "cifar10",
+                    dataset_config(
+                        "cifar10", root=tmp / "cifar", num_workers=workers, pin_memory=False
+                    ),
+                ),
                 (
                     "dvs_cifar10",
-                    dataset_cfg(
+                    dataset_config(
                         "dvs_cifar10",
-                        tmp / "dvs",
-                        workers,
+                        root=tmp / "dvs",
+                        num_workers=workers,
                         frames=10,
                         train_per_class=int(args.dvs_per_class * 0.9),
                         mean=0.0,

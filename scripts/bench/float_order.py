@@ -1,6 +1,6 @@
 """The cost of the released code's floating-point order (docs/parity.md): training time per batch of
-the paper's T-BSO VGG-11 with ``optimizer.binary.float_order=release`` (and the LIF's, which follows)
-against ``fast``, interleaved batch by batch so that a shared machine's load falls on both alike.
+the paper's T-BSO VGG-11 (experiment=cifar10_tbso) with ``backend=release`` against
+``backend=fast``, interleaved batch by batch so that a shared machine's load falls on both alike.
 
     python scripts/bench/float_order.py                      # CPU, batch 16, T=4, plain and lean
     python scripts/bench/float_order.py --batch 128 --device cuda
@@ -14,28 +14,9 @@ import argparse
 import statistics
 
 import torch
-from _common import timed_batch
-from hydra.utils import instantiate
+from _common import build_method, timed_batch
 
-from bso import backend
-from bso.compose import compose_config
-from bso.optim import build_optimizer
-
-
-def build(order: str, lean: bool, T: int, device: torch.device):
-    cfg = compose_config(
-        "experiment=cifar10_tbso",
-        f"engine.T={T}",
-        f"engine.lean={lean}",
-        f"backend={order}",
-    )
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(device)
-    engine = instantiate(cfg.engine)
-    engine.prepare(model)
-    backend.apply(model, cfg.backend)
-    model.train()
-    return model, engine, build_optimizer(model, cfg.optimizer, cfg.backend)
+from bso.models import VGG11
 
 
 def main() -> None:
@@ -52,7 +33,10 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     for lean in (False, True):
-        runs = {order: build(order, lean, args.T, device) for order in ("release", "fast")}
+        runs = {
+            order: build_method("tbso", args.T, VGG11, device, lean=lean, backend=order)
+            for order in ("release", "fast")
+        }
         seconds = {order: [] for order in runs}
         for i in range(args.batches + 1):  # the first batch of each warms up, untimed
             for order, (model, engine, optimizer) in runs.items():

@@ -43,12 +43,14 @@ from _common import (
     MODES,
     ROOT,
     build_mode,
+    build_run,
+    dataset_config,
     device_meta,
+    method_overrides,
     require_cuda,
     sync,
     write_results,
 )
-from omegaconf import OmegaConf
 from roofline import parse_args as roofline_args
 from roofline import run as roofline_run
 
@@ -74,17 +76,11 @@ def train_speed(
     default: lean for BSO/T-BSO, as trained, plain for BPTT-latent) with the fast path's defaults on
     CUDA (channels_last, cudnn.benchmark), ``autocast`` (bf16) and ``compile`` (fast.compile)."""
     mode = mode or ("plain" if method == "bptt_latent" else "lean")
-    fast = OmegaConf.create(
-        {
-            "channels_last": device.type == "cuda",
-            "cudnn_benchmark": device.type == "cuda",
-            "autocast": autocast,
-            "compile": compile,
-            "reuse_host_memory": False,
-        }
-    )
-    model, engine, optimizer = build_mode(method, T, layers, device, mode)
-    trained = fastpath.apply(model, fast, device)
+    lean, backend = MODES[mode]
+    overrides = method_overrides(method, T, layers, lean=lean, backend=backend)
+    overrides += [f"fast.autocast={autocast}", f"fast.compile={compile}"]
+    model, engine, optimizer, cfg = build_run(overrides, device)
+    trained = fastpath.apply(model, cfg.fast, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(2):  # warm-up: cuDNN's algorithm search, allocator
@@ -189,9 +185,13 @@ def _fig4_sweep(args, device, out: Path) -> dict:
 
 
 def loader_speed(root: Path, workers: int, batch: int, device) -> dict:
-    cfg = OmegaConf.load(ROOT / "configs" / "dataset" / "cifar10.yaml")
-    cfg.root, cfg.num_workers, cfg.batch_size = str(root), workers, batch
-    cfg.pin_memory = device.type == "cuda"
+    cfg = dataset_config(
+        "cifar10",
+        root=root,
+        num_workers=workers,
+        batch_size=batch,
+        pin_memory=device.type == "cuda",
+    )
     train, _ = build_dataloaders(cfg)
 
     def one_pass() -> tuple[int, float]:

@@ -261,7 +261,7 @@ def plan(size: dict, device: torch.device) -> list[Item]:
                     _speed("tbso", "lean", T, autocast=True),
                 ],
             },
-            "fast.fuse_elementwise's compiled loops and fast.autocast (bf16) timed (T-BSO)",
+            "backend=fused's compiled loops and fast.autocast (bf16) timed (T-BSO)",
         ),
         Item(
             "speed_compile",

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, device_meta, resolve_device, sync, write_results
+from _common import ROOT, build_method, device_meta, sync, write_results
 
+from bso.distributed import resolve_device
 from bso.metrics.memory import SavedTensorMeter, persistent_state_bytes
 from bso.models import VGG11
 
@@ -52,7 +53,12 @@ def main() -> None:
     for method in args.methods:
         built = {
             mode: build_method(
-                method, args.T, args.layers, device, mode != "plain", mode == "recompute"
+                method,
+                args.T,
+                args.layers,
+                device,
+                lean=mode != "plain",
+                recompute_binary_convs=mode == "recompute",
             )
             for mode in MODES
         }

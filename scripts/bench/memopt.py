@@ -31,9 +31,10 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import ROOT, build_method, device_meta, resolve_device, timed_batch, write_results
+from _common import ROOT, build_method, device_meta, timed_batch, write_results
 
 from bso.compat import torch_dispatch_mode
+from bso.distributed import resolve_device
 from bso.metrics.memory import SavedTensorMeter
 from bso.models import VGG11
 
@@ -109,7 +110,9 @@ def apply_memopt(model) -> None:
 
 def build(name: str, T: int, layers: str, device):
     method, lean, recompute, memopt = CONFIGS[name]
-    model, engine, opt = build_method(method, T, layers, device, lean, recompute)
+    model, engine, opt = build_method(
+        method, T, layers, device, lean=lean, recompute_binary_convs=recompute
+    )
     if memopt:
         apply_memopt(model)
     return model, engine, opt

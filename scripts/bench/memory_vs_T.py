@@ -29,9 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import METHODS, ROOT, build_method, device_meta, input_batch, resolve_device
+from _common import METHODS, ROOT, build_method, device_meta, input_batch
 
 from bso import paper
+from bso.distributed import resolve_device
 from bso.metrics.memory import PERSISTENT_ROLES
 
 # per --dataset: default T values, layers (VGG layer list / MLP hidden widths), batch on CPU / CUDA,

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, device_meta, resolve_device, write_results
+from _common import ROOT, device_meta, write_results
 
+from bso.distributed import resolve_device
 from bso.engine import instantaneous_loss
 from bso.models import VGG11, BiRealResNet18, SpikingResNet19, SpikingVGG, model_size
 from bso.neurons import configure_neurons, reset_neurons

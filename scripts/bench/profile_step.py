@@ -31,18 +31,18 @@ from _common import (
     apply_host_memory,
     build_mode,
     device_meta,
-    resolve_device,
     sync,
     timed_batch,
     write_results,
 )
 from torch.profiler import ProfilerActivity, profile
 
+from bso.distributed import resolve_device
 from bso.models import VGG11
 
 # operator name (aten:: or mkldnn/cudnn kernel) -> category; the first pattern that matches wins
 CATEGORIES = (
-    ("compiled loops", r"CompiledFxGraph|Torch-Compiled Region|triton_"),  # fast.fuse_elementwise
+    ("compiled loops", r"CompiledFxGraph|Torch-Compiled Region|triton_"),  # backend=fused
     ("convolution", r"conv|mkldnn_convolution|cudnn_convolution|slow_conv|thnn_conv"),
     ("batchnorm", r"batch_norm"),
     ("pooling", r"pool"),

@@ -35,13 +35,16 @@ from _common import (
     apply_host_memory,
     build_mode,
     cpu_name,
-    resolve_device,
     sync,
     write_results,
 )
+from torch import nn
 
 from bso.compat import torch_dispatch_mode
+from bso.compiled import FusedAvgPool2d
+from bso.distributed import resolve_device
 from bso.models import VGG11
+from bso.neurons import LIFNode
 
 aten = torch.ops.aten
 CONV_OPS = (aten.convolution.default, aten.convolution_backward.default)
@@ -140,19 +143,22 @@ class ConvReplay:
 
 @contextmanager
 def unfused(model):
-    """The release backend's eager neurons and pools for a while (instead of backend=fused):
-    torch.compile's loops cannot run under a dispatch mode (the recorder); fusing changes no
-    convolution call."""
-    from bso.compiled import FusedAvgPool2d
-    from bso.neurons import LIFNode
-
+    """The release backend's eager neurons and pools for a while in place of backend=fused's
+    compiled ones: torch.compile's loops cannot run under a dispatch mode (the recorder); the
+    backend changes no convolution call."""
     neurons = [m for m in model.modules() if isinstance(m, LIFNode) and m.backend == "fused"]
-    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedAvgPool2d)]
+    pools = [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, FusedAvgPool2d)
+    ]
     for m in neurons:
         m.backend = "release"
     for name, m in pools:
-        args = (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
-        model.set_submodule(name, torch.nn.AvgPool2d(*args, m.divisor_override))
+        eager = nn.AvgPool2d(
+            m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+        )
+        model.set_submodule(name, eager)
     try:
         yield
     finally:

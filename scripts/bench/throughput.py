@@ -5,7 +5,7 @@ own cost (the flip rule over all binary weights; T-BSO runs it T times per batch
     python scripts/bench/throughput.py --layers 8C3-AP2-16C3 --T 2 --batch 4 --iters 2 --out /tmp/tp
 
 BSO / T-BSO run in ``--modes`` (default: the lean mode, as train.py trains them, eager and with
-fast.fuse_elementwise); BPTT-latent in its only mode (plain). Synthetic CIFAR-shaped tensors (data
+backend=fused); BPTT-latent in its only mode (plain). Synthetic CIFAR-shaped tensors (data
 loading is measured separately). Writes <out>.json and <out>.md.
 """
 
@@ -25,11 +25,11 @@ from _common import (
     apply_host_memory,
     build_mode,
     device_meta,
-    resolve_device,
     sync,
     write_results,
 )
 
+from bso.distributed import resolve_device
 from bso.layers import BINARY_AT_INFERENCE, named_binary_parameters
 from bso.models import VGG11
 
