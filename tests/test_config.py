@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from bso.data import input_shape
 from bso.models import VGG11
 from bso.optim import build_optimizer
+from bso.validate import ConfigError, validate
 from conftest import CONFIG_DIR, ROOT, compose_config
 
 GROUPS = ("dataset", "model", "optimizer", "engine", "logger")
