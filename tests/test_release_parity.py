@@ -91,7 +91,7 @@ def replay(
 
     model.forward, router.step = recording_forward, recording_step
     model.train()
-    assert engine.fused_update == lean
+    assert engine.lean_on == lean
     for x, y in golden["batches"]:
         engine.train_batch(model, router, x, y)
     momentum = [router.binary.state[w]["momentum"] for w in router.binary.binary_weights()]
@@ -340,7 +340,7 @@ def full_width_replay(lean: bool, fuse: bool = False) -> tuple[dict, dict]:
     )
     engine = instantiate(cfg.engine)
     engine.prepare(model)
-    assert engine.fused_update == lean
+    assert engine.lean_on == lean
     assert fastpath.apply(model, cfg.fast, torch.device("cpu")) is model
     assert all(n.fuse_elementwise == fuse for n in model.modules() if isinstance(n, LIFNode))
     pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
