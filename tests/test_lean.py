@@ -376,6 +376,10 @@ def test_lean_refuses_what_it_cannot_do_and_auto_says_why(caplog):
         OnlineEngine(T=2, lean=True).prepare(SpikingVGG("8C3-16C3", 1, 10, weights="full"))
     with pytest.raises(ValueError, match="engine.lean"):
         OnlineEngine(T=2, lean="yes")
+    block = _tiny().blocks[1]  # a model that is itself a block: no parent to put its lean one in
+    with pytest.raises(ValueError, match=r"itself a SpikingConvBlock.*nn.Sequential\(model\)"):
+        OnlineEngine(T=2, lean=True).prepare(block)
+    assert type(block.conv) is SynapticConv2d and block.conv.weight.dtype == torch.float32
     # recompute_binary_convs is a lean-mode option: refused where the lean mode is off
     for lean, update in ((False, "per_step"), ("auto", "accumulate")):
         with pytest.raises(ValueError, match="recompute_binary_convs=true .* off here"):
@@ -460,7 +464,9 @@ def test_lean_mode_replaces_modules_and_builds_the_in_backward_optimizer():
     handle = old_conv.register_forward_hook(lambda m, args, out: calls.append(type(m)))
     OnlineEngine(T=2, lean=True).prepare(model)
     assert [type(b) for b in model.blocks] == [LeanSpikingConvBlock] * 2
-    assert type(model.blocks[1].conv) is PackedSynapticConv2d and model.alias is model.blocks[1].conv
+    assert (
+        type(model.blocks[1].conv) is PackedSynapticConv2d and model.alias is model.blocks[1].conv
+    )
     assert not isinstance(model.blocks[0].conv, PackedWeights)  # the full-precision first conv
     modules = list(model.modules())
     assert not any(type(m) is SpikingConvBlock for m in modules)

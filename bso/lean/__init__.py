@@ -164,5 +164,4 @@ __all__ = [
     "apply",
     "make_lean",
     "parse",
-    "replace_module",
 ]

@@ -272,14 +272,12 @@ def _replaced(old: str, new: str):
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``model`` holds ``old`` (every name it has, e.g. an alias)."""
+    """Put ``new`` wherever ``model`` holds ``old`` (every name it has, e.g. an alias; not the root:
+    :func:`bso.lean.apply` refuses a model that is itself a layer to replace)."""
     names = [name for name, m in model.named_modules(remove_duplicate=False) if m is old]
-    if "" in names:
+    if not names or "" in names:
         raise ValueError(
-            f"the model is itself a {type(old).__name__}, which the lean mode replaces by a new "
-            "module: wrap it in a container, e.g. nn.Sequential(model)"
+            f"this {type(old).__name__} is not a submodule of the model (the root cannot be replaced)"
         )
-    if not names:
-        raise ValueError(f"this {type(old).__name__} is not a module of the model")
     for name in names:
         model.set_submodule(name, new)
