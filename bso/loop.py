@@ -48,8 +48,8 @@ class Schedules:
             )
         self.optimizer = optimizer
         self.cosine = (
-            CosineAnnealingLR(optimizer.other, T_max=epochs)
-            if cfg.lr_schedule == "cosine" and optimizer.other is not None
+            CosineAnnealingLR(optimizer.full_precision, T_max=epochs)
+            if cfg.lr_schedule == "cosine" and optimizer.full_precision is not None
             else None
         )
         decay = cfg.get("hparam_decay") or {}

@@ -4,21 +4,21 @@
         for t in range(T):
             out = bso.online_step(model, optimizer, x, y, t=t, T=T)   # forward, loss, backward, flip
 
-It is what :class:`bso.engine.OnlineEngine` does at each time step with ``update=per_step``
-(paper section 2 and Algorithm 1): the graph of step t is freed by its backward, so training memory
-does not grow with T.
+It is the time step :class:`bso.engine.OnlineEngine` runs with ``update=per_step``
+(:func:`bso.engine.common.time_step`; paper section 2 and Algorithm 1): the graph of step t is freed
+by its backward, so training memory does not grow with T.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from bso.engine.common import instantaneous_loss
-from bso.layers import named_binary_parameters
+from bso.engine.common import PAPER_MSE_WEIGHT, instantaneous_loss, time_step
 from bso.neurons import LIFNode, reset_neurons
 from bso.optim.binary import TBSO
 from bso.optim.router import OptimizerRouter
@@ -42,16 +42,19 @@ def online_step(
     t: int,
     T: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    mse_weight: float | None = None,
 ) -> StepOutput:
     """Time step ``t`` (0-based, ``0 <= t < T``) of online training on one batch.
 
     At ``t == 0`` the neurons' state (membrane potential, trace) is reset: a new batch begins. Then
     ``output = model(x)`` (``x`` is the input at this step: the same static image at every t, or
     frame t of an event stream), ``loss = loss_fn(output, target)`` -- by default the paper's
-    ``L[t] = (0.95 CE + 0.05 MSE) / T`` --, ``loss.backward()`` (the binary layers' weight gradient
-    comes from the presynaptic trace, ``G[t] = delta[t] a_hat[t]^T``) and ``optimizer.step(t)``:
-    BSO / T-BSO flip the +-1 weights (T-BSO with its second moment of step t), the default optimizer
-    steps the rest. In the lean mode (:func:`bso.make_lean`) the flips happen inside ``backward``.
+    ``L[t] = ((1 - l) CE + l MSE) / T`` with ``l = mse_weight`` (default 0.05) --,
+    ``loss.backward()`` (the binary layers' weight gradient comes from the presynaptic trace,
+    ``G[t] = delta[t] a_hat[t]^T``) and ``optimizer.step(t)``: BSO / T-BSO flip the +-1 weights
+    (T-BSO with its second moment of step t), the full-precision optimizer steps the rest. In the
+    lean mode (:func:`bso.make_lean`) the flips happen inside ``backward``. The engine's time step,
+    :func:`bso.engine.common.time_step`, does all but the reset.
 
     ``model`` is a converted model (:func:`bso.convert` with a trace) and ``optimizer`` a
     :class:`bso.CaseOptimizer` built on it.
@@ -59,16 +62,12 @@ def online_step(
     _check(model, optimizer, t, T)
     if t == 0:
         reset_neurons(model)
-    optimizer.zero_grad()
-    if getattr(optimizer.binary, "flips_in_backward", False):  # lean mode (bso.make_lean):
-        optimizer.binary.begin_time_step(t)  # the time step of the flips inside the next backward
-    output = model(x)
-    loss = (
-        instantaneous_loss(output, target, 0.05, T) if loss_fn is None else loss_fn(output, target)
-    )
-    loss.backward()  # lean mode: BSO / T-BSO flips the packed +-1 weights here, inside backward
-    flips = optimizer.step(t)  # plain mode: BSO / T-BSO flips here
-    return StepOutput(output.detach(), loss.detach(), flips)
+    if loss_fn is None:
+        mse_weight = PAPER_MSE_WEIGHT if mse_weight is None else mse_weight
+        loss_fn = partial(instantaneous_loss, mse_weight=mse_weight, T=T)
+    elif mse_weight is not None:
+        raise ValueError("online_step takes loss_fn= or mse_weight= (the paper's loss), not both")
+    return StepOutput(*time_step(model, optimizer, x, target, t, loss_fn))
 
 
 def reset(model: nn.Module) -> None:
@@ -84,8 +83,8 @@ def _check(model: nn.Module, optimizer, t: int, T: int) -> None:
         raise IndexError(f"time step t={t} is outside [0, T) = [0, {T})")
     if not isinstance(optimizer, OptimizerRouter):
         raise TypeError(
-            f"online_step needs a bso.CaseOptimizer (BSO / T-BSO for the +-1 weights plus a default "
-            f"optimizer for the rest), got {type(optimizer).__name__}"
+            f"online_step needs a bso.CaseOptimizer (BSO / T-BSO for the +-1 weights plus a "
+            f"full-precision optimizer for the rest), got {type(optimizer).__name__}"
         )
     neurons = [m for m in model.modules() if isinstance(m, LIFNode)]
     if not neurons:
@@ -105,11 +104,4 @@ def _check(model: nn.Module, optimizer, t: int, T: int) -> None:
         raise ValueError(
             f"the T-BSO optimizer keeps num_steps={binary.num_steps} second moments per layer, but "
             f"online_step was given T={T}: build it with bso.TBSO(params, num_steps={T})"
-        )
-    model_weights = {id(p) for _, p in named_binary_parameters(model)}
-    if model_weights != {id(p) for p in binary.binary_weights()}:
-        raise ValueError(
-            "the optimizer's binary weights are not this model's +-1 weights (an optimizer built "
-            "for another model, or before bso.make_lean replaced the weights by packed bits): build "
-            "the bso.CaseOptimizer after bso.convert / bso.make_lean"
         )

@@ -56,7 +56,7 @@ def main(epochs: int = 5, seed: int = 0) -> float:
     optimizer = bso.CaseOptimizer(
         model,
         binary=lambda p: bso.BSO(p, gamma=1e-6, beta=0.99),
-        default=lambda p: torch.optim.Adam(p, lr=1e-3),
+        full_precision=lambda p: torch.optim.Adam(p, lr=1e-3),
     )
     for epoch in range(epochs):
         model.train()

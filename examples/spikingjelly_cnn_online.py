@@ -66,7 +66,7 @@ def main(epochs: int = 2, T: int = 4, seed: int = 0) -> float:
     optimizer = bso.CaseOptimizer(
         model,
         binary=lambda p: bso.TBSO(p, num_steps=T, gamma=5e-7),
-        default=lambda p: torch.optim.SGD(p, lr=0.1),
+        full_precision=lambda p: torch.optim.SGD(p, lr=0.1),
     )
     for epoch in range(epochs):
         model.train()

@@ -17,12 +17,16 @@ class _Recorder:
     """Stands in for an optimizer: records the gradients the engine produces, never updates."""
 
     binary_names: list = []
+    binary = None  # no binary optimizer to check against the model
 
     def __init__(self, model):
         self.model, self.grads = model, []
 
     def zero_grad(self):
         self.model.zero_grad(set_to_none=True)
+
+    def begin_time_step(self, t):
+        pass
 
     def step(self, t=None):
         self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters()})

@@ -1,6 +1,6 @@
 """The lean mode (engine.lean, bso.lean): packed 1-bit weights, the flip rule inside backward, no
 stored binary-weight gradients -- and exactly the flips of the plain mode. The lean mode is a layer
-around the core: it swaps in its own modules, and the core never imports it."""
+around the core: it replaces the model's modules by its own, and the core never imports it."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from bso.bits import pack_bits, pack_signs, unpack_bits
 from bso.checkpoint import FORMAT, export_1bit, load_checkpoint
 from bso.engine import BPTTEngine, OnlineEngine
 from bso.layers import SynapticConv2d, binary_weight_values, named_binary_parameters
-from bso.lean import LeanSpikingConvBlock, PackedWeights, pack
+from bso.lean import LeanSpikingConvBlock, PackedWeights
 from bso.lean.layers import PackedSynapticConv2d, PackedSynapticLinear
-from bso.lean.optim import LeanBSO, LeanTBSO
+from bso.lean.optim import LeanBSO, LeanTBSO, in_backward_constructor
 from bso.metrics.memory import persistent_state_bytes
 from bso.models import SpikingResNet19, SpikingVGG, model_size
 from bso.optim import BSO, TBSO, build_optimizer, build_router
@@ -51,14 +51,14 @@ def _batch(n=8, seed=0):
     ],
     ids=["bso-reset", "bso", "tbso-code", "tbso-paper"],
 )
-def test_fused_update_on_packed_bits_flips_exactly_as_step(make):
+def test_in_backward_update_on_packed_bits_flips_exactly_as_step(make):
     g = torch.Generator().manual_seed(0)
     w0 = torch.where(torch.randn(5, 3, 3, 3, generator=g) >= 0, 1.0, -1.0)
     float_w = nn.Parameter(w0.clone())
     layer = SynapticConv2d(3, 5, 3, bias=False)
     layer.weight.data.copy_(w0)
-    pack(layer)
-    plain, lean = make([float_w]), make([layer.weight])
+    layer = PackedWeights.from_module(layer)
+    plain, lean = make([float_w]), in_backward_constructor(make)([layer.weight])
     layer.bind_binary_optimizer(lean)
     total = 0
     for k in range(40):
@@ -81,8 +81,13 @@ def test_pack_bits_round_trips_exactly():
     w = torch.where(torch.randn(13, 7) >= 0, 1.0, -1.0)  # 91 weights: a padded last byte
     layer = SynapticConv2d(7, 13, 1, bias=False)
     layer.weight.data.copy_(w.view(13, 7, 1, 1))
-    assert pack(layer) is layer  # in place: the layer's class becomes the packed one
+    old = layer
+    layer = PackedWeights.from_module(old)  # a new module: the old one keeps no class of its own
+    assert layer is not old and type(old) is SynapticConv2d
     assert type(layer) is PackedSynapticConv2d and isinstance(layer, SynapticConv2d)
+    assert list(old.parameters()) == []
+    with pytest.raises(RuntimeError, match="replaced by a PackedSynapticConv2d"):
+        old(torch.zeros(1, 7, 2, 2))
     assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 12
     assert not layer.weight.requires_grad
     assert torch.equal(layer.sign_values(), w.view(13, 7, 1, 1))
@@ -148,7 +153,7 @@ def _digits_epoch(lean: bool, recompute_binary_convs: bool = False):
     model = instantiate(cfg.model)
     engine = instantiate(cfg.engine)
     engine.prepare(model)
-    assert engine.fused_update is lean
+    assert engine.lean_on is lean
     router = build_optimizer(model, cfg.optimizer)
     from bso.data import build_dataloaders
 
@@ -374,6 +379,10 @@ def test_lean_refuses_what_it_cannot_do_and_auto_says_why(caplog):
         OnlineEngine(T=2, lean=True).prepare(SpikingVGG("8C3-16C3", 1, 10, weights="full"))
     with pytest.raises(ValueError, match="engine.lean"):
         OnlineEngine(T=2, lean="yes")
+    block = _tiny().blocks[1]  # a model that is itself a block: no parent to put its lean one in
+    with pytest.raises(ValueError, match=r"itself a SpikingConvBlock.*nn.Sequential\(model\)"):
+        OnlineEngine(T=2, lean=True).prepare(block)
+    assert type(block.conv) is SynapticConv2d and block.conv.weight.dtype == torch.float32
     # recompute_binary_convs is a lean-mode option: refused where the lean mode is off
     for lean, update in ((False, "per_step"), ("auto", "accumulate")):
         with pytest.raises(ValueError, match="recompute_binary_convs=true .* off here"):
@@ -387,7 +396,7 @@ def test_lean_refuses_what_it_cannot_do_and_auto_says_why(caplog):
     with caplog.at_level(logging.INFO, logger="bso.lean"):
         engine = OnlineEngine(T=2, update="accumulate", lean="auto")
         engine.prepare(_tiny())
-    assert not engine.fused_update and "plain mode" in caplog.text
+    assert not engine.lean_on and "plain mode" in caplog.text
     # a packed model cannot be trained by BPTT, nor flipped without a bound optimizer
     packed = _tiny()
     OnlineEngine(T=2, lean=True).prepare(packed)
@@ -405,13 +414,13 @@ def test_lean_is_the_default_for_bso_and_tbso_per_step():
         assert cfg.engine.lean == "auto"
         model, engine = instantiate(cfg.model), instantiate(cfg.engine)
         engine.prepare(model)
-        assert engine.fused_update
+        assert engine.lean_on
 
 
 # ------------------------------------------------- torch.distributed: the fused update averages
 
 
-def test_fused_update_averages_the_gradient_over_ranks(monkeypatch):
+def test_in_backward_update_averages_the_gradient_over_ranks(monkeypatch):
     """Two ranks that computed the same gradient (all_reduce doubles it, world size 2): the lean
     mode's in-backward update divides the sum by the world size, so it flips exactly what the plain
     mode flips from the gradient itself. BSO's fixed threshold: a sum left undivided flips more."""
@@ -443,16 +452,57 @@ def test_fused_update_averages_the_gradient_over_ranks(monkeypatch):
 # ------------------------------------------------- a layer around the core
 
 
-def test_lean_mode_swaps_in_its_own_modules_and_optimizer():
+def test_lean_mode_replaces_modules_and_builds_the_in_backward_optimizer():
+    """prepare() puts new modules of the lean classes where the plain ones were (every name of them,
+    an alias too), holding the same parameters and hooks; the old ones are gone from the model and
+    refuse to run. The router builds the in-backward class of the binary optimizer asked for."""
+    from bso.models.parts import SpikingConvBlock
+
+    torch.manual_seed(0)
     model = SpikingVGG("8C3-16C3", in_channels=1, num_classes=10)
+    old_blocks, old_conv = list(model.blocks), model.blocks[1].conv
+    model.alias = old_conv  # a second name of the same layer
+    params = dict(model.named_parameters())
+    calls = []
+    handle = old_conv.register_forward_hook(lambda m, args, out: calls.append(type(m)))
     OnlineEngine(T=2, lean=True).prepare(model)
     assert [type(b) for b in model.blocks] == [LeanSpikingConvBlock] * 2
-    assert type(model.blocks[1].conv) is PackedSynapticConv2d
+    assert (
+        type(model.blocks[1].conv) is PackedSynapticConv2d and model.alias is model.blocks[1].conv
+    )
     assert not isinstance(model.blocks[0].conv, PackedWeights)  # the full-precision first conv
-    for make, lean_class in ((partial(BSO), LeanBSO), (partial(TBSO, num_steps=2), LeanTBSO)):
+    modules = list(model.modules())
+    assert not any(type(m) is SpikingConvBlock for m in modules)
+    assert all(isinstance(m, PackedWeights) for m in modules if getattr(m, "is_binary", False))
+    assert not any(m is old for m in modules for old in [*old_blocks, old_conv])
+    for name in ("blocks.0.conv.weight", "blocks.0.bn.weight", "blocks.1.bn.bias"):
+        assert dict(model.named_parameters())[name] is params[name]  # taken over, not copied
+    with pytest.raises(RuntimeError, match="replaced by a LeanSpikingConvBlock"):
+        old_blocks[0](_batch()[0])
+    with torch.no_grad():
+        model(_batch()[0])
+    assert calls == [PackedSynapticConv2d]  # the hook moved with the layer; its handle still works
+    handle.remove()
+    with torch.no_grad():
+        model(_batch()[0])
+    assert calls == [PackedSynapticConv2d]
+
+    class MyBSO(BSO):
+        pass
+
+    for make, lean_class in (
+        (partial(BSO), LeanBSO),
+        (partial(TBSO, num_steps=2), LeanTBSO),
+        (BSO, LeanBSO),  # the class itself
+    ):
         router = build_router(model, make, None)
         assert type(router.binary) is lean_class  # bound: it flips the packed layers in backward
         assert model.blocks[1].conv.bound_optimizer() is router.binary
+    router = build_router(model, partial(MyBSO, gamma=1e-3), None)
+    assert type(router.binary).__name__ == "LeanMyBSO" and isinstance(router.binary, MyBSO)
+    assert router.binary.param_groups[0]["gamma"] == 1e-3
+    with pytest.raises(TypeError, match=r"blocks.1.conv holds packed .* not BSO: give"):
+        build_router(model, lambda p: BSO(p), None)
 
 
 def test_a_binary_linear_layer_packs_and_flips_like_the_plain_one():
@@ -460,7 +510,7 @@ def test_a_binary_linear_layer_packs_and_flips_like_the_plain_one():
 
     torch.manual_seed(0)
     plain = SynapticLinear(6, 4, weights="binary", bias=True)
-    lean = pack(SynapticLinear(6, 4, weights="binary", bias=True))
+    lean = PackedWeights.from_module(SynapticLinear(6, 4, weights="binary", bias=True))
     lean.load_state_dict(plain.state_dict())
     assert type(lean) is PackedSynapticLinear
     make = partial(BSO, gamma=1e-3, beta=0.5)
@@ -475,8 +525,7 @@ def test_a_binary_linear_layer_packs_and_flips_like_the_plain_one():
         flips, outs, input_grads = [], [], []
         for m, router in opts.items():
             router.zero_grad()
-            if m is lean:
-                router.binary.begin_time_step(None)
+            router.begin_time_step(None)
             x = spikes.clone().requires_grad_()
             out = m(x, trace)
             out.backward(grad)  # lean: the flip happens here

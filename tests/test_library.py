@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from functools import partial
 
 import pytest
 import torch
@@ -46,8 +47,8 @@ def batch(n=8):
 def router(model, gamma=0.0, T=T):
     return bso.CaseOptimizer(
         model,
-        binary=lambda p: bso.TBSO(p, num_steps=T, gamma=gamma),
-        default=lambda p: torch.optim.SGD(p, lr=0.1),
+        binary=partial(bso.TBSO, num_steps=T, gamma=gamma),  # a class: in-backward on a lean model
+        full_precision=lambda p: torch.optim.SGD(p, lr=0.1),
     )
 
 
@@ -247,16 +248,57 @@ def test_online_step_trains_and_keeps_weights_binary():
         assert model(x).shape == first.shape
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
+def test_online_step_is_the_engines_time_step(lean):
+    """bso.online_step and OnlineEngine.train_batch run the same time step: over two batches the
+    same outputs, losses, flips and model state, plain and lean; mse_weight= sets l of the paper's
+    loss, loss_fn= replaces it (not both)."""
+    from bso.engine import OnlineEngine, instantaneous_loss
+
+    torch.manual_seed(4)
+    library = bso.convert(sj_net())
+    engine_model = copy.deepcopy(library)
+    if lean:
+        bso.make_lean(library)
+    engine = OnlineEngine(T=T, lean=lean)
+    engine.prepare(engine_model)
+    assert engine.lean_on is lean
+    opts = router(library, gamma=1e-7), router(engine_model, gamma=1e-7)
+    total = 0
+    for seed in range(2):
+        torch.manual_seed(10 + seed)
+        x, y = batch()
+        steps = [bso.online_step(library, opts[0], x, y, t=t, T=T) for t in range(T)]
+        summed, loss, flips = engine.train_batch(engine_model, opts[1], x, y)
+        assert torch.equal(sum(s.output for s in steps), summed)
+        assert torch.equal(sum(s.loss for s in steps), loss)
+        assert torch.equal(sum(s.flips for s in steps), flips)
+        total += int(flips.sum())
+    assert total > 0
+    for key, value in engine_model.state_dict().items():
+        assert torch.equal(value, library.state_dict()[key]), key
+    x, y = batch()
+    out = bso.online_step(library, opts[0], x, y, t=0, T=T, mse_weight=0.0)
+    assert torch.equal(out.loss, instantaneous_loss(out.output, y, 0.0, T))
+    with pytest.raises(ValueError, match="loss_fn= or mse_weight="):
+        bso.online_step(library, opts[0], x, y, t=1, T=T, loss_fn=F.cross_entropy, mse_weight=0)
+
+
 def test_case_optimizer_routes_and_names_its_parts():
-    """The +-1 weights go to the binary optimizer, the rest to default= (required only when there
-    is a rest); its repr names both."""
+    """The +-1 weights go to the binary optimizer, the rest to full_precision= (required only when
+    there is a rest); its repr names both."""
     model = bso.convert(sj_net())
-    assert repr(router(model)) == "CaseOptimizer(binary=TBSO over 1 +-1 weights, default=SGD)"
+    opt = router(model)
+    assert repr(opt) == "CaseOptimizer(binary=TBSO over 1 +-1 weights, full_precision=SGD)"
+    assert [p for g in opt.full_precision.param_groups for p in g["params"]] == [
+        p for n, p in model.named_parameters() if n != "3.weight"
+    ]
+    assert set(opt.state_dict()) == {"binary", "full_precision"}
     with pytest.raises(ValueError, match=r"has 7 full-precision parameters \('0.weight', \.\.\.\)"):
         bso.CaseOptimizer(model, binary=lambda p: bso.BSO(p))
     only_binary = nn.Sequential(bso.layers.SynapticLinear(4, 3, weights="binary", bias=False))
     opt = bso.CaseOptimizer(only_binary, binary=bso.BSO)
-    assert repr(opt) == "CaseOptimizer(binary=BSO over 1 +-1 weights, default=None)"
+    assert repr(opt) == "CaseOptimizer(binary=BSO over 1 +-1 weights, full_precision=None)"
 
 
 def test_misuse_errors():
@@ -266,10 +308,12 @@ def test_misuse_errors():
     with pytest.raises(ValueError, match="has no stored \\+-1 weights.*bso.convert"):
         router(sj_net())
     model = bso.convert(sj_net())
-    with pytest.raises(ValueError, match="full-precision parameters .* give default="):
+    with pytest.raises(ValueError, match="full-precision parameters .* give full_precision="):
         bso.CaseOptimizer(model, binary=lambda p: bso.BSO(p))
     with pytest.raises(TypeError, match="binary= must build bso.BSO or bso.TBSO"):
-        bso.CaseOptimizer(model, binary=lambda p: torch.optim.SGD(p, lr=1), default=torch.optim.SGD)
+        bso.CaseOptimizer(
+            model, binary=lambda p: torch.optim.SGD(p, lr=1), full_precision=torch.optim.SGD
+        )
     opt = router(model)
     for t in (-1, T):
         with pytest.raises(IndexError, match=rf"t={t} is outside \[0, T\)"):
@@ -296,8 +340,15 @@ def test_lean_model_needs_the_optimizer_bound_to_it():
     model = bso.convert(sj_net())
     before = router(model)
     bso.make_lean(model)
-    with pytest.raises(ValueError, match="before bso.make_lean"):
+    with pytest.raises(ValueError, match="before the lean mode replaced them"):
         bso.online_step(model, before, x, y, t=0, T=T)
+    # a function that builds a plain T-BSO: refused, saying what to give instead
+    with pytest.raises(TypeError, match=r"3 holds packed .* functools.partial\(bso.TBSO"):
+        bso.CaseOptimizer(
+            model,
+            binary=lambda p: bso.TBSO(p, num_steps=T),
+            full_precision=lambda p: torch.optim.SGD(p, lr=0.1),
+        )
     first = router(model)
     router(model)  # the packed layers are now bound to this second optimizer
     with pytest.raises(ValueError, match=r"3 holds packed \+-1 weights .* not bound"):

@@ -27,12 +27,16 @@ class _StepCounter:
     """A router stand-in that records when the engine steps and with which t; never updates."""
 
     binary_names = ["w"]
+    binary = None  # no binary optimizer to check against the model
 
     def __init__(self, model):
         self.model, self.calls, self.grads = model, [], []
 
     def zero_grad(self):
         self.model.zero_grad(set_to_none=True)
+
+    def begin_time_step(self, t):
+        pass
 
     def step(self, t=None):
         self.calls.append(t)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from bso.checkpoint import export_1bit
 from bso.export import NIRExportError, load_trained, to_nir
 from bso.export.nir_compare import compare, run_bso, simulate
-from bso.lean import pack
+from bso.lean import PackedWeights
 from bso.models import BiRealResNet18, SpikingResNet19, SpikingVGG
 from bso.neurons import LIFNode
 from conftest import compose_config
@@ -32,7 +32,7 @@ def digits_model(dtype=torch.float64, packed: bool = False, v_reset: float | Non
     model = model.to(dtype).eval()
     if packed:
         for block in list(model.blocks)[1:]:
-            pack(block.conv)
+            block.conv = PackedWeights.from_module(block.conv)
     return model, cfg
 
 

@@ -97,7 +97,7 @@ def replay(
 
     model.forward, router.step = recording_forward, recording_step
     model.train()
-    assert engine.fused_update == lean
+    assert engine.lean_on == lean
     for x, y in golden["batches"]:
         engine.train_batch(model, router, x, y)
     momentum = [router.binary.state[w]["momentum"] for w in router.binary.binary_weights()]
@@ -344,7 +344,7 @@ def full_width_replay(lean: bool, backend: str = "release") -> tuple[dict, dict]
     )
     engine = instantiate(cfg.engine)
     engine.prepare(model)
-    assert engine.fused_update == lean
+    assert engine.lean_on == lean
     assert backends.apply(model, cfg.backend) is model
     assert all(n.backend == backend for n in model.modules() if isinstance(n, LIFNode))
     pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]

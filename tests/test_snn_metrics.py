@@ -10,7 +10,7 @@ from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpC
 from torch import nn
 
 from bso.engine import evaluate
-from bso.lean import pack
+from bso.lean import PackedWeights
 from bso.metrics.snn import EnergyModel, SNNCounter, conv_fanout_sum, counter_for, measure
 from bso.models import SpikingVGG
 from bso.neurons import LIFNode
@@ -53,7 +53,7 @@ def tiny_model(packed: bool = False) -> SpikingVGG:
         model.blocks[0].conv.bias.zero_()
         model.blocks[1].conv.weight.fill_(1.0)
     if packed:
-        pack(model.blocks[1].conv)
+        model.blocks[1].conv = PackedWeights.from_module(model.blocks[1].conv)
     return model.eval()
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from bso.distributed import grad_sync
-from bso.engine.common import Engine, input_at, instantaneous_loss
+from bso.engine.common import PAPER_MSE_WEIGHT, Engine, input_at, instantaneous_loss
 from bso.neurons import configure_neurons, reset_neurons
 
 
 class BPTTEngine(Engine):
-    def __init__(self, T: int, update: str = "accumulate", mse_weight: float = 0.05):
+    def __init__(self, T: int, update: str = "accumulate", mse_weight: float = PAPER_MSE_WEIGHT):
         if update != "accumulate":
             raise ValueError(
                 f"engine=bptt computes one gradient per batch through all T steps, so it cannot "

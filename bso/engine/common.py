@@ -1,10 +1,12 @@
-"""What both engines share: the instantaneous loss, the per-step input, the readout, the epoch's
-bookkeeping and evaluation. The engines themselves (online.py, bptt.py) only say how one batch is
+"""What both engines share: the instantaneous loss, the per-step input, one time step of online
+training (the online engine's and :func:`bso.online_step`'s), the readout, the epoch's bookkeeping
+and evaluation. The engines themselves (online.py, bptt.py) only say how one batch is
 trained: when the graph is cut, when ``backward`` and ``step`` happen."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +18,11 @@ from bso.distributed import all_reduce_max, all_reduce_sum, is_main
 from bso.metrics.memory import SavedTensorMeter
 from bso.neurons import reset_neurons
 
+PAPER_MSE_WEIGHT = 0.05  # l of the loss below in the released code: the engines' and online_step's
+
 
 def instantaneous_loss(output: torch.Tensor, target: torch.Tensor, mse_weight: float, T: int):
-    """L[t] = ((1 - l) * CE(o[t], y) + l * MSE(o[t], onehot(y))) / T   (released code: l = 0.05)."""
+    """L[t] = ((1 - l) * CE(o[t], y) + l * MSE(o[t], onehot(y))) / T,  l = ``mse_weight``."""
     loss = F.cross_entropy(output, target)
     if mse_weight:
         onehot = F.one_hot(target, output.shape[-1]).to(output.dtype)
@@ -31,6 +35,34 @@ def input_at(x: torch.Tensor, t: int) -> torch.Tensor:
     [B, T, C, H, W] (or [B, T, C]: channels without a picture, SHD) gives frame t at step t, as a
     copy: a layer that saves its input for backward then holds frame t, not (through a view) all T."""
     return x[:, t].contiguous() if x.dim() in (3, 5) else x
+
+
+def time_step(
+    model: nn.Module,
+    optimizer,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    t: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    update: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One time step of online training (paper Algorithm 1), for :class:`bso.engine.OnlineEngine`
+    and :func:`bso.online_step` alike: forward (the graph of step ``t`` only), the loss, backward
+    (which frees that graph) and, with ``update``, the optimizer step. BSO / T-BSO flip the +-1
+    weights in ``optimizer.step(t)``, or in the lean mode inside ``loss.backward()``, told ``t``
+    first (``optimizer.begin_time_step``). Without ``update`` the gradients add up for one step
+    after the last ``t``. Returns (output, loss) detached and the flips per binary weight (None
+    without ``update``). At ``t == 0`` the optimizer must hold the model's +-1 weights."""
+    if t == 0 and optimizer.binary is not None:
+        optimizer.check_model(model)
+    if update:
+        optimizer.zero_grad()
+    out = model(x)
+    loss = loss_fn(out, target)
+    optimizer.begin_time_step(t)
+    loss.backward()
+    flips = optimizer.step(t) if update else None
+    return out.detach(), loss.detach(), flips
 
 
 def topk_correct(scores: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[int, int]:

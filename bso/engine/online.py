@@ -1,7 +1,8 @@
 """Online training through time (paper Algorithm 1): no graph spans two time steps, so training
 memory does not grow with T.
 
-For each batch and t = 0..T-1 (the paper's t = 1..T):
+For each batch and t = 0..T-1 (the paper's t = 1..T), one time step (bso/engine/common.py:
+``time_step``, also the library's ``bso.online_step``):
   forward one step (the membrane potential carried from t-1 is detached inside the neurons),
   L[t] = ((1-l) CE + l MSE) / T, backward, and the binary layers' weight gradient is
   G[t] = delta[t] * a_hat[t]^T from the presynaptic trace (bso.layers).
@@ -20,9 +21,17 @@ Where BSO / T-BSO flips the +-1 weights:
 
 from __future__ import annotations
 
+from functools import partial
+
 from bso import lean as lean_mode  # the lean mode: a layer around the core, applied in prepare()
 from bso.distributed import grad_sync
-from bso.engine.common import Engine, input_at, instantaneous_loss
+from bso.engine.common import (
+    PAPER_MSE_WEIGHT,
+    Engine,
+    input_at,
+    instantaneous_loss,
+    time_step,
+)
 from bso.neurons import TRACE_RULES, configure_neurons, reset_neurons
 
 UPDATES = ("per_step", "accumulate")
@@ -34,7 +43,7 @@ class OnlineEngine(Engine):
         T: int,
         trace: str = "ndot",
         update: str = "per_step",
-        mse_weight: float = 0.05,
+        mse_weight: float = PAPER_MSE_WEIGHT,
         lean: str | bool = False,
         recompute_binary_convs: bool = False,
     ):
@@ -46,19 +55,18 @@ class OnlineEngine(Engine):
         self.trace = trace
         self.lean = lean_mode.parse(lean)
         self.recompute_binary_convs = bool(recompute_binary_convs)
-        self.fused_update = False  # set by prepare: the lean mode is on for this model
+        self.lean_on = False  # set by prepare: the lean mode is on for this model
 
     def prepare(self, model):
         """Online mode: detached membrane state and the chosen presynaptic trace; the lean mode
-        (bso.lean swaps in packed layers and fused blocks) where ``lean`` asks for it and it applies.
-        Call before the optimizer is built."""
+        (bso.lean replaces the binary layers and conv blocks by lean ones) where ``lean`` asks for
+        it and it applies."""
         configure_neurons(model, detach_state=True, trace_rule=self.trace)
-        self.fused_update = lean_mode.apply(
-            model, self.lean, self.update, self.recompute_binary_convs
-        )
+        self.lean_on = lean_mode.apply(model, self.lean, self.update, self.recompute_binary_convs)
 
     def train_batch(self, model, optimizer, x, y):
         per_step = self.update == "per_step"
+        loss_fn = partial(instantaneous_loss, mse_weight=self.mse_weight, T=self.T)
         reset_neurons(model)
         summed, loss_sum, flips = 0.0, 0.0, 0
         if not per_step:
@@ -66,17 +74,13 @@ class OnlineEngine(Engine):
         for t in range(self.T):
             if not per_step:  # DDP: all-reduce only the summed gradient, at the last step
                 grad_sync(model, t == self.T - 1)
-            out = model(input_at(x, t))  # graph of this time step only
-            loss = instantaneous_loss(out, y, self.mse_weight, self.T)
+            out, loss, step_flips = time_step(
+                model, optimizer, input_at(x, t), y, t, loss_fn, update=per_step
+            )
             if per_step:
-                optimizer.zero_grad()
-            if self.fused_update:  # lean mode: the time step of the flips inside the next backward
-                lean_mode.begin_time_step(optimizer, t)
-            loss.backward()  # frees step t's graph. Lean mode: BSO/T-BSO flips here, in backward
-            if per_step:
-                flips = flips + optimizer.step(t)  # plain mode: BSO/T-BSO flips here
-            summed = summed + out.detach()
-            loss_sum = loss_sum + loss.detach()
+                flips = flips + step_flips
+            summed = summed + out
+            loss_sum = loss_sum + loss
         if not per_step:
             flips = optimizer.step()  # the T gradients, summed
         return summed, loss_sum, flips

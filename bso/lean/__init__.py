@@ -1,7 +1,9 @@
 """The lean mode (``engine.lean``): train BSO / T-BSO online with only what the algorithm needs,
-and the same flips, bit for bit, as the plain mode. A layer around the core: :func:`apply` swaps the
-model's modules (and, once built, its binary optimizer) for their lean classes, in place, the way
-torch's quantization and spikingjelly's ``memopt`` wrap a model; the core never imports this package.
+and the same flips, bit for bit, as the plain mode. A layer around the core: :func:`apply` replaces
+the model's binary layers and conv blocks by new modules of their lean classes (each built from the
+old one, which it takes over, and set where the old one was), the way torch's quantization converts a
+model; :func:`bso.optim.build_router` builds the binary optimizer of such a model as its in-backward
+class. The core never imports this package.
 
 * 1-bit weights while training (:mod:`bso.lean.layers`): every binary synaptic layer becomes a
   packed one, its +-1 weights held as bits (8 per byte, a uint8 parameter without gradient,
@@ -34,9 +36,8 @@ from torch import nn
 
 from bso.conversion import ConvertedConv2d, ConvertedLinear
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d
-from bso.lean.blocks import LeanSpikingConvBlock, apply_to_block, can_fuse
-from bso.lean.layers import PackedWeights, pack
-from bso.lean.optim import InBackwardFlips
+from bso.lean.blocks import LeanSpikingConvBlock, can_fuse
+from bso.lean.layers import PackedWeights, replace_module
 from bso.neurons import LIFNode
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ def packable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def apply(model: nn.Module, lean, update: str, recompute_binary_convs: bool = False) -> bool:
     """Put ``model`` in the lean mode if ``lean`` asks for it and it applies; returns whether it is on.
-    Call before the optimizer is built (it replaces the binary weights by packed ones).
     ``recompute_binary_convs`` (lean mode only) also recomputes the binary convs' outputs in backward
     from their input spikes, where the model says what its blocks' inputs are (bso.models.vgg)."""
     lean = parse(lean)
@@ -98,10 +98,20 @@ def apply(model: nn.Module, lean, update: str, recompute_binary_convs: bool = Fa
             )
         log.info(f"engine.lean=auto: plain mode (float weights and stored gradients): {reason}")
         return False
+    if any(name == "" for name, _ in layers) or can_fuse(model):
+        raise ValueError(
+            f"the model is itself a {type(model).__name__}, which the lean mode replaces by a new "
+            "module: wrap it in a container, e.g. nn.Sequential(model)"
+        )
     for name, layer in layers:
-        pack(layer, name)
+        if not isinstance(layer, PackedWeights):
+            replace_module(model, layer, PackedWeights.from_module(layer, name))
     # BatchNorm + LIF (+ pool, + conv) in one step that saves less for backward
-    blocks = [apply_to_block(m, recompute_binary_convs) for m in model.modules() if can_fuse(m)]
+    for block in [m for m in model.modules() if can_fuse(m)]:
+        if not isinstance(block, LeanSpikingConvBlock):
+            lean_block = LeanSpikingConvBlock.from_module(block, recompute_binary_convs)
+            replace_module(model, block, lean_block)
+    blocks = [m for m in model.modules() if isinstance(m, LeanSpikingConvBlock)]
     recomputed = sum(b.recompute_conv for b in blocks)
     packed_recomputed = [
         b for b in blocks if b.recompute_conv and isinstance(b.conv, PackedWeights)
@@ -119,27 +129,12 @@ def apply(model: nn.Module, lean, update: str, recompute_binary_convs: bool = Fa
     return True
 
 
-def begin_time_step(optimizer, t: int | None) -> None:
-    """Before each backward of the lean mode: the time step whose flips BSO / T-BSO makes inside it
-    (T-BSO's v_l[t]). ``optimizer``: the router :func:`bso.optim.build_router` built on the lean
-    model."""
-    binary = getattr(optimizer, "binary", None)
-    if not isinstance(binary, InBackwardFlips):
-        raise RuntimeError(
-            "the model holds its +-1 weights as packed bits (engine.lean); they are flipped inside "
-            "backward by BSO/T-BSO, but no binary optimizer is bound to them. Build the optimizer "
-            "with bso.optim.build_router / build_optimizer after engine.prepare(model)."
-        )
-    binary.begin_time_step(t)
-
-
 def make_lean(model: nn.Module) -> nn.Module:
-    """The lean mode on a converted model (in place; returns it): every +-1 weight is held as packed
-    bits (8 per byte) and BSO / T-BSO flips it inside ``loss.backward()`` as soon as its gradient
-    exists, so no binary-weight gradient is ever stored. Same flips, bit for bit, as the plain mode.
-    Call it before building the optimizer (:class:`bso.CaseOptimizer` binds the packed layers to its
-    binary optimizer); train with :func:`bso.online_step`. Online training with one update per time
-    step only."""
+    """The lean mode on a converted model (its modules replaced; returns it): every +-1 weight is held
+    as packed bits (8 per byte) and BSO / T-BSO flips it inside ``loss.backward()`` as soon as its
+    gradient exists, so no binary-weight gradient is ever stored. Same flips, bit for bit, as the
+    plain mode. The :class:`bso.CaseOptimizer` built on the lean model flips them; train with
+    :func:`bso.online_step`. Online training with one update per time step only."""
     converted = [m for m in model.modules() if isinstance(m, (ConvertedConv2d, ConvertedLinear))]
     if not converted:
         raise ValueError(
@@ -167,8 +162,6 @@ __all__ = [
     "LeanSpikingConvBlock",
     "PackedWeights",
     "apply",
-    "begin_time_step",
     "make_lean",
-    "pack",
     "parse",
 ]

@@ -1,9 +1,10 @@
 """The lean mode's conv blocks: conv -> BatchNorm -> LIF (-> average pool) with less saved for
 backward, the same values and gradients, bit for bit.
 
-:func:`apply_to_block` turns a :class:`bso.models.parts.SpikingConvBlock` (no AGMM gate; an online
-LIF with V_th = 1) into a :class:`LeanSpikingConvBlock`, in place: BatchNorm + LIF (+ the block's
-average pool) run as one step (:func:`bso.lean.batchnorm_lif.batchnorm_lif_step`). With ``recompute_conv``
+:meth:`LeanSpikingConvBlock.from_module` builds the lean block of a
+:class:`bso.models.parts.SpikingConvBlock` (no AGMM gate; an online LIF with V_th = 1), a new module
+holding the old one's conv, BatchNorm, neuron and pool: BatchNorm + LIF (+ the block's average pool)
+run as one step (:func:`bso.lean.batchnorm_lif.batchnorm_lif_step`). With ``recompute_conv``
 the conv joins that step and its output is recomputed in backward from its saved input
 (:class:`_ConvBatchNormLIF`): the first conv (the image, which its weight gradient keeps anyway), and
 with ``engine.recompute_binary_convs`` every packed binary conv whose input is known to be spikes.
@@ -25,7 +26,7 @@ from bso.lean.batchnorm_lif import (
     memory_format_of,
     split_pool,
 )
-from bso.lean.layers import PackedWeights, lean_class, update_in_backward
+from bso.lean.layers import PackedWeights, lean_class, take_over, update_in_backward
 from bso.models.parts import SpikingConvBlock, trace_of
 
 
@@ -34,6 +35,23 @@ class LeanSpikingConvBlock(SpikingConvBlock):
     that saves less for backward; with ``recompute_conv`` the conv joins it."""
 
     recompute_conv = False
+
+    @classmethod
+    def from_module(
+        cls, block: SpikingConvBlock, recompute_binary_convs: bool = False
+    ) -> LeanSpikingConvBlock:
+        """The lean block of ``block`` (:func:`can_fuse`; its conv packed already where binary): a new
+        module of the lean class that takes over its submodules, hooks and attributes; ``block`` is
+        left empty (:func:`bso.lean.layers.take_over`)."""
+        if not can_fuse(block):
+            raise ValueError(
+                f"{type(block).__name__} has an AGMM gate or a LIF the fused step cannot take"
+            )
+        if isinstance(block, LeanSpikingConvBlock):
+            raise ValueError(f"this {type(block).__name__} is a lean block already")
+        lean = take_over(lean_class(type(block), LEAN_BLOCKS), block)
+        lean.recompute_conv = can_recompute_conv(lean, recompute_binary_convs)
+        return lean
 
     def forward(self, x, trace=None):
         if self.recompute_conv:
@@ -72,13 +90,6 @@ def can_recompute_conv(block: SpikingConvBlock, binary_convs: bool) -> bool:
         and block.input_levels is None
         and conv.in_channels < conv.out_channels
     )
-
-
-def apply_to_block(block: SpikingConvBlock, recompute_binary_convs: bool) -> LeanSpikingConvBlock:
-    """``block`` as a :class:`LeanSpikingConvBlock`, in place (call after its conv is packed)."""
-    block.__class__ = lean_class(type(block), LEAN_BLOCKS)
-    block.recompute_conv = can_recompute_conv(block, recompute_binary_convs)
-    return block
 
 
 def _save_input(x: torch.Tensor, levels: int | None) -> torch.Tensor:

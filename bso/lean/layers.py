@@ -1,9 +1,11 @@
 """The lean mode's synaptic layers: +-1 weights held as packed bits and flipped inside backward.
 
-:func:`pack` turns a binary :class:`bso.layers.SynapticConv2d` / :class:`bso.layers.SynapticLinear`
-(or a layer made by :func:`bso.convert`) into its packed class, in place: the weight becomes a
-:class:`bso.bits.PackedSigns` (8 weights per byte, a uint8 parameter that needs no gradient),
-unpacked per layer when used. In training the layer runs :class:`_PackedTracedConv2d` /
+:meth:`PackedWeights.from_module` builds the packed layer of a binary
+:class:`bso.layers.SynapticConv2d` / :class:`bso.layers.SynapticLinear` (or of a layer made by
+:func:`bso.convert`): a new module of the packed class that takes over the old one's parameters,
+buffers, hooks and attributes, its weight a :class:`bso.bits.PackedSigns` (8 weights per byte, a
+uint8 parameter that needs no gradient), unpacked per layer when used. :func:`replace_module` puts it
+where the old one was in the model. In training the layer runs :class:`_PackedTracedConv2d` /
 :class:`_PackedTracedLinear`: the traced layers of :mod:`bso.layers` whose backward, right after
 computing the input gradient with the old weights, hands the weight gradient ``G[t]`` to the bound
 BSO / T-BSO (:mod:`bso.lean.optim`), which flips the bits in place. No ``.grad`` is ever stored.
@@ -24,7 +26,8 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from bso.bits import PackedSigns, pack_bits, unpack_signs
 from bso.conversion import ConvertedConv2d, ConvertedLinear
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d, SynapticLinear
-from bso.lean.optim import in_backward
+from bso.lean.optim import InBackwardFlips
+from bso.optim.router import BUILD_ORDER
 
 
 def update_in_backward(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
@@ -32,9 +35,8 @@ def update_in_backward(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -
     update = layer.binary_update() if layer.binary_update is not None else None
     if update is None:
         raise RuntimeError(
-            f"{type(layer).__name__} holds its +-1 weights as packed bits (engine.lean); they are "
-            "flipped inside backward by BSO/T-BSO, but no binary optimizer is bound to them. Build "
-            "the optimizer with bso.optim.build_router / build_optimizer after engine.prepare(model)."
+            f"{layer.lean_name} holds its +-1 weights as packed bits (the lean mode), which BSO / "
+            f"T-BSO flips inside backward, but no binary optimizer is bound to them. {BUILD_ORDER}"
         )
     update(layer.weight, weight, grad_weight)
 
@@ -119,11 +121,18 @@ class PackedWeights:
         """From now on ``optimizer`` (BSO / T-BSO holding this layer's bits) flips them inside
         backward; called by :func:`bso.optim.build_router`. A weak reference, so the model neither
         keeps the optimizer alive nor carries it into a copy."""
-        flips = in_backward(optimizer)
-        if not any(p is self.weight for p in flips.binary_weights()):
+        if not isinstance(optimizer, InBackwardFlips):
+            raise TypeError(
+                f"{self.lean_name} holds packed +-1 weights (the lean mode), which only an "
+                f"in-backward BSO / T-BSO flips, not {type(optimizer).__name__}: give the "
+                "optimizer's class, binary=bso.TBSO or functools.partial(bso.TBSO, num_steps=T, "
+                "...), and bso builds its in-backward class (bso.lean.optim.LeanTBSO); or build "
+                "bso.lean.optim.LeanBSO / LeanTBSO yourself"
+            )
+        if not any(p is self.weight for p in optimizer.binary_weights()):
             raise ValueError("a packed layer's weight is not one of this optimizer's weights")
-        self.binary_update = weakref.WeakMethod(flips.update_in_backward)
-        flips.packed_layers.append(weakref.ref(self))
+        self.binary_update = weakref.WeakMethod(optimizer.update_in_backward)
+        optimizer.packed_layers.append(weakref.ref(self))
 
     def bound_optimizer(self):
         """The binary optimizer that flips this layer's bits (None before one is built)."""
@@ -153,6 +162,28 @@ class PackedWeights:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", storage=bits"
+
+    @classmethod
+    @torch.no_grad()
+    def from_module(cls, layer: nn.Module, name: str = "?") -> PackedWeights:
+        """The packed layer of ``layer`` (a binary synaptic layer): a new module of its packed class
+        (:data:`PACKED_CLASSES`) that takes over its parameters, hooks and everything else, the
+        weight held as bits; ``layer`` is left empty (:func:`take_over`). ``name``: the layer's name
+        in its model, for errors."""
+        if not (isinstance(layer, SYNAPTIC_LAYERS) and layer.is_binary):
+            raise ValueError("only stored +-1 weights (weights=binary) can be packed")
+        if isinstance(layer, PackedWeights):
+            raise ValueError(f"{layer.lean_name} holds packed bits already")
+        if layer.weight_standardization:
+            raise ValueError("packing needs the stored +-1 weights: no weight standardisation")
+        w = layer.weight.detach()
+        if not torch.all(w.abs() == 1):
+            raise ValueError("packing needs every weight to be exactly -1 or +1")
+        packed = take_over(lean_class(type(layer), PACKED_CLASSES), layer)
+        packed.binary_shape = w.shape
+        packed.weight = PackedSigns(pack_bits(w > 0), w.shape)
+        packed.lean_name = name
+        return packed
 
 
 class PackedSynapticConv2d(PackedWeights, SynapticConv2d):
@@ -217,21 +248,36 @@ def lean_class(cls: type, classes: dict[type, type]) -> type:
     return classes[cls]
 
 
-@torch.no_grad()
-def pack(layer: nn.Module, name: str = "?") -> nn.Module:
-    """Hold ``layer``'s +-1 weights as packed bits, in place: its class becomes the packed one
-    (:data:`PACKED_CLASSES`), its parameters, hooks and everything else stay. Returns ``layer``."""
-    if isinstance(layer, PackedWeights):
-        return layer
-    if not (isinstance(layer, SYNAPTIC_LAYERS) and layer.is_binary) or layer.weight_standardization:
-        raise ValueError(
-            "only stored +-1 weights (weights=binary, no weight standardisation) can be packed"
+def take_over(cls: type, module: nn.Module) -> nn.Module:
+    """A new module of class ``cls`` (the lean class of ``module``'s) holding everything ``module``
+    held: the same parameters, buffers, submodules, hooks (their handles still remove them) and
+    attributes, none copied. ``module`` is left an empty module whose forward raises, so that a
+    reference to it kept somewhere cannot run the replaced module."""
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__
+    module.__dict__ = {}
+    nn.Module.__init__(module)
+    module.forward = _replaced(type(module).__name__, cls.__name__)
+    return new
+
+
+def _replaced(old: str, new: str):
+    def forward(*args, **kwargs):
+        raise RuntimeError(
+            f"this {old} was replaced by a {new} in its model (the lean mode, bso.lean): run the "
+            "model's module, not a reference kept from before"
         )
-    w = layer.weight.detach()
-    if not torch.all(w.abs() == 1):
-        raise ValueError("packing needs every weight to be exactly -1 or +1")
-    layer.__class__ = lean_class(type(layer), PACKED_CLASSES)
-    layer.binary_shape = w.shape
-    layer.weight = PackedSigns(pack_bits(w > 0), w.shape)
-    layer.lean_name = name
-    return layer
+
+    return forward
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``model`` holds ``old`` (every name it has, e.g. an alias; not the root:
+    :func:`bso.lean.apply` refuses a model that is itself a layer to replace)."""
+    names = [name for name, m in model.named_modules(remove_duplicate=False) if m is old]
+    if not names or "" in names:
+        raise ValueError(
+            f"this {type(old).__name__} is not a submodule of the model (the root cannot be replaced)"
+        )
+    for name in names:
+        model.set_submodule(name, new)

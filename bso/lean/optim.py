@@ -1,13 +1,14 @@
 """BSO / T-BSO flipping packed +-1 weights inside backward: the lean mode's update.
 
 When :func:`bso.optim.build_router` builds the binary optimizer of a model with packed layers
-(:mod:`bso.lean.layers`), each layer binds itself to it, and :func:`in_backward` turns the optimizer
-into its in-backward class (:class:`LeanBSO`, :class:`LeanTBSO`; in place, like the layers). From then
-on, a packed layer's backward calls :meth:`InBackwardFlips.update_in_backward` with its gradient
-``G[t]``: the very flip rule of :class:`bso.optim.BSO` / :class:`bso.optim.TBSO`
-(:meth:`~bso.optim.binary.BinaryOptimizer.flip_rule`) runs on it, the bits flip in place (XOR) and the
-gradient is freed. ``step(t)`` then counts those flips with any others. The loop tells the optimizer
-the time step first (:meth:`InBackwardFlips.begin_time_step`: T-BSO's v_l[t]).
+(:mod:`bso.lean.layers`), it builds the in-backward class of the one asked for
+(:func:`in_backward_constructor`: :class:`LeanBSO` for :class:`bso.optim.BSO`, :class:`LeanTBSO`
+for :class:`bso.optim.TBSO`) and binds each packed layer to it. From then on, a packed layer's
+backward calls :meth:`InBackwardFlips.update_in_backward` with its gradient ``G[t]``: the very flip
+rule of :class:`bso.optim.BSO` / :class:`bso.optim.TBSO`
+(:meth:`~bso.optim.binary.BinaryOptimizer.flip_rule`) runs on it, the bits flip in place (XOR) and
+the gradient is freed. ``step(t)`` then counts those flips with any others. The time step tells the
+optimizer ``t`` first (:meth:`InBackwardFlips.begin_time_step`: T-BSO's v_l[t]).
 
 Under torchrun the packed weights are not DDP's parameters (they need no gradient), so DDP's reducer
 never sees their gradient: it is averaged over the ranks here
@@ -16,11 +17,15 @@ never sees their gradient: it is averaged over the ranks here
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from bso.bits import PackedSigns, pack_bits
 from bso.distributed import average_over_ranks_
 from bso.optim.binary import BSO, TBSO, BinaryOptimizer
+from bso.optim.router import BUILD_ORDER
 
 
 class InBackwardFlips:
@@ -31,7 +36,8 @@ class InBackwardFlips:
     packed_layers: list  # weak references to the layers bound to this optimizer
     transient_gradient_peak_bytes: int  # the largest gradient held at once (bso.metrics.memory)
 
-    def start_flipping_in_backward(self) -> None:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.time_step = None
         self.packed_layers = []
         self.transient_gradient_peak_bytes = 0
@@ -58,8 +64,7 @@ class InBackwardFlips:
                 raise ValueError(
                     f"{layer.lean_name} holds packed +-1 weights (lean mode) that its BSO / T-BSO "
                     "flips inside backward, but this optimizer is not bound to it (another one was "
-                    "built for the model since): build the optimizer with bso.CaseOptimizer(model, "
-                    "...) after bso.make_lean(model), and train with that one"
+                    f"built for the model since). {BUILD_ORDER}"
                 )
         self.time_step = self.check_time_step(t)
 
@@ -103,18 +108,27 @@ class LeanTBSO(InBackwardFlips, TBSO):
 IN_BACKWARD_CLASSES: dict[type, type] = {BSO: LeanBSO, TBSO: LeanTBSO}
 
 
-def in_backward(optimizer: BinaryOptimizer) -> InBackwardFlips:
-    """``optimizer`` able to flip packed weights inside backward: its class becomes the in-backward
-    one, in place (its parameters, state and hyper-parameters stay). Returns ``optimizer``."""
-    if isinstance(optimizer, InBackwardFlips):
-        return optimizer
-    if not isinstance(optimizer, BinaryOptimizer):
-        raise TypeError(
-            f"packed +-1 weights are flipped by bso.BSO / bso.TBSO, got {type(optimizer).__name__}"
-        )
-    cls = type(optimizer)
-    if cls not in IN_BACKWARD_CLASSES:  # a subclass of BSO / T-BSO: its own in-backward class
+def in_backward_class(cls: type) -> type:
+    """The in-backward class of a BSO / T-BSO class: :data:`IN_BACKWARD_CLASSES`; for a subclass of
+    BSO / T-BSO, a subclass of it and :class:`InBackwardFlips` (made once)."""
+    if issubclass(cls, InBackwardFlips):
+        return cls
+    if cls not in IN_BACKWARD_CLASSES:
         IN_BACKWARD_CLASSES[cls] = type(f"Lean{cls.__name__}", (InBackwardFlips, cls), {})
-    optimizer.__class__ = IN_BACKWARD_CLASSES[cls]
-    optimizer.start_flipping_in_backward()
-    return optimizer
+    return IN_BACKWARD_CLASSES[cls]
+
+
+def in_backward_constructor(
+    binary: Callable[..., BinaryOptimizer],
+) -> Callable[..., BinaryOptimizer]:
+    """``binary`` (an optimizer class, or a ``functools.partial`` of one: a Hydra ``_partial_``
+    config) with its class replaced by the in-backward one, for a lean model. Any other callable is
+    returned as it is: what it builds must flip inside backward itself (the packed layers refuse an
+    optimizer that does not, :meth:`bso.lean.layers.PackedWeights.bind_binary_optimizer`)."""
+    if isinstance(binary, type) and issubclass(binary, BinaryOptimizer):
+        return in_backward_class(binary)
+    func = getattr(binary, "func", None)
+    if isinstance(binary, functools.partial) and isinstance(func, type):
+        if issubclass(func, BinaryOptimizer):
+            return functools.partial(in_backward_class(func), *binary.args, **binary.keywords)
+    return binary

@@ -154,7 +154,7 @@ def persistent_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, float
     if optimizer.binary is not None:
         # the lean mode's BSO / T-BSO (bso.lean.optim) measures it; none exists in the plain mode
         roles["transient_gradients"] = getattr(optimizer.binary, "transient_gradient_peak_bytes", 0)
-    for opt in (optimizer.binary, optimizer.other):
+    for opt in (optimizer.binary, optimizer.full_precision):
         if opt is None:
             continue
         for p, state in opt.state.items():

@@ -15,13 +15,14 @@ from bso.optim.router import OptimizerRouter, build_router
 
 class CaseOptimizer(OptimizerRouter):
     """Split ``model``'s parameters: its stored +-1 weights go to ``binary(params)`` (BSO / T-BSO),
-    every other trainable parameter to ``default(params)`` (SGD, Adam, ...).
+    every other trainable parameter to ``full_precision(params)`` (SGD, Adam, ...).
 
-    ``binary`` and ``default`` build an optimizer from a parameter list, e.g.
-    ``lambda p: bso.TBSO(p, num_steps=T)`` and ``lambda p: torch.optim.Adam(p, lr=1e-3)`` (or a
-    ``functools.partial``). ``default`` may be None only when every other parameter is frozen.
-    Packed layers of a lean model (:func:`bso.make_lean`) are bound to the binary optimizer, which
-    flips them inside backward.
+    ``binary`` and ``full_precision`` build an optimizer from a parameter list, e.g.
+    ``functools.partial(bso.TBSO, num_steps=T)`` (or the class, ``bso.BSO``) and
+    ``lambda p: torch.optim.Adam(p, lr=1e-3)``. ``full_precision`` may be None only when every other
+    parameter is frozen. On a lean model (:func:`bso.make_lean`) the binary optimizer is built as the
+    in-backward class of ``binary``'s (a class or a ``functools.partial`` of one), which flips the
+    packed weights inside backward.
 
     ``zero_grad()`` and ``step(t=None)`` act on both; ``step`` returns the number of flips of each
     binary weight (named by ``binary_names``). ``state_dict()`` / ``load_state_dict()`` hold both.
@@ -31,40 +32,30 @@ class CaseOptimizer(OptimizerRouter):
         self,
         model: nn.Module,
         binary: Callable[[list[nn.Parameter]], BinaryOptimizer],
-        default: Callable[[list[nn.Parameter]], Optimizer] | None = None,
+        full_precision: Callable[[list[nn.Parameter]], Optimizer] | None = None,
     ):
         named = named_binary_parameters(model)
         if not named:
             raise ValueError(
                 f"{type(model).__name__} has no stored +-1 weights for BSO / T-BSO to flip: make it "
-                "binary with bso.convert(model) before building the optimizer"
+                "binary with bso.convert(model) first"
             )
         binary_ids = {id(p) for _, p in named}
         rest = [
             n for n, p in model.named_parameters() if id(p) not in binary_ids and p.requires_grad
         ]
-        if rest and default is None:
+        if rest and full_precision is None:
             raise ValueError(
                 f"{type(model).__name__} has {len(rest)} full-precision parameters ({rest[0]!r}, "
-                "...) that BSO / T-BSO cannot train: give default=, e.g. "
-                "default=lambda p: torch.optim.Adam(p, lr=1e-3)"
+                "...) that BSO / T-BSO cannot train: give full_precision=, e.g. "
+                "full_precision=lambda p: torch.optim.Adam(p, lr=1e-3)"
             )
-
-        def checked(params):
-            opt = binary(params)
-            if not isinstance(opt, BinaryOptimizer):
-                raise TypeError(
-                    f"binary= must build bso.BSO or bso.TBSO from the +-1 weights, got "
-                    f"{type(opt).__name__}"
-                )
-            return opt
-
-        router = build_router(model, checked, default, name="bso.CaseOptimizer")
-        super().__init__(router.binary, router.other, router.binary_names)
+        router = build_router(model, binary, full_precision, name="bso.CaseOptimizer")
+        super().__init__(router.binary, router.full_precision, router.binary_names)
 
     def __repr__(self) -> str:
-        other = "None" if self.other is None else type(self.other).__name__
+        fp = "None" if self.full_precision is None else type(self.full_precision).__name__
         return (
             f"CaseOptimizer(binary={type(self.binary).__name__} over {len(self.binary_names)} "
-            f"+-1 weights, default={other})"
+            f"+-1 weights, full_precision={fp})"
         )

@@ -5,8 +5,9 @@
 * :class:`PlainOptimizer`: one ordinary optimizer (SGD, Adam) for every parameter of a latent-weight or
   full-precision model; counts the sign flips of the latent weights.
 
-Both expose ``zero_grad()``, ``step(t) -> flips per binary weight``, ``binary_names``,
-``state_dict()`` / ``load_state_dict()``, ``binary`` (the flip optimizer or None) and ``other``.
+Both expose ``zero_grad()``, ``begin_time_step(t)``, ``step(t) -> flips per binary weight``,
+``binary_names``, ``state_dict()`` / ``load_state_dict()``, ``binary`` (the flip optimizer or None)
+and ``full_precision`` (the ordinary optimizer or None).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from torch.optim import Optimizer
 from bso.layers import binary_numel, named_binary_parameters
 from bso.optim.binary import BinaryOptimizer
 
+# the one setup order, for the errors that find it broken
+BUILD_ORDER = (
+    "Build the optimizer on the model as it is trained: bso.CaseOptimizer after bso.convert and "
+    "bso.make_lean; bso.optim.build_optimizer after engine.prepare (which applies engine.lean)."
+)
+
 
 class OptimizerRouter:
     """Steps a binary optimizer (BSO / T-BSO) and an ordinary optimizer together.
@@ -27,7 +34,9 @@ class OptimizerRouter:
     ``binary_names[i]`` names the i-th binary weight; ``step(t)`` returns the flip count of each.
     """
 
-    def __init__(self, binary: BinaryOptimizer, other: Optimizer | None, binary_names: list[str]):
+    def __init__(
+        self, binary: BinaryOptimizer, full_precision: Optimizer | None, binary_names: list[str]
+    ):
         binary_params = binary.binary_weights()
         if not binary_params:
             raise ValueError("the binary optimizer was given no parameters")
@@ -36,38 +45,59 @@ class OptimizerRouter:
         claimed = {id(p) for p in binary_params}
         if len(claimed) != len(binary_params):
             raise ValueError("a parameter is claimed twice by the binary optimizer")
-        if other is not None:
-            for group in other.param_groups:
+        if full_precision is not None:
+            for group in full_precision.param_groups:
                 for p in group["params"]:
                     if id(p) in claimed:
                         raise ValueError(
-                            "a parameter is claimed by both the binary and the other optimizer"
+                            "a parameter is claimed by both the binary and the full-precision "
+                            "optimizer"
                         )
         self.binary = binary
-        self.other = other
+        self.full_precision = full_precision
         self.binary_names = list(binary_names)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.binary.zero_grad(set_to_none=set_to_none)
-        if self.other is not None:
-            self.other.zero_grad(set_to_none=set_to_none)
+        if self.full_precision is not None:
+            self.full_precision.zero_grad(set_to_none=set_to_none)
+
+    def begin_time_step(self, t: int | None) -> None:
+        """Before the backward of time step ``t``: a binary optimizer that flips inside backward
+        (the lean mode, :mod:`bso.lean.optim`) takes ``t`` there; the plain one in ``step(t)``."""
+        if getattr(self.binary, "flips_in_backward", False):
+            self.binary.begin_time_step(t)
 
     def step(self, t: int | None = None) -> torch.Tensor:
         """Update every parameter; returns the number of flips of each binary weight."""
-        if self.other is not None:
-            self.other.step()
+        if self.full_precision is not None:
+            self.full_precision.step()
         return self.binary.step(t)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose +-1 weights are not this optimizer's: built for another model, or
+        before the model's weights were replaced (the lean mode packs them)."""
+        if {id(p) for _, p in named_binary_parameters(model)} != {
+            id(p) for p in self.binary.binary_weights()
+        }:
+            raise ValueError(
+                "the optimizer's binary weights are not this model's +-1 weights: it was built for "
+                "another model, or before the lean mode replaced them by packed bits. "
+                + BUILD_ORDER
+            )
 
     def state_dict(self) -> dict:
         return {
             "binary": self.binary.state_dict(),
-            "other": None if self.other is None else self.other.state_dict(),
+            "full_precision": (
+                None if self.full_precision is None else self.full_precision.state_dict()
+            ),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.binary.load_state_dict(state["binary"])
-        if self.other is not None:
-            self.other.load_state_dict(state["other"])
+        if self.full_precision is not None:
+            self.full_precision.load_state_dict(state["full_precision"])
 
     @property
     def gamma(self) -> float:
@@ -78,19 +108,23 @@ class OptimizerRouter:
 
     @property
     def lr(self) -> float | None:
-        return None if self.other is None else self.other.param_groups[0]["lr"]
+        fp = self.full_precision
+        return None if fp is None else fp.param_groups[0]["lr"]
 
 
 def build_router(
     model: nn.Module,
     binary: Callable[..., BinaryOptimizer],
-    other: Callable[..., Optimizer] | None,
+    full_precision: Callable[..., Optimizer] | None,
     name: str = "the binary optimizer",
 ) -> OptimizerRouter:
-    """Split ``model``'s parameters: binary weights -> ``binary(params)``, the rest -> ``other(params)``.
+    """Split ``model``'s parameters: binary weights -> ``binary(params)``, the rest ->
+    ``full_precision(params)``.
 
-    ``binary`` and ``other`` are optimizer constructors missing only their parameters (Hydra
-    ``_partial_: true`` configs)."""
+    ``binary`` and ``full_precision`` are optimizer constructors missing only their parameters
+    (Hydra ``_partial_: true`` configs). A lean model's (:mod:`bso.lean`) binary optimizer is built as
+    the in-backward class of ``binary``'s and bound to the packed layers, which it flips inside
+    backward."""
     named = named_binary_parameters(model)
     if not named:
         raise ValueError(
@@ -100,12 +134,22 @@ def build_router(
         )
     binary_ids = {id(p) for _, p in named}
     rest = [p for p in model.parameters() if id(p) not in binary_ids and p.requires_grad]
-    other_opt = other(rest) if (other is not None and rest) else None
+    fp_opt = full_precision(rest) if (full_precision is not None and rest) else None
+    packed = [m for m in model.modules() if getattr(m, "is_packed", False)]
+    if packed:  # the lean mode: imported only for a lean model (the core does not import it)
+        from bso.lean.optim import in_backward_constructor
+
+        binary = in_backward_constructor(binary)
     binary_opt = binary([p for _, p in named])
-    for module in model.modules():  # layers whose weights it flips inside backward (bso.lean)
-        if hasattr(module, "bind_binary_optimizer"):
-            module.bind_binary_optimizer(binary_opt)
-    return OptimizerRouter(binary_opt, other_opt, [n for n, _ in named])
+    if not isinstance(binary_opt, BinaryOptimizer):
+        raise TypeError(
+            f"{name}: binary= must build bso.BSO or bso.TBSO from the +-1 weights, got "
+            f"{type(binary_opt).__name__}"
+        )
+    router = OptimizerRouter(binary_opt, fp_opt, [n for n, _ in named])
+    for module in packed:  # layers whose weights it flips inside backward
+        module.bind_binary_optimizer(binary_opt)
+    return router
 
 
 class PlainOptimizer:
@@ -120,18 +164,21 @@ class PlainOptimizer:
     def __init__(
         self, optimizer: Optimizer, latent: list[tuple[str, torch.Tensor]], clip_latent=False
     ):
-        self.other = optimizer
+        self.full_precision = optimizer
         self.latent = [w for _, w in latent]
         self.binary_names = [n for n, _ in latent]
         self.clip_latent = clip_latent
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.other.zero_grad(set_to_none=set_to_none)
+        self.full_precision.zero_grad(set_to_none=set_to_none)
+
+    def begin_time_step(self, t: int | None) -> None:
+        """Nothing happens inside backward: every update is in ``step``."""
 
     @torch.no_grad()
     def step(self, t: int | None = None) -> torch.Tensor:
         before = [w >= 0 for w in self.latent]
-        self.other.step()
+        self.full_precision.step()
         if self.clip_latent:
             for w in self.latent:
                 w.clamp_(-1.0, 1.0)
@@ -142,10 +189,10 @@ class PlainOptimizer:
         )
 
     def state_dict(self) -> dict:
-        return {"binary": None, "other": self.other.state_dict()}
+        return {"binary": None, "full_precision": self.full_precision.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.other.load_state_dict(state["other"])
+        self.full_precision.load_state_dict(state["full_precision"])
 
     @property
     def gamma(self) -> None:
@@ -153,7 +200,7 @@ class PlainOptimizer:
 
     @property
     def lr(self) -> float:
-        return self.other.param_groups[0]["lr"]
+        return self.full_precision.param_groups[0]["lr"]
 
     def flip_numel(self) -> torch.Tensor:
         return torch.tensor([w.numel() for w in self.latent], dtype=torch.long)
@@ -167,7 +214,7 @@ def build_optimizer(
     from hydra.utils import instantiate
 
     full = cfg.get("full_precision")
-    other = instantiate(full) if full is not None else None
+    full_precision = instantiate(full) if full is not None else None
     if cfg.get("binary") is not None:
         if "backend" in cfg.binary:
             raise ValueError(
@@ -175,14 +222,14 @@ def build_optimizer(
                 "top-level key backend=release|fast|fused (configs/train.yaml)"
             )
         binary = instantiate(cfg.binary, backend=backend)
-        return build_router(model, binary, other, name=f"optimizer={cfg.name}")
+        return build_router(model, binary, full_precision, name=f"optimizer={cfg.name}")
     if named_binary_parameters(model, "binary"):
         raise ValueError(
             f"optimizer={cfg.name} would take gradient steps on stored +-1 weights and break them. "
             "Use optimizer=bso|tbso for model.weights=binary, or model.weights=latent|full."
         )
-    if other is None:
+    if full_precision is None:
         raise ValueError(f"optimizer={cfg.name} defines neither `binary` nor `full_precision`")
     params = [p for p in model.parameters() if p.requires_grad]
     latent = named_binary_parameters(model, "latent")
-    return PlainOptimizer(other(params), latent, clip_latent=cfg.get("clip_latent", False))
+    return PlainOptimizer(full_precision(params), latent, clip_latent=cfg.get("clip_latent", False))

@@ -83,7 +83,7 @@ def measure(
         "method": method,
         "T": T,
         "batch": batch,
-        "lean": bool(getattr(engine, "fused_update", False)),
+        "lean": bool(getattr(engine, "lean_on", False)),
         "device": str(device),
         "activation_peak_bytes": meter.peak_bytes,
         "persistent": persistent_state_bytes(model, optimizer),
