@@ -42,6 +42,7 @@ from torch import nn
 
 from bso.compat import raise_recompile_limit
 from bso.neurons import LIFNode, charge, times_threshold, trace_step
+from bso.replace import replace_module, take_over
 
 
 def release_online_values(x, v_prev, trace, p_prev, tau, v_threshold, decay, rule):
@@ -200,18 +201,6 @@ class FusedAvgPool2d(nn.AvgPool2d):
 
     backend = "fused"  # bso.backend.pool_input_gradient: the lean mode's backward compiled too
 
-    @classmethod
-    def like(cls, pool: nn.AvgPool2d) -> FusedAvgPool2d:
-        """A compiled pool with ``pool``'s arguments."""
-        return cls(
-            pool.kernel_size,
-            pool.stride,
-            pool.padding,
-            pool.ceil_mode,
-            pool.count_include_pad,
-            pool.divisor_override,
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return compiled(average_pool, flatten=False)(
             x,
@@ -228,10 +217,9 @@ def fuse_pools(model: nn.Module) -> None:
     """Put a :class:`FusedAvgPool2d` with its arguments in place of each plain ``nn.AvgPool2d``
     of ``model`` without ``ceil_mode`` (the parent's attribute set to the new module; a pool used
     in several places stays one module). :func:`bso.backend.apply` calls it for backend fused."""
-    fused: dict[int, FusedAvgPool2d] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if type(module) is nn.AvgPool2d and not module.ceil_mode:  # see FusedAvgPool2d
-            model.set_submodule(name, fused.setdefault(id(module), FusedAvgPool2d.like(module)))
+    pools = {id(m): m for m in model.modules() if type(m) is nn.AvgPool2d and not m.ceil_mode}
+    for pool in pools.values():  # see FusedAvgPool2d for ceil_mode
+        replace_module(model, pool, take_over(FusedAvgPool2d, pool, "backend=fused"))
 
 
 def cpp_compiler(cxx: str | None = None) -> str:

@@ -198,11 +198,11 @@ def convert(
     for name, src in synaptic:
         new = _convert_synaptic(name, src, "full" if name in keep else "binary", init)
         new.trace_links = links
-        _replace(model, name, new)
+        model.set_submodule(name, new)
     for name, src in neurons:
         new = ConvertedLIFNode.from_spikingjelly(src)
         new.bso_name, new.trace_links = name, links
-        _replace(model, name, new)
+        model.set_submodule(name, new)
     if neurons:
         configure_neurons(model, detach_state=trace is not None, trace_rule=trace)
     backends.apply(model, backend)  # before the hooks: fused replaces the average pools
@@ -332,9 +332,3 @@ def _convert_synaptic(name: str, src: nn.Module, weights: str, init: str) -> nn.
         new.bias.copy_(src.bias)
     new.train(src.training)
     return new
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -87,22 +87,30 @@ def test_unknown_backends_are_refused_in_one_line():
         assert "\n" not in str(err.value)
 
 
-def test_the_fused_backend_replaces_the_pools_by_new_modules():
+def test_the_fused_backend_replaces_the_pools_by_new_modules(monkeypatch):
     cfg = compose_config()
     model = instantiate(cfg.model)
     instantiate(cfg.engine).prepare(model)
     before = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.AvgPool2d)}
+    args = {n: (m.kernel_size, m.stride, m.padding) for n, m in before.items()}
+    seen = []
+    for m in before.values():  # a hook on a pool (bso.convert's trace links) goes with it
+        m.register_forward_hook(lambda module, inputs, out: seen.append(type(module)))
     assert before and backend.apply(model, "fused", torch.device("cuda")) is model
+    # the pools' own forward, not compiled here (tests/test_compiled.py checks the compiled one)
+    monkeypatch.setattr(compiled.FusedAvgPool2d, "forward", torch.nn.AvgPool2d.forward)
     after = dict(model.named_modules())
     for name, old in before.items():
         new = after[name]
         assert type(new) is compiled.FusedAvgPool2d and type(old) is torch.nn.AvgPool2d
-        assert (new.kernel_size, new.stride, new.padding) == (
-            old.kernel_size,
-            old.stride,
-            old.padding,
-        )
+        assert (new.kernel_size, new.stride, new.padding) == args[name]
         assert backend.pool_input_gradient(new) is compiled.average_pool_input_gradient
+        with pytest.raises(
+            RuntimeError, match=r"replaced by a FusedAvgPool2d in its model \(backend=fused\)"
+        ):
+            old(torch.zeros(1, 1, 2, 2))
+        new(torch.zeros(1, 1, 2, 2))
+    assert seen == [compiled.FusedAvgPool2d] * len(before)
     assert backend.pool_input_gradient(old) is torch.ops.aten.avg_pool2d_backward
 
 

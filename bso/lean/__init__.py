@@ -37,8 +37,9 @@ from torch import nn
 from bso.conversion import ConvertedConv2d, ConvertedLinear
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d
 from bso.lean.blocks import LeanSpikingConvBlock, can_fuse
-from bso.lean.layers import PackedWeights, replace_module
+from bso.lean.layers import PackedWeights
 from bso.neurons import LIFNode
+from bso.replace import replace_module
 
 log = logging.getLogger(__name__)
 

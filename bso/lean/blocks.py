@@ -26,8 +26,9 @@ from bso.lean.batchnorm_lif import (
     memory_format_of,
     split_pool,
 )
-from bso.lean.layers import PackedWeights, lean_class, take_over, update_in_backward
+from bso.lean.layers import LEAN, PackedWeights, lean_class, update_in_backward
 from bso.models.parts import SpikingConvBlock, trace_of
+from bso.replace import take_over
 
 
 class LeanSpikingConvBlock(SpikingConvBlock):
@@ -42,14 +43,14 @@ class LeanSpikingConvBlock(SpikingConvBlock):
     ) -> LeanSpikingConvBlock:
         """The lean block of ``block`` (:func:`can_fuse`; its conv packed already where binary): a new
         module of the lean class that takes over its submodules, hooks and attributes; ``block`` is
-        left empty (:func:`bso.lean.layers.take_over`)."""
+        left empty (:func:`bso.replace.take_over`)."""
         if not can_fuse(block):
             raise ValueError(
                 f"{type(block).__name__} has an AGMM gate or a LIF the fused step cannot take"
             )
         if isinstance(block, LeanSpikingConvBlock):
             raise ValueError(f"this {type(block).__name__} is a lean block already")
-        lean = take_over(lean_class(type(block), LEAN_BLOCKS), block)
+        lean = take_over(lean_class(type(block), LEAN_BLOCKS), block, LEAN)
         lean.recompute_conv = can_recompute_conv(lean, recompute_binary_convs)
         return lean
 

@@ -4,8 +4,9 @@
 :class:`bso.layers.SynapticConv2d` / :class:`bso.layers.SynapticLinear` (or of a layer made by
 :func:`bso.convert`): a new module of the packed class that takes over the old one's parameters,
 buffers, hooks and attributes, its weight a :class:`bso.bits.PackedSigns` (8 weights per byte, a
-uint8 parameter that needs no gradient), unpacked per layer when used. :func:`replace_module` puts it
-where the old one was in the model. In training the layer runs :class:`_PackedTracedConv2d` /
+uint8 parameter that needs no gradient), unpacked per layer when used.
+:func:`bso.replace.replace_module` puts it where the old one was in the model. In training the
+layer runs :class:`_PackedTracedConv2d` /
 :class:`_PackedTracedLinear`: the traced layers of :mod:`bso.layers` whose backward, right after
 computing the input gradient with the old weights, hands the weight gradient ``G[t]`` to the bound
 BSO / T-BSO (:mod:`bso.lean.optim`), which flips the bits in place. No ``.grad`` is ever stored.
@@ -28,6 +29,9 @@ from bso.conversion import ConvertedConv2d, ConvertedLinear
 from bso.layers import SYNAPTIC_LAYERS, SynapticConv2d, SynapticLinear
 from bso.lean.optim import InBackwardFlips
 from bso.optim.router import BUILD_ORDER
+from bso.replace import take_over
+
+LEAN = "the lean mode, bso.lean"  # what replaced a module (bso.replace.take_over's errors)
 
 
 def update_in_backward(layer, weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
@@ -179,7 +183,7 @@ class PackedWeights:
         w = layer.weight.detach()
         if not torch.all(w.abs() == 1):
             raise ValueError("packing needs every weight to be exactly -1 or +1")
-        packed = take_over(lean_class(type(layer), PACKED_CLASSES), layer)
+        packed = take_over(lean_class(type(layer), PACKED_CLASSES), layer, LEAN)
         packed.binary_shape = w.shape
         packed.weight = PackedSigns(pack_bits(w > 0), w.shape)
         packed.lean_name = name
@@ -246,38 +250,3 @@ def lean_class(cls: type, classes: dict[type, type]) -> type:
         name = classes[base].__name__.replace(base.__name__, cls.__name__)
         classes[cls] = type(name, (cls, classes[base]), {})
     return classes[cls]
-
-
-def take_over(cls: type, module: nn.Module) -> nn.Module:
-    """A new module of class ``cls`` (the lean class of ``module``'s) holding everything ``module``
-    held: the same parameters, buffers, submodules, hooks (their handles still remove them) and
-    attributes, none copied. ``module`` is left an empty module whose forward raises, so that a
-    reference to it kept somewhere cannot run the replaced module."""
-    new = cls.__new__(cls)
-    new.__dict__ = module.__dict__
-    module.__dict__ = {}
-    nn.Module.__init__(module)
-    module.forward = _replaced(type(module).__name__, cls.__name__)
-    return new
-
-
-def _replaced(old: str, new: str):
-    def forward(*args, **kwargs):
-        raise RuntimeError(
-            f"this {old} was replaced by a {new} in its model (the lean mode, bso.lean): run the "
-            "model's module, not a reference kept from before"
-        )
-
-    return forward
-
-
-def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``model`` holds ``old`` (every name it has, e.g. an alias; not the root:
-    :func:`bso.lean.apply` refuses a model that is itself a layer to replace)."""
-    names = [name for name, m in model.named_modules(remove_duplicate=False) if m is old]
-    if not names or "" in names:
-        raise ValueError(
-            f"this {type(old).__name__} is not a submodule of the model (the root cannot be replaced)"
-        )
-    for name in names:
-        model.set_submodule(name, new)

@@ -128,8 +128,8 @@ def complement_key(beta_key: str) -> str:
 
 
 def complement(group: dict, beta_key: str) -> float:
-    """``1 - beta`` of a param group, as held and decayed (a group saved without it: computed)."""
-    return group.get(complement_key(beta_key), 1.0 - group[beta_key])
+    """``1 - beta`` of a param group, as held and decayed."""
+    return group[complement_key(beta_key)]
 
 
 def flip_where_above(value: torch.Tensor, gamma: float) -> torch.Tensor:

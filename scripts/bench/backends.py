@@ -2,8 +2,8 @@
 the paper's T-BSO VGG-11 (experiment=cifar10_tbso) with ``backend=release`` against
 ``backend=fast``, interleaved batch by batch so that a shared machine's load falls on both alike.
 
-    python scripts/bench/float_order.py                      # CPU, batch 16, T=4, plain and lean
-    python scripts/bench/float_order.py --batch 128 --device cuda
+    python scripts/bench/backends.py                      # CPU, batch 16, T=4, plain and lean
+    python scripts/bench/backends.py --batch 128 --device cuda
 
 Prints the median seconds per batch of each order and the ratio release / fast.
 """
