@@ -31,7 +31,6 @@ from bso.optim.router import BUILD_ORDER
 class InBackwardFlips:
     """What a binary optimizer adds to flip packed weights inside backward (mixed into BSO / T-BSO)."""
 
-    flips_in_backward = True
     time_step: int | None  # t of the next backward (begin_time_step)
     packed_layers: list  # weak references to the layers bound to this optimizer
     transient_gradient_peak_bytes: int  # the largest gradient held at once (bso.metrics.memory)

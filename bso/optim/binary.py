@@ -90,6 +90,11 @@ class BinaryOptimizer(Optimizer):
                     counts[id(p)] = self.flip_(p, self.flip_rule(p, p, p.grad, group, t))
         return self.flip_counts(counts)
 
+    def begin_time_step(self, t: int | None) -> None:
+        """Before the backward of time step ``t``: nothing here (the flips happen in ``step(t)``);
+        the lean mode's in-backward optimizers (:mod:`bso.lean.optim`) take ``t`` for the flips
+        they make inside that backward."""
+
     def check_time_step(self, t: int | None) -> int | None:
         return t
 

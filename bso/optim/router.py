@@ -65,8 +65,7 @@ class OptimizerRouter:
     def begin_time_step(self, t: int | None) -> None:
         """Before the backward of time step ``t``: a binary optimizer that flips inside backward
         (the lean mode, :mod:`bso.lean.optim`) takes ``t`` there; the plain one in ``step(t)``."""
-        if getattr(self.binary, "flips_in_backward", False):
-            self.binary.begin_time_step(t)
+        self.binary.begin_time_step(t)
 
     def step(self, t: int | None = None) -> torch.Tensor:
         """Update every parameter; returns the number of flips of each binary weight."""
