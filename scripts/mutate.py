@@ -55,6 +55,11 @@ TESTS = {
         "tests/test_library.py",
     ],
     "bso/optim/__init__.py": ["tests/test_optim.py"],
+    "bso/backend.py": [
+        "tests/test_backend.py",
+        "tests/test_optim.py",
+        "tests/test_neurons_layers.py",
+    ],
     "bso/neurons.py": ["tests/test_neurons_layers.py"],
     "bso/layers.py": [
         "tests/test_neurons_layers.py",
@@ -76,6 +81,7 @@ MODULES = [
     "bso/optim/binary.py",
     "bso/optim/case.py",
     "bso/optim/router.py",
+    "bso/backend.py",
     "bso/neurons.py",
     "bso/layers.py",
     "bso/bits.py",

@@ -264,7 +264,6 @@ def can_fuse_batchnorm_lif(bn: nn.Module, neuron: nn.Module) -> bool:
         and bn.track_running_stats
         and isinstance(neuron, LIFNode)
         and neuron.v_threshold == 1.0
-        and neuron.v_reset is None
-        and not neuron.decay_input
+        and backend.is_release_neuron(neuron)  # soft reset, undecayed input
         and neuron.detach_state
     )
