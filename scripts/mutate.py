@@ -121,6 +121,25 @@ EQUIVALENT: dict[str, str] = {
     "saved, which the tests run here never do.",
     "28567558": "Equivalent: PyTorch requires groups to divide in_channels, so / and // give the "
     "same number (a float instead of an int, equal in every sum and comparison).",
+    "3fde4552": "Equivalent: tbso_flip multiplies its first two arguments (W * M), and a float32 "
+    "product is the same in either order.",
+    "f8d35865": "Equivalent: evaluate's class count is overwritten by the output's width at every "
+    "batch and read after the loop, where an empty test set divides by zero either way.",
+    "f9bd024b": "Not equivalent under torchrun, but unreachable in one process: it only shows the "
+    "progress bar on ranks other than 0, and the engines' tests run in one process.",
+    "6f752de2": "Not equivalent under torchrun, but grad_sync is a no-op outside DDP, and the "
+    "engines' tests run in one process (test_distributed's torchrun runs are integration tests).",
+    "33f1ea40": "Not equivalent under torchrun, but grad_sync is a no-op outside DDP, and the "
+    "engines' tests run in one process (test_distributed's torchrun runs are integration tests).",
+    "8f87bc1a": "Equivalent: the classifier conv's kernel covers its whole input (a global pool and "
+    "the linear layer as one conv), so its output is 1 x 1 for any stride.",
+    "35e104f8": "Equivalent: strict=True only checks that size, stride and padding have the same "
+    "length, and all three are pairs.",
+    "e2a0b213": "Equivalent for the models bso builds: their average pools are square, so the "
+    "kernel's height and width are the same number.",
+    "a6fd2516": "Not equivalent, but unreachable in one process: the rank is 0 and a run saved by "
+    "one process has one RNG state, so min and max of (0, 0) agree; they differ only when a run "
+    "resumes under torchrun with another world size, which the tests run here never do.",
 }
 
 BINOP_SWAP = {

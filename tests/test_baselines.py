@@ -109,6 +109,7 @@ def test_bptt_batches_start_at_rest_and_an_epoch_tallies_them():
         for (out, _, _), (i, j) in zip(losses, ((0, 4), (4, 6)), strict=True)
     )
     assert int(tally.correct) == correct
+    assert 0 < tally.seconds < 60  # the epoch's own time, not a clock reading
     tally.seconds = 2.0
     metrics = tally.metrics()
     assert metrics["samples_per_s"] == 3.0  # 6 samples in 2 s
@@ -190,6 +191,14 @@ def test_latent_flip_counting_and_clipping():
     # 2.0 clipped to 1, -1.5 to -1; the rest as SGD left them
     expected = torch.tensor([[0.05 - 0.1, -0.05, -1.0], [1.0, -0.01 + 0.02, 0.3]])
     torch.testing.assert_close(layer.weight.detach(), expected)
+
+
+def test_a_full_precision_model_has_no_flips_to_count():
+    """step returns one count per latent weight: none for a model without any."""
+    layer = SynapticLinear(2, 1, weights="full", bias=False)
+    opt = PlainOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), [])
+    layer.weight.grad = torch.ones_like(layer.weight)
+    assert opt.step().shape == (0,)
 
 
 def test_latent_flip_counting_takes_the_sign_of_zero_as_plus_one():
