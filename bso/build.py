@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from bso import backend
 from bso.checkpoint import load_checkpoint
-from bso.validate import ConfigError
+from bso.validate import constructor_error
 
 
 def seed_everything(seed: int) -> None:
@@ -34,15 +34,13 @@ def build_model(cfg: DictConfig, device: torch.device, run_on: torch.device | No
 
 def _instantiate(cfg: DictConfig, key: str, **kwargs):
     """``instantiate(cfg.<key>)``; a constructor that refuses its arguments raises ConfigError with
-    the constructor's own message (Hydra's InstantiationException wraps it in several lines)."""
+    the constructor's own message (:func:`bso.validate.constructor_error`)."""
     from hydra.errors import InstantiationException
 
     try:
         return instantiate(cfg[key], **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        text = str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
-        raise ConfigError(f"{key} ({cfg[key].get('_target_')}): {text}") from err
+        raise constructor_error(key, cfg[key], err) from err
 
 
 def load_weights(model, path, blob: dict, saved: dict | None, cfg: DictConfig) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -189,14 +190,21 @@ def check_binary_optimizer(cfg: DictConfig) -> None:
     if binary is None:
         return
     import torch
-    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
         instantiate(binary)([torch.ones(1)])
     except (InstantiationException, ValueError, TypeError) as err:
-        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-        raise ConfigError(f"optimizer.binary ({binary.get('_target_')}): {cause}") from None
+        raise constructor_error("optimizer.binary", binary, err) from None
+
+
+def constructor_error(key: str, node: DictConfig, err: Exception) -> ConfigError:
+    """A :class:`ConfigError` naming config ``key``, its ``_target_`` and what the constructor
+    said: ``err`` itself, or the error inside Hydra's InstantiationException (which wraps it in
+    several lines); a refusal other than ValueError keeps its type's name."""
+    cause = (err.__cause__ or err) if isinstance(err, InstantiationException) else err
+    text = str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
+    return ConfigError(f"{key} ({node.get('_target_')}): {text}")
 
 
 def _type_name(key: str) -> str:

@@ -165,9 +165,8 @@ def release_input_gradient(neuron: LIFNode, grad_spike, v, spike):
     function = neuron.surrogate_function
     if isinstance(function, surrogate.Sigmoid) and function.spiking:
         # what autograd calls for this function's backward, without its forward (heaviside)
-        return surrogate.sigmoid_backward(grad_spike, charge - neuron.v_threshold, function.alpha)[
-            0
-        ]
+        grads = surrogate.sigmoid_backward(grad_spike, charge - neuron.v_threshold, function.alpha)
+        return grads[0]
     with torch.enable_grad():
         x = (charge - neuron.v_threshold).detach().requires_grad_()
         (grad_h,) = torch.autograd.grad(function(x), x, grad_spike)
