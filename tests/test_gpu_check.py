@@ -96,10 +96,17 @@ def test_what_counts_as_done():
 
 
 @pytest.mark.integration
-def test_an_item_past_its_time_is_stopped_and_recorded_as_a_timeout(monkeypatch):
+def test_an_item_past_its_time_is_stopped_and_recorded_as_a_timeout(monkeypatch, tmp_path):
+    """...and what it wrote is removed with it: the killed process cannot clean up itself."""
     import multiprocessing
+    import tempfile
 
-    monkeypatch.setitem(gpu_check.KINDS, "sleep", lambda p, device, work: time.sleep(60))
+    def sleep(params, device, work):
+        (work / "partial.bin").write_bytes(b"0")
+        time.sleep(60)
+
+    monkeypatch.setitem(gpu_check.KINDS, "sleep", sleep)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     item = gpu_check.Item("nap", "d", "sleep", {}, "sleeps")
     start = time.perf_counter()
     record = gpu_check.run_item(
@@ -107,6 +114,7 @@ def test_an_item_past_its_time_is_stopped_and_recorded_as_a_timeout(monkeypatch)
     )
     assert record["status"] == "timeout" and "next call runs it again" in record["error"]
     assert time.perf_counter() - start < 30
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

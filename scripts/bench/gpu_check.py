@@ -687,14 +687,16 @@ DETERMINISTIC_KINDS = ("train", "flips", "nccl")  # cuBLAS needs its workspace s
 
 
 def child(kind: str, params: dict, device_name: str, out: Path) -> None:
-    """Run one item in this process; its outcome as JSON in ``out``."""
+    """Run one item in this process; its outcome as JSON in ``out``. The item's files go to a
+    folder beside ``out``, which the parent removes even when it had to kill this process."""
     if kind in DETERMINISTIC_KINDS:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS)
     device = torch.device(device_name)
     outcome: dict = {}
     try:  # the item first: it may fork processes, which needs CUDA untouched here
-        with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-            result, checks = KINDS[kind](params, device, Path(tmp))
+        work = out.parent / "work"
+        work.mkdir()
+        result, checks = KINDS[kind](params, device, work)
         outcome.update(
             status="ok" if all(checks.values()) else "failed", result=result, checks=checks
         )
