@@ -8,6 +8,7 @@ import json
 import time
 
 import gpu_check  # scripts/bench is on the tests' path (pyproject: pythonpath)
+import gpu_check_items
 import pytest
 import torch
 
@@ -105,7 +106,7 @@ def test_an_item_past_its_time_is_stopped_and_recorded_as_a_timeout(monkeypatch,
         (work / "partial.bin").write_bytes(b"0")
         time.sleep(60)
 
-    monkeypatch.setitem(gpu_check.KINDS, "sleep", sleep)
+    monkeypatch.setitem(gpu_check_items.KINDS, "sleep", sleep)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     item = gpu_check.Item("nap", "d", "sleep", {}, "sleeps")
     start = time.perf_counter()
@@ -160,4 +161,7 @@ def test_nondeterministic_operations_are_named_from_torchs_warnings():
         "index_add_cuda_ does not have a deterministic implementation, but you set ...",
         "epoch   1/1 | train loss 2.19",
     ]
-    assert gpu_check.nondeterministic_ops(lines) == ["index_add_cuda_", "scatter_add_cuda_kernel"]
+    assert gpu_check_items.nondeterministic_ops(lines) == [
+        "index_add_cuda_",
+        "scatter_add_cuda_kernel",
+    ]
