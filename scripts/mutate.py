@@ -109,16 +109,8 @@ LEFT_OUT = [
 # Survivors explained, by id: equivalent mutants (the same values as the original), or code that no
 # test on this machine can reach (CUDA), with the reason.
 EQUIVALENT: dict[str, str] = {
-    "13645ec2": "Equivalent: min(a, b) and min(b, a) are the same integer.",
-    "896e5299": "Not equivalent, but unreachable here: it drops restoring the CUDA generators, "
-    "which runs only with CUDA (the tests run on CPUs).",
-    "d46bcfe1": "Not equivalent under torchrun, but grad_sync is a no-op outside DDP, and the "
-    "engines' tests run in one process (test_distributed's torchrun runs are integration tests).",
     "1c2edfcc": "Equivalent: the all-zeros input only gives the output's spatial shape; with a "
     "batch of 2 the coverage read from its first entry is the same.",
-    "d054b4a2": "Not equivalent, but unreachable in one process: the rank is 0 and min(0, n - 1) "
-    "= min(0, n + 1); it differs only when a run resumes under torchrun with more ranks than it "
-    "saved, which the tests run here never do.",
     "28567558": "Equivalent: PyTorch requires groups to divide in_channels, so / and // give the "
     "same number (a float instead of an int, equal in every sum and comparison).",
     "3fde4552": "Equivalent: tbso_flip multiplies its first two arguments (W * M), and a float32 "
@@ -564,6 +556,13 @@ def main(argv=None) -> int:
     ids = {m.id for m in population}
     if len(ids) != len(population):
         raise SystemExit("error: two mutants share an id")
+    stale = sorted(set(EQUIVALENT) - ids)
+    if stale:  # an id names its module's line and place: an edit there makes a new mutant
+        print(
+            f"warning: EQUIVALENT explains mutants that no longer exist (their code changed): "
+            f"{stale}; delete them, and explain the new survivors after --rerun-survivors",
+            file=sys.stderr,
+        )
     saved = None
     if args.rerun_survivors:
         saved = json.loads((args.out / "mutation.json").read_text())
