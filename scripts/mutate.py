@@ -17,25 +17,24 @@ a failing, erroring or hanging run kills it; a passing run lets it survive.
     python scripts/mutate.py --report             # rewrite mutation.md (after explaining survivors)
 
 Survivors that no test should kill (equivalent mutants, or code that no test on this machine can
-reach) are explained in ``EQUIVALENT`` below, by id; the report marks the others.
+reach) are explained in ``EQUIVALENT`` below, by id; the report marks the others. The operators are
+in ``mutants.py``, the report in ``mutate_report.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import copy
-import hashlib
 import json
 import os
-import platform
 import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from mutants import Mutant, mutants_of, mutated
+from mutate_report import META_KEYS, cpu_name, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = "tests/test_release_parity.py"
@@ -134,191 +133,18 @@ EQUIVALENT: dict[str, str] = {
     "resumes under torchrun with another world size, which the tests run here never do.",
 }
 
-BINOP_SWAP = {
-    ast.Add: ast.Sub,
-    ast.Sub: ast.Add,
-    ast.Mult: ast.Div,
-    ast.Div: ast.Mult,
-    ast.FloorDiv: ast.Div,
-    ast.Mod: ast.FloorDiv,
-    ast.Pow: ast.Mult,
-    ast.BitAnd: ast.BitOr,
-    ast.BitOr: ast.BitAnd,
-    ast.LShift: ast.RShift,
-    ast.RShift: ast.LShift,
-}
-COMPARE_FLIP = {
-    ast.Lt: ast.LtE,
-    ast.LtE: ast.Lt,
-    ast.Gt: ast.GtE,
-    ast.GtE: ast.Gt,
-    ast.Eq: ast.NotEq,
-    ast.NotEq: ast.Eq,
-    ast.Is: ast.IsNot,
-    ast.IsNot: ast.Is,
-    ast.In: ast.NotIn,
-    ast.NotIn: ast.In,
-}
-BOOLOP_SWAP = {ast.And: ast.Or, ast.Or: ast.And}
-NO_SWAP = {"isinstance", "issubclass", "getattr", "setattr", "hasattr", "super"}  # a TypeError
-NAME_SWAP = {"min": "max", "max": "min", "minimum": "maximum", "maximum": "minimum"}
-
-
-@dataclass
-class Mutant:
-    id: str
-    module: str
-    line: int
-    operator: str
-    before: str
-    after: str
-    index: int  # the n-th mutation point of the module, in walk order
-    choice: int  # which of the point's mutations
-
-
-def skipped_nodes(tree: ast.AST) -> set[int]:
-    """ids of nodes not to mutate: docstrings, raise statements, f-strings, annotations,
-    ``if __name__ == "__main__"`` blocks, ``__all__``."""
-    skip: set[int] = set()
-
-    def mark(node):
-        for sub in ast.walk(node):
-            skip.add(id(sub))
-
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
-            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-                mark(body[0])
-        if isinstance(node, (ast.Raise, ast.JoinedStr, ast.Import, ast.ImportFrom)):
-            mark(node)
-        if isinstance(node, (ast.AnnAssign, ast.arg)) and node.annotation is not None:
-            mark(node.annotation)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns:
-            mark(node.returns)
-        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test):
-            mark(node)
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
-        ):
-            mark(node)
-    return skip
-
-
-def is_container(node) -> bool:
-    """A string, f-string, list, tuple or dict literal (its + or argument swap only raises)."""
-    if isinstance(node, ast.Constant):
-        return isinstance(node.value, (str, bytes))
-    return isinstance(node, (ast.JoinedStr, ast.List, ast.Tuple, ast.Dict, ast.ListComp))
-
-
-def mutations(node: ast.AST) -> list[tuple[str, ast.AST]]:
-    """The mutations of one node: (operator name, replacement node)."""
-    out = []
-    if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in BINOP_SWAP:
-        if any(
-            map(
-                is_container,
-                (
-                    getattr(node, "left", None),
-                    node.value if isinstance(node, ast.AugAssign) else node.right,
-                ),
-            )
-        ):
-            return out  # string or list concatenation: a TypeError, not a plausible bug
-        new = copy.deepcopy(node)
-        new.op = BINOP_SWAP[type(node.op)]()
-        out.append(("arithmetic", new))
-    elif isinstance(node, ast.Compare):
-        for i, op in enumerate(node.ops):
-            if type(op) in COMPARE_FLIP:
-                new = copy.deepcopy(node)
-                new.ops[i] = COMPARE_FLIP[type(op)]()
-                out.append(("comparison", new))
-    elif isinstance(node, ast.BoolOp):
-        new = copy.deepcopy(node)
-        new.op = BOOLOP_SWAP[type(node.op)]()
-        out.append(("boolean", new))
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
-        out.append(("negation dropped", copy.deepcopy(node.operand)))
-    elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
-        if isinstance(node.value, bool):
-            value = not node.value
-        elif isinstance(node.value, int):
-            value = node.value + 1
-        else:
-            value = 1.0 if node.value == 0.0 else node.value * 2
-        out.append(("constant", ast.Constant(value)))
-    elif isinstance(node, ast.Name) and node.id in NAME_SWAP and isinstance(node.ctx, ast.Load):
-        out.append(("min/max", ast.Name(NAME_SWAP[node.id], ast.Load())))
-    elif isinstance(node, ast.Attribute) and node.attr in NAME_SWAP:
-        new = copy.deepcopy(node)
-        new.attr = NAME_SWAP[node.attr]
-        out.append(("min/max", new))
-    elif isinstance(node, ast.Call):
-        args = node.args
-        name = node.func.id if isinstance(node.func, ast.Name) else ""
-        plain = not any(isinstance(a, ast.Starred) or is_container(a) for a in args[:2])
-        if len(args) >= 2 and plain and name not in NO_SWAP:
-            if ast.unparse(args[0]) != ast.unparse(args[1]):
-                new = copy.deepcopy(node)
-                new.args[0], new.args[1] = new.args[1], new.args[0]
-                out.append(("arguments swapped", new))
-    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-        out.append(("statement dropped", ast.Pass()))
-    elif isinstance(node, ast.AugAssign):
-        out.append(("statement dropped", ast.Pass()))
-    return out
-
-
-def mutation_points(tree: ast.AST):
-    """(index, node, [(operator, replacement)]) of every mutable node, in walk order."""
-    skip = skipped_nodes(tree)
-    index = 0
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        found = mutations(node)
-        if found:
-            yield index, node, found
-            index += 1
-
-
-class Replace(ast.NodeTransformer):
-    def __init__(self, target: int, replacement: ast.AST):
-        self.target, self.replacement = target, replacement
-
-    def visit(self, node):
-        if id(node) == self.target:
-            return ast.copy_location(self.replacement, node)
-        return self.generic_visit(node)
-
 
 def all_mutants() -> list[Mutant]:
-    found = []
-    for module in MODULES:
-        tree = ast.parse((ROOT / module).read_text(), module)
-        for index, node, options in mutation_points(tree):
-            for choice, (operator, new) in enumerate(options):
-                before = ast.unparse(node).splitlines()[0]
-                after = (
-                    ast.unparse(new).splitlines()[0] if not isinstance(new, ast.Pass) else "pass"
-                )
-                key = f"{module}:{node.lineno}:{operator}:{before}->{after}:{index}:{choice}"
-                digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-                found.append(
-                    Mutant(digest, module, node.lineno, operator, before, after, index, choice)
-                )
-    return found
+    return [m for module in MODULES for m in mutants_of(module, (ROOT / module).read_text())]
 
 
 def mutated_source(mutant: Mutant) -> str:
-    tree = ast.parse((ROOT / mutant.module).read_text(), mutant.module)
-    for index, node, options in mutation_points(tree):
-        if index == mutant.index:
-            tree = Replace(id(node), options[mutant.choice][1]).visit(tree)
-            return ast.unparse(ast.fix_missing_locations(tree))
-    raise SystemExit(f"error: mutant {mutant.id} no longer matches {mutant.module}; --list again")
+    source = mutated(mutant, (ROOT / mutant.module).read_text())
+    if source is None:
+        raise SystemExit(
+            f"error: mutant {mutant.id} no longer matches {mutant.module}; --list again"
+        )
+    return source
 
 
 def stratified_sample(population: list[Mutant], size: int, seed: int) -> list[Mutant]:
@@ -438,86 +264,6 @@ def run_tests(tree: Path, tests: list[str], mark: str, timeout: float):
     return status, seconds, lines[-1] if lines else ""
 
 
-META_KEYS = (
-    "machine",
-    "date",
-    "seed",
-    "population",
-    "sampled",
-    "minutes",
-    "command",
-    "tests_run",
-    "rerun",
-)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (scripts/bench/_common.py has the same, but importing it imports bso,
-    which this process must not: every forked test run imports bso from the mutated tree)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write_report(results: list[dict], meta: dict, out: Path) -> dict:
-    """mutation.json (every mutant's outcome) and mutation.md (the score, the survivors and why)."""
-    killed = [r for r in results if r["status"] != "survived"]
-    survived = [r for r in results if r["status"] == "survived"]
-    explained = [r for r in survived if r["id"] in EQUIVALENT]
-    n = len(results)
-    by_module = {}
-    for r in results:
-        m = by_module.setdefault(r["module"], {"mutants": 0, "killed": 0})
-        m["mutants"] += 1
-        m["killed"] += r["status"] != "survived"
-    summary = dict(
-        meta,
-        mutants=n,
-        killed=len(killed),
-        timeouts=sum(r["status"] == "timeout" for r in results),
-        survived=len(survived),
-        survived_explained=len(explained),
-        score=len(killed) / n if n else None,
-        by_module=by_module,
-        results=[dict(r, explained=EQUIVALENT.get(r["id"])) for r in results],
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mutation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [
-        "# Mutation score of the core",
-        "",
-        f"`make mutate` (`{meta['command']}`), {meta['machine']}, {meta['date']}: "
-        f"{meta['sampled']} of the {meta['population']} mutants (a seeded sample, seed "
-        f"{meta['seed']}, in proportion to each module's mutants, at least {MIN_PER_MODULE} each), "
-        f"{meta['minutes']:.0f} min"
-        + (f"; {meta['rerun']}" if meta.get("rerun") else "")
-        + f". Each ran `{meta['tests_run']}` (-x); a failure, an error or a hang kills it.",
-        "",
-        f"**{len(killed)} of {n} killed: {100 * summary['score']:.1f} %.** "
-        f"{len(survived)} survived, {len(explained)} of them explained below.",
-        "",
-        "| module | mutants | killed |",
-        "|---|---|---|",
-    ]
-    for module, m in by_module.items():
-        lines.append(f"| `{module}` | {m['mutants']} | {m['killed']} |")
-    lines += ["", "## Survivors", ""]
-    if not survived:
-        lines.append("None.")
-    for r in survived:
-        why = EQUIVALENT.get(r["id"], "**Not explained: a test should kill it.**")
-        lines.append(
-            f"- `{r['id']}` `{r['module']}:{r['line']}` {r['operator']}: "
-            f"`{r['before']}` -> `{r['after']}`. {why}"
-        )
-    (out / "mutation.md").write_text("\n".join(lines) + "\n")
-    return summary
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=int, default=64, help="mutants to run (0: all)")
@@ -549,6 +295,8 @@ def main(argv=None) -> int:
             [{k: v for k, v in r.items() if k != "explained"} for r in saved["results"]],
             meta,
             args.out,
+            EQUIVALENT,
+            MIN_PER_MODULE,
         )
         print(f"rewrote {args.out / 'mutation.md'}")
         return 0
@@ -662,7 +410,7 @@ def main(argv=None) -> int:
         out = Path(tempfile.mkdtemp(prefix="bso-mutate-only-"))
     else:
         out = args.out
-    summary = write_report(results, meta, out)
+    summary = write_report(results, meta, out, EQUIVALENT, MIN_PER_MODULE)
     print(
         f"{summary['killed']} of {summary['mutants']} mutants killed "
         f"({100 * summary['score']:.1f} %); report: {out / 'mutation.md'}"

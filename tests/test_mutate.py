@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 import json
 
-import mutate  # scripts/ is on the tests' path (pyproject: pythonpath)
+import mutants  # scripts/ is on the tests' path (pyproject: pythonpath)
+import mutate
+import mutate_report
 import pytest
 
 SOURCE = '''
@@ -26,7 +28,7 @@ def _mutations(source: str) -> set[tuple[str, str, str]]:
     tree = ast.parse(source)
     return {
         (operator, ast.unparse(node).splitlines()[0], ast.unparse(new))
-        for _, node, options in mutate.mutation_points(tree)
+        for _, node, options in mutants.mutation_points(tree)
         for operator, new in options
     }
 
@@ -60,8 +62,8 @@ def test_docstrings_error_messages_and_annotations_are_not_mutated():
 
 def test_a_mutant_computes_something_else():
     tree = ast.parse("def add(a, b):\n    return a + b\n")
-    ((_, node, options),) = mutate.mutation_points(tree)
-    mutant = mutate.Replace(id(node), options[0][1]).visit(tree)
+    ((_, node, options),) = mutants.mutation_points(tree)
+    mutant = mutants.Replace(id(node), options[0][1]).visit(tree)
     scope: dict = {}
     exec(compile(ast.fix_missing_locations(mutant), "<mutant>", "exec"), scope)
     assert scope["add"](5, 3) == 2
@@ -89,8 +91,8 @@ def test_every_module_maps_to_test_files_that_exist():
     assert (mutate.ROOT / mutate.GOLDEN).is_file()
 
 
-def test_the_report_scores_and_marks_unexplained_survivors(tmp_path, monkeypatch):
-    monkeypatch.setattr(mutate, "EQUIVALENT", {"aaaa0001": "Equivalent: the same sum."})
+def test_the_report_scores_and_marks_unexplained_survivors(tmp_path):
+    explanations = {"aaaa0001": "Equivalent: the same sum."}
     common = dict(module="bso/x.py", line=3, operator="arithmetic", before="a+b", after="a-b")
     results = [
         dict(common, id="aaaa0001", status="survived", seconds=1.0),
@@ -99,7 +101,9 @@ def test_the_report_scores_and_marks_unexplained_survivors(tmp_path, monkeypatch
         dict(common, id="aaaa0004", status="timeout", seconds=9.0),
     ]
     meta = dict(machine="m", date="d", seed=0, population=9, sampled=4, minutes=1.0, command="c")
-    summary = mutate.write_report(results, dict(meta, tests_run="t"), tmp_path)
+    summary = mutate_report.write_report(
+        results, dict(meta, tests_run="t"), tmp_path, explanations, min_per_module=4
+    )
     assert (summary["killed"], summary["survived"], summary["survived_explained"]) == (2, 2, 1)
     assert summary["score"] == 0.5
     md = (tmp_path / "mutation.md").read_text()
